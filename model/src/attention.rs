@@ -1,0 +1,111 @@
+//! Multi-head (optionally grouped-query) self-attention through Burn's fused
+//! `module::attention` with a boolean mask.
+
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::kv_cache::LayerKv;
+use crate::rope::{apply_rope, RopeTables};
+
+/// Configuration of [`Attention`].
+#[derive(Config, Debug)]
+pub struct AttentionConfig {
+    /// Model width `d`.
+    pub d_model: usize,
+    /// Query heads `h`.
+    pub n_heads: usize,
+    /// Key/value heads (`h` for plain multi-head attention; a divisor of `h` for GQA).
+    pub n_kv_heads: usize,
+}
+
+impl AttentionConfig {
+    /// Builds the layer (no biases).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+        let hd = self.d_model / self.n_heads;
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        Attention {
+            wq: lin(self.d_model, self.n_heads * hd),
+            wk: lin(self.d_model, self.n_kv_heads * hd),
+            wv: lin(self.d_model, self.n_kv_heads * hd),
+            wo: lin(self.n_heads * hd, self.d_model),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: hd,
+        }
+    }
+}
+
+/// Self-attention layer.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection.
+    pub wq: Linear<B>,
+    /// Key projection.
+    pub wk: Linear<B>,
+    /// Value projection.
+    pub wv: Linear<B>,
+    /// Output projection.
+    pub wo: Linear<B>,
+    /// Query heads `h`.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Head dimension `hd`.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends the new positions `x` to `past` (cached keys) followed by themselves.
+    ///
+    /// Returns the output and the new positions' keys/values (for the caller to cache).
+    ///
+    /// # Shapes
+    /// - `x`: `[b, s, d]`; `rope`: tables for the `s` new positions
+    /// - `mask`: `[b, s, past + s]`, `true` = masked
+    /// - output: `[b, s, d]`; returned keys/values `[b, h_kv, s, hd]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Tensor<B, 3, Bool>,
+        past: Option<&LayerKv<B>>,
+    ) -> (Tensor<B, 3>, LayerKv<B>) {
+        let [b, s, _] = x.dims();
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        // [b, s, h*hd] -> [b, s, h, hd] -> [b, h, s, hd]
+        let split = |t: Tensor<B, 3>, heads| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
+        let q = apply_rope(split(self.wq.forward(x.clone()), h), rope);
+        let k = apply_rope(split(self.wk.forward(x.clone()), hkv), rope);
+        let v = split(self.wv.forward(x), hkv);
+        let new = LayerKv { key: k, value: v };
+        let all = match past {
+            Some(p) => p.clone().append(new.clone()),
+            None => new.clone(),
+        };
+        let lk = all.key.dims()[2];
+        let k = repeat_kv(all.key, h / hkv);
+        let v = repeat_kv(all.value, h / hkv);
+        // [b, s, lk] -> [b, h, s, lk]
+        let mask = mask.reshape([b, 1, s, lk]).expand([b, h, s, lk]);
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        // [b, h, s, hd] -> [b, s, h*hd]
+        let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
+        (self.wo.forward(out), new)
+    }
+}
+
+/// Repeats each key/value head `rep` times for grouped-query attention.
+///
+/// # Shapes
+/// `[b, h_kv, l, hd] -> [b, h_kv * rep, l, hd]`
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, hkv, l, hd] = x.dims();
+    x.reshape([b, hkv, 1, l, hd])
+        .expand([b, hkv, rep, l, hd])
+        .reshape([b, hkv * rep, l, hd])
+}

@@ -1,0 +1,31 @@
+//! The Transfusion network: one Llama-style transformer that predicts the next text token
+//! and the noise of diffused image latents in a single mixed-modal sequence.
+//!
+//! Everything here is generic over `B: Backend`; nothing does I/O. Start at
+//! [`TransfusionConfig`] (presets: [`TransfusionConfig::tiny`], `paper_160m` ...), build a
+//! [`Transfusion`] with `config.init(&device)`, and train with
+//! [`Transfusion::forward_loss`] on a [`TransfusionBatch`].
+
+pub mod attention;
+pub mod batch;
+pub mod block;
+pub mod config;
+pub mod image_io;
+pub mod kv_cache;
+pub mod loss;
+pub mod mask;
+pub mod mlp;
+pub mod model;
+pub mod patch;
+pub mod resnet;
+pub mod rope;
+pub mod schedule;
+pub mod timestep;
+pub mod unet;
+
+pub use batch::TransfusionBatch;
+pub use config::{ImageIoConfig, TransfusionConfig, UNetConfig};
+pub use kv_cache::KvCache;
+pub use loss::TransfusionLoss;
+pub use model::Transfusion;
+pub use schedule::NoiseSchedule;

@@ -1,0 +1,98 @@
+//! The Transfusion attention mask: causal everywhere, bidirectional inside each image, and
+//! block-diagonal over packed documents.
+//!
+//! Query position `i` may attend to key position `j` when both belong to the same document
+//! and either `j <= i` (causal) or both lie in the same image (`span(i) == span(j) != 0`).
+//! Padding has document id 0, so a padding position sees only earlier padding (at least
+//! itself) and no row of the mask is ever fully masked.
+
+use burn::prelude::*;
+
+/// Per-position metadata the mask is built from. All tensors have shape `[b, l]`.
+#[derive(Clone, Debug)]
+pub struct SpanMeta<B: Backend> {
+    /// Absolute index of the position in its row (causality is decided on it).
+    pub index: Tensor<B, 2, Int>,
+    /// Image span id: 0 for text, `k >= 1` for the k-th image of the row.
+    pub span: Tensor<B, 2, Int>,
+    /// Document id: `>= 1` for documents, 0 for padding.
+    pub doc: Tensor<B, 2, Int>,
+}
+
+impl<B: Backend> SpanMeta<B> {
+    /// Metadata of a full row: index `0..s`, with the given span and document ids.
+    ///
+    /// # Shapes
+    /// `span`, `doc`: `[b, s]`
+    pub fn full_rows(span: Tensor<B, 2, Int>, doc: Tensor<B, 2, Int>) -> Self {
+        let [b, s] = span.dims();
+        let index = Tensor::<B, 1, Int>::arange(0..s as i64, &span.device())
+            .reshape([1, s])
+            .expand([b, s]);
+        Self { index, span, doc }
+    }
+
+    /// Concatenates two metadata blocks along the sequence (keys of a cache, then new keys).
+    pub fn cat(self, other: Self) -> Self {
+        Self {
+            index: Tensor::cat(vec![self.index, other.index], 1),
+            span: Tensor::cat(vec![self.span, other.span], 1),
+            doc: Tensor::cat(vec![self.doc, other.doc], 1),
+        }
+    }
+
+    /// Keeps the first `len` positions.
+    pub fn truncate(self, len: usize) -> Self {
+        Self {
+            index: self.index.narrow(1, 0, len),
+            span: self.span.narrow(1, 0, len),
+            doc: self.doc.narrow(1, 0, len),
+        }
+    }
+
+    /// Number of positions `l`.
+    pub fn len(&self) -> usize {
+        self.index.dims()[1]
+    }
+
+    /// Whether there are no positions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Builds the boolean mask, `true` = masked (the convention of `module::attention`).
+///
+/// # Shapes
+/// - `query`: `[b, l_q]` tensors; `key`: `[b, l_k]` tensors
+/// - output: `[b, l_q, l_k]`
+pub fn transfusion_mask<B: Backend>(query: &SpanMeta<B>, key: &SpanMeta<B>) -> Tensor<B, 3, Bool> {
+    let [b, lq] = query.index.dims();
+    let lk = key.index.dims()[1];
+    let q = |t: &Tensor<B, 2, Int>| t.clone().reshape([b, lq, 1]).expand([b, lq, lk]);
+    let k = |t: &Tensor<B, 2, Int>| t.clone().reshape([b, 1, lk]).expand([b, lq, lk]);
+
+    let causal = k(&key.index).lower_equal(q(&query.index));
+    let q_span = q(&query.span);
+    let same_image = q_span
+        .clone()
+        .equal(k(&key.span))
+        .bool_and(q_span.not_equal_elem(0));
+    let same_doc = q(&query.doc).equal(k(&key.doc));
+    causal.bool_or(same_image).bool_and(same_doc).bool_not()
+}
+
+/// Reference implementation on plain slices, one row: `allowed[i][j]`.
+///
+/// Used by the tests and handy for printing a mask; the tensor version above is what the
+/// model runs.
+pub fn allowed_reference(span: &[i64], doc: &[i64]) -> Vec<Vec<bool>> {
+    let s = span.len();
+    (0..s)
+        .map(|i| {
+            (0..s)
+                .map(|j| doc[i] == doc[j] && (j <= i || (span[i] != 0 && span[i] == span[j])))
+                .collect()
+        })
+        .collect()
+}

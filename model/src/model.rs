@@ -1,0 +1,245 @@
+//! The Transfusion network: token embedding and image adapter in, one shared decoder, LM
+//! head and image adapter out.
+
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+};
+use burn::prelude::*;
+
+use crate::batch::TransfusionBatch;
+use crate::block::{DecoderBlock, DecoderBlockConfig};
+use crate::config::TransfusionConfig;
+use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
+use crate::kv_cache::{CacheMode, KvCache};
+use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
+use crate::mask::{transfusion_mask, SpanMeta};
+use crate::rope::rope_tables;
+use crate::schedule::NoiseSchedule;
+
+impl TransfusionConfig {
+    /// Builds the network. Call [`TransfusionConfig::validate`] first for a readable
+    /// error; an invalid config panics here.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Transfusion<B> {
+        if let Err(e) = self.validate() {
+            panic!("{e}");
+        }
+        let d = self.d_model;
+        Transfusion {
+            tok_emb: EmbeddingConfig::new(self.vocab_size, d)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device),
+            blocks: (0..self.n_layers)
+                .map(|_| {
+                    DecoderBlockConfig::new(d, self.n_heads, self.n_kv_heads, self.d_hidden)
+                        .with_norm_eps(self.norm_eps)
+                        .init(device)
+                })
+                .collect(),
+            norm: RmsNormConfig::new(d)
+                .with_epsilon(self.norm_eps)
+                .init(device),
+            lm_head: LinearConfig::new(d, self.vocab_size)
+                .with_bias(false)
+                .init(device),
+            image: init_image_adapter(self, device),
+            head_dim: self.head_dim(),
+            latent_size: self.latent_size,
+            rope_theta: self.rope_theta,
+            loss_weight: self.diffusion_loss_weight,
+            timesteps: self.timesteps,
+        }
+    }
+}
+
+/// The Transfusion model.
+#[derive(Module, Debug)]
+pub struct Transfusion<B: Backend> {
+    /// Token embedding `[v, d]`.
+    pub tok_emb: Embedding<B>,
+    /// Decoder layers.
+    pub blocks: Vec<DecoderBlock<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// LM head `d -> v`.
+    pub lm_head: Linear<B>,
+    /// Image adapter (linear or U-Net).
+    pub image: ImageAdapter<B>,
+    /// Head dimension `hd`.
+    pub head_dim: usize,
+    /// Latent side `H = W`.
+    pub latent_size: usize,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// `lambda`.
+    pub loss_weight: f64,
+    /// Training timesteps `T`.
+    pub timesteps: usize,
+}
+
+impl<B: Backend> Transfusion<B> {
+    /// The noise schedule the model is trained with.
+    pub fn schedule(&self) -> NoiseSchedule {
+        NoiseSchedule::cosine(self.timesteps)
+    }
+
+    /// Number of decoder layers.
+    pub fn n_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Embeds token ids.
+    ///
+    /// # Shapes
+    /// `[b, s] -> [b, s, d]`
+    pub fn embed_tokens(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.tok_emb.forward(tokens)
+    }
+
+    /// Embeds noisy latents as patch tokens (see [`ImageAdapter::encode`]).
+    ///
+    /// # Shapes
+    /// `x_t`: `[N, c, H, W]`, `t`: `[N]` -> `[N, n, d]`
+    pub fn embed_image(
+        &self,
+        x_t: Tensor<B, 4>,
+        t: Tensor<B, 1, Int>,
+    ) -> (Tensor<B, 3>, ImageContext<B>) {
+        self.image.encode(x_t, t)
+    }
+
+    /// Places text and patch embeddings into the sequence with one gather.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[b, s]`, `patches`: `[N, n, d]` (or `None`), `source_index`: `[b*s]`
+    /// - output: `[b, s, d]`
+    pub fn embed_sequence(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        patches: Option<Tensor<B, 3>>,
+        source_index: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
+        let text = self.embed_tokens(tokens);
+        let d = text.dims()[2];
+        let Some(patches) = patches else {
+            return text;
+        };
+        let [n_img, n, _] = patches.dims();
+        // [b*s + N*n, d] -> select -> [b*s, d] -> [b, s, d]
+        let all = Tensor::cat(
+            vec![text.reshape([b * s, d]), patches.reshape([n_img * n, d])],
+            0,
+        );
+        all.select(0, source_index).reshape([b, s, d])
+    }
+
+    /// Runs the decoder over new positions, attending to `cache` (if any) and themselves.
+    ///
+    /// With [`CacheMode::Append`] the new keys and values are added to the cache; with
+    /// [`CacheMode::ReadOnly`] the cache is left unchanged.
+    ///
+    /// # Shapes
+    /// - `x`: `[b, s, d]`, `positions`: `[b, s]` (RoPE ids), `meta`: `[b, s]` tensors
+    /// - output: the final-normed hidden states `[b, s, d]`
+    pub fn forward_embeddings(
+        &self,
+        x: Tensor<B, 3>,
+        positions: Tensor<B, 2, Int>,
+        meta: SpanMeta<B>,
+        mut cache: Option<&mut KvCache<B>>,
+        mode: CacheMode,
+    ) -> Tensor<B, 3> {
+        let rope = rope_tables(positions, self.head_dim, self.rope_theta);
+        let keys = match cache.as_ref().and_then(|c| c.meta.clone()) {
+            Some(past) => past.cat(meta.clone()),
+            None => meta.clone(),
+        };
+        let mask = transfusion_mask(&meta, &keys);
+        let mut x = x;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let past = cache.as_ref().and_then(|c| c.layers[l].clone());
+            let (out, kv) = block.forward(x, &rope, mask.clone(), past.as_ref());
+            x = out;
+            if let (Some(c), CacheMode::Append) = (cache.as_mut(), mode) {
+                c.layers[l] = Some(match past {
+                    Some(p) => p.append(kv),
+                    None => kv,
+                });
+            }
+        }
+        if let (Some(c), CacheMode::Append) = (cache, mode) {
+            c.append_meta(meta);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits of the next token.
+    ///
+    /// # Shapes
+    /// `[.., d] -> [.., v]`
+    pub fn lm_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Noise prediction from the hidden states at image positions.
+    ///
+    /// # Shapes
+    /// `hidden`: `[N, n, d]` -> `[N, c, H, W]`
+    pub fn predict_noise(&self, hidden: Tensor<B, 3>, ctx: &ImageContext<B>) -> Tensor<B, 4> {
+        self.image.decode(hidden, ctx, self.latent_size)
+    }
+
+    /// The training forward pass: noises the batch's latents, runs the whole packed
+    /// sequence once, and returns `L_LM`, `L_DDPM` and their weighted sum.
+    pub fn forward_loss(&self, batch: TransfusionBatch<B>) -> TransfusionLoss<B> {
+        let [b, s] = batch.tokens.dims();
+        let device = batch.tokens.device();
+        let n_img = batch.num_images();
+        let image = (n_img > 0).then(|| {
+            let x_t = self.schedule().q_sample(
+                batch.latents.clone(),
+                batch.noise.clone(),
+                batch.timesteps.clone(),
+            );
+            self.embed_image(x_t, batch.timesteps.clone())
+        });
+        let x = self.embed_sequence(
+            batch.tokens,
+            image.as_ref().map(|(p, _)| p.clone()),
+            batch.source_index,
+        );
+        let meta = SpanMeta::full_rows(batch.span_ids, batch.doc_ids);
+        let hidden = self.forward_embeddings(x, batch.positions, meta, None, CacheMode::ReadOnly);
+        let d = hidden.dims()[2];
+        let flat = hidden.reshape([b * s, d]);
+
+        let logits = self.lm_logits(flat.clone());
+        let (lm, lm_targets) = masked_cross_entropy(
+            logits,
+            batch.targets.reshape([b * s]),
+            batch.lm_mask.reshape([b * s]),
+        );
+
+        let (diffusion, per_image) = match image {
+            Some((patches, ctx)) => {
+                let [_, n, _] = patches.dims();
+                // [N*n, d] -> [N, n, d]
+                let img_hidden = flat.select(0, batch.patch_positions).reshape([n_img, n, d]);
+                let eps = self.predict_noise(img_hidden, &ctx);
+                let per_image = per_image_mse(eps, batch.noise);
+                (per_image.clone().mean(), per_image)
+            }
+            None => (Tensor::zeros([1], &device), Tensor::zeros([0], &device)),
+        };
+        TransfusionLoss {
+            total: lm.clone() + diffusion.clone() * self.loss_weight,
+            lm,
+            diffusion,
+            diffusion_per_image: per_image,
+            lm_targets,
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Parameter counts computed from a config alone (no allocation, so the 7B preset can be
+//! counted anywhere).
+
+use crate::config::{ImageIoConfig, TransfusionConfig};
+
+/// Parameters of a model, by part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamCount {
+    /// Token embedding `v * d`.
+    pub embedding: usize,
+    /// LM head `d * v` (untied).
+    pub lm_head: usize,
+    /// Decoder layers and the final norm.
+    pub decoder: usize,
+    /// Image adapter (timestep MLP, patch projections, U-Net).
+    pub image_io: usize,
+}
+
+impl ParamCount {
+    /// Everything.
+    pub fn total(&self) -> usize {
+        self.embedding + self.lm_head + self.decoder + self.image_io
+    }
+
+    /// The language-model part (embedding + decoder + LM head): what the paper's model
+    /// sizes (0.16B ... 7B) count.
+    pub fn language_model(&self) -> usize {
+        self.embedding + self.lm_head + self.decoder
+    }
+}
+
+fn linear(i: usize, o: usize, bias: bool) -> usize {
+    i * o + if bias { o } else { 0 }
+}
+
+fn conv3(i: usize, o: usize) -> usize {
+    9 * i * o + o
+}
+
+fn resnet(c_in: usize, c_out: usize, d_temb: usize) -> usize {
+    2 * c_in
+        + conv3(c_in, c_out)
+        + linear(d_temb, c_out, true)
+        + 2 * c_out
+        + conv3(c_out, c_out)
+        + if c_in != c_out {
+            linear(c_in, c_out, true)
+        } else {
+            0
+        }
+}
+
+impl TransfusionConfig {
+    /// Counts the parameters [`TransfusionConfig::init`] would create.
+    pub fn param_count(&self) -> ParamCount {
+        let d = self.d_model;
+        let kv = self.n_kv_heads * self.head_dim();
+        let layer = 2 * d + 2 * d * d + 2 * d * kv + 3 * d * self.d_hidden;
+        let decoder = self.n_layers * layer + d;
+        let temb = |d_out: usize| {
+            let hidden = d_out.max(self.d_timestep);
+            linear(self.d_timestep, hidden, true) + linear(hidden, d_out, true)
+        };
+        let image_io = match &self.image_io {
+            ImageIoConfig::Linear => {
+                let p = self.patch_dim();
+                temb(p) + 2 * p * d
+            }
+            ImageIoConfig::Unet(u) => {
+                let d_temb = 4 * u.channels[0];
+                let c0 = u.channels[0];
+                let mut n = temb(d_temb) + conv3(self.latent_channels, c0);
+                let mut prev = c0;
+                for (i, &c) in u.channels.iter().enumerate() {
+                    for j in 0..u.blocks_per_level {
+                        n += resnet(if j == 0 { prev } else { c }, c, d_temb);
+                    }
+                    prev = c;
+                    if i + 1 < u.channels.len() {
+                        n += conv3(c, c);
+                    }
+                }
+                let inner = self.patch_size / u.downsampling();
+                let d_patch = prev * inner * inner;
+                n += linear(d_patch, d, true) + linear(d, d_patch, true);
+                for (i, &c) in u.channels.iter().enumerate().rev() {
+                    for j in 0..u.blocks_per_level {
+                        n += resnet(if j == 0 { prev + c } else { c }, c, d_temb);
+                    }
+                    prev = c;
+                    if i > 0 {
+                        n += conv3(c, c);
+                    }
+                }
+                n + 2 * c0 + conv3(c0, self.latent_channels)
+            }
+        };
+        ParamCount {
+            embedding: self.vocab_size * d,
+            lm_head: d * self.vocab_size,
+            decoder,
+            image_io,
+        }
+    }
+}

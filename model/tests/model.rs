@@ -1,0 +1,346 @@
+//! The network on CPU: parameter counts, training signal, gradients, and the KV cache.
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use common::{max_abs_diff, mixed_batch, test_config, tweak};
+use transfusion_model::kv_cache::CacheMode;
+use transfusion_model::mask::SpanMeta;
+use transfusion_model::{ImageIoConfig, KvCache, TransfusionConfig, UNetConfig};
+
+type B = NdArray;
+type AB = Autodiff<NdArray>;
+
+fn unet_config() -> TransfusionConfig {
+    tweak(|c| {
+        c.image_io = ImageIoConfig::Unet(UNetConfig {
+            channels: vec![8, 16],
+            blocks_per_level: 1,
+            norm_groups: 4,
+        })
+    })
+}
+
+#[test]
+fn analytic_param_count_matches_the_built_model() {
+    let dev = Default::default();
+    for cfg in [
+        test_config(),
+        unet_config(),
+        tweak(|c| c.n_kv_heads = 2),
+        TransfusionConfig::tiny(512),
+    ] {
+        let model = cfg.init::<B>(&dev);
+        assert_eq!(cfg.param_count().total(), model.num_params(), "{cfg:?}");
+    }
+}
+
+#[test]
+fn tiny_preset_is_between_one_and_five_million_parameters() {
+    let n = TransfusionConfig::tiny(512).param_count().total();
+    assert!(
+        (1_000_000..=5_000_000).contains(&n),
+        "tiny has {n} parameters"
+    );
+}
+
+#[test]
+fn paper_presets_land_within_ten_percent_of_their_nominal_size() {
+    // Counted with input embedding and (untied) LM head, 32k vocabulary, no image adapter.
+    for (name, nominal) in [
+        ("paper_160m", 160e6),
+        ("paper_370m", 370e6),
+        ("paper_760m", 760e6),
+        ("paper_1_4b", 1.4e9),
+        ("paper_7b", 7e9),
+    ] {
+        let cfg = TransfusionConfig::preset(name, 32_000).unwrap();
+        cfg.validate().unwrap();
+        let n = cfg.param_count().language_model() as f64;
+        assert!((n / nominal - 1.0).abs() < 0.10, "{name}: {n} vs {nominal}");
+    }
+}
+
+#[test]
+fn invalid_configs_name_the_key() {
+    let e = tweak(|c| c.n_heads = 3).validate().unwrap_err();
+    assert_eq!(e.key, "n_heads");
+    let e = tweak(|c| c.patch_size = 3).validate().unwrap_err();
+    assert_eq!(e.key, "patch_size");
+    let e = tweak(|c| c.n_kv_heads = 3).validate().unwrap_err();
+    assert_eq!(e.key, "n_kv_heads");
+    let e = {
+        let mut c = unet_config();
+        c.patch_size = 1;
+        c
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!(e.key, "image_io.channels");
+}
+
+fn overfit(cfg: TransfusionConfig, steps: usize) -> ((f32, f32), (f32, f32)) {
+    let dev = Default::default();
+    let mut model = cfg.init::<AB>(&dev);
+    let batch = mixed_batch::<AB>(&cfg, &dev);
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let mut first = None;
+    let mut last = (0.0, 0.0);
+    for _ in 0..steps {
+        let loss = model.forward_loss(batch.clone());
+        let parts = (
+            loss.lm.clone().into_scalar().elem::<f32>(),
+            loss.diffusion.clone().into_scalar().elem::<f32>(),
+        );
+        first.get_or_insert(parts);
+        last = parts;
+        let grads = GradientsParams::from_grads(loss.total.backward(), &model);
+        model = optim.step(3e-3, model, grads);
+    }
+    (first.unwrap(), last)
+}
+
+#[test]
+fn tiny_model_overfits_a_mixed_batch_both_losses_fall_tenfold() {
+    let ((lm0, df0), (lm1, df1)) = overfit(test_config(), 300);
+    assert!(lm1 * 10.0 < lm0, "LM loss {lm0} -> {lm1}");
+    assert!(df1 * 10.0 < df0, "diffusion loss {df0} -> {df1}");
+}
+
+#[test]
+fn unet_model_overfits_a_mixed_batch() {
+    let ((lm0, df0), (lm1, df1)) = overfit(unet_config(), 200);
+    assert!(lm1 * 10.0 < lm0, "LM loss {lm0} -> {lm1}");
+    assert!(df1 * 5.0 < df0, "diffusion loss {df0} -> {df1}");
+}
+
+fn grad_norm(g: Option<Tensor<B, 2>>) -> f32 {
+    g.expect("parameter should have a gradient")
+        .abs()
+        .sum()
+        .into_scalar()
+}
+
+#[test]
+fn gradients_reach_embedding_head_and_both_image_layers() {
+    let dev = Default::default();
+    let cfg = test_config();
+    let model = cfg.init::<AB>(&dev);
+    let loss = model.forward_loss(mixed_batch::<AB>(&cfg, &dev));
+    let grads = loss.total.backward();
+    let lin = model.image.linear.as_ref().unwrap();
+    assert!(
+        grad_norm(model.tok_emb.weight.grad(&grads)) > 0.0,
+        "embedding"
+    );
+    assert!(
+        grad_norm(model.lm_head.weight.grad(&grads)) > 0.0,
+        "LM head"
+    );
+    assert!(
+        grad_norm(lin.proj_in.weight.grad(&grads)) > 0.0,
+        "patch encoder"
+    );
+    assert!(
+        grad_norm(lin.proj_out.weight.grad(&grads)) > 0.0,
+        "patch decoder"
+    );
+    assert!(
+        grad_norm(model.image.timestep.fc1.weight.grad(&grads)) > 0.0,
+        "timestep MLP"
+    );
+}
+
+#[test]
+fn loss_parts_follow_their_definitions() {
+    let dev = Default::default();
+    let cfg = test_config().with_diffusion_loss_weight(5.0);
+    let model = cfg.init::<B>(&dev);
+    let loss = model.forward_loss(mixed_batch::<B>(&cfg, &dev));
+    let lm: f32 = loss.lm.into_scalar();
+    let df: f32 = loss.diffusion.into_scalar();
+    let total: f32 = loss.total.into_scalar();
+    assert!((total - (lm + 5.0 * df)).abs() < 1e-4);
+    // An untrained model is near uniform over the vocabulary.
+    assert!((lm - (32f32).ln()).abs() < 1.0, "lm {lm}");
+    // Mean of the per-image losses; two images in the batch.
+    let per: Vec<f32> = loss.diffusion_per_image.into_data().to_vec().unwrap();
+    assert_eq!(per.len(), 2);
+    assert!((df - (per[0] + per[1]) / 2.0).abs() < 1e-5);
+    // Text targets: row 0 has 4 + 1, row 1 has 5 + 1 + 3 (see common::mixed_batch).
+    assert_eq!(loss.lm_targets.into_scalar(), 14.0);
+}
+
+/// Full forward of a single text+image row versus: prefix appended to the cache, the image
+/// run read-only (twice, the cache must not grow), then appended, then the rest token by
+/// token.
+fn cache_matches_full_forward(cfg: TransfusionConfig) {
+    let dev = Default::default();
+    let model = cfg.init::<B>(&dev);
+    let n = cfg.patches_per_image();
+    let (c, h) = (cfg.latent_channels, cfg.latent_size);
+    let prefix = [1i64, 5, 6, 3];
+    let suffix = [4i64, 7, 8];
+    let s = prefix.len() + n + suffix.len();
+    let x_t = Tensor::<B, 4>::random(
+        [1, c, h, h],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let t = Tensor::<B, 1, Int>::from_ints([321], &dev);
+    let (patches, ctx) = model.embed_image(x_t, t);
+
+    // Full forward.
+    let mut tokens = prefix.to_vec();
+    tokens.extend(std::iter::repeat_n(0, n));
+    tokens.extend(suffix);
+    let mut source: Vec<i64> = (0..s as i64).collect();
+    for p in 0..n {
+        source[prefix.len() + p] = (s + p) as i64;
+    }
+    let span: Vec<i64> = (0..s)
+        .map(|i| (i >= prefix.len() && i < prefix.len() + n) as i64)
+        .collect();
+    let ids = |v: &[i64]| Tensor::<B, 1, Int>::from_ints(v, &dev).reshape([1, v.len()]);
+    let x = model.embed_sequence(
+        ids(&tokens),
+        Some(patches.clone()),
+        Tensor::from_ints(source.as_slice(), &dev),
+    );
+    let positions: Vec<i64> = (0..s as i64).collect();
+    let meta = SpanMeta::full_rows(ids(&span), ids(&vec![1; s]));
+    let full = model.forward_embeddings(x, ids(&positions), meta, None, CacheMode::ReadOnly);
+
+    // Cached.
+    let mut cache = KvCache::new(cfg.n_layers);
+    let run = |cache: &mut KvCache<B>, x: Tensor<B, 3>, start: usize, span_id: i64, mode| {
+        let len = x.dims()[1];
+        let idx: Vec<i64> = (start as i64..(start + len) as i64).collect();
+        let meta = SpanMeta {
+            index: ids(&idx),
+            span: ids(&vec![span_id; len]),
+            doc: ids(&vec![1; len]),
+        };
+        model.forward_embeddings(x, ids(&idx), meta, Some(cache), mode)
+    };
+    let h_prefix = run(
+        &mut cache,
+        model.embed_tokens(ids(&prefix)),
+        0,
+        0,
+        CacheMode::Append,
+    );
+    assert_eq!(cache.len(), prefix.len());
+    let h_img = run(
+        &mut cache,
+        patches.clone(),
+        prefix.len(),
+        1,
+        CacheMode::ReadOnly,
+    );
+    let h_img2 = run(
+        &mut cache,
+        patches.clone(),
+        prefix.len(),
+        1,
+        CacheMode::ReadOnly,
+    );
+    assert_eq!(
+        cache.len(),
+        prefix.len(),
+        "read-only steps must not grow the cache"
+    );
+    assert_eq!(max_abs_diff(h_img.clone(), h_img2), 0.0);
+    run(&mut cache, patches, prefix.len(), 1, CacheMode::Append);
+    let mut pieces = vec![h_prefix, h_img];
+    for (j, &tok) in suffix.iter().enumerate() {
+        let start = prefix.len() + n + j;
+        pieces.push(run(
+            &mut cache,
+            model.embed_tokens(ids(&[tok])),
+            start,
+            0,
+            CacheMode::Append,
+        ));
+    }
+    assert_eq!(cache.len(), s);
+    let cached = Tensor::cat(pieces, 1);
+    let diff = max_abs_diff(full.clone(), cached);
+    assert!(diff < 1e-4, "cached vs full: {diff}");
+    // The image-conditioned noise prediction is the same either way.
+    let eps_full = model.predict_noise(full.narrow(1, prefix.len(), n), &ctx);
+    assert_eq!(eps_full.dims(), [1, c, h, h]);
+
+    // Truncating the cache rolls back exactly.
+    cache.truncate(prefix.len());
+    assert_eq!(cache.len(), prefix.len());
+    assert_eq!(
+        cache.layers[0].as_ref().unwrap().key.dims()[2],
+        prefix.len()
+    );
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    cache_matches_full_forward(test_config());
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward_with_grouped_query_attention() {
+    cache_matches_full_forward(tweak(|c| c.n_kv_heads = 2));
+}
+
+#[test]
+fn rope_scores_depend_only_on_relative_position() {
+    use transfusion_model::rope::{apply_rope, rope_tables};
+    let dev = Default::default();
+    let q = Tensor::<B, 4>::random(
+        [1, 1, 1, 8],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let k = Tensor::<B, 4>::random(
+        [1, 1, 1, 8],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let score = |m: i64, n: i64| -> f32 {
+        let tq = rope_tables::<B>(Tensor::from_ints([[m]], &dev), 8, 10000.0);
+        let tk = rope_tables::<B>(Tensor::from_ints([[n]], &dev), 8, 10000.0);
+        (apply_rope(q.clone(), &tq) * apply_rope(k.clone(), &tk))
+            .sum()
+            .into_scalar()
+    };
+    assert!((score(3, 1) - score(10, 8)).abs() < 1e-4);
+    assert!((score(0, 0) - score(7, 7)).abs() < 1e-4);
+    assert!(
+        (score(5, 0) - score(0, 0)).abs() > 1e-3,
+        "rotation should change the score"
+    );
+    // Norm preserved.
+    let t = rope_tables::<B>(Tensor::from_ints([[17]], &dev), 8, 10000.0);
+    let n0: f32 = q.clone().powi_scalar(2).sum().into_scalar();
+    let n1: f32 = apply_rope(q, &t).powi_scalar(2).sum().into_scalar();
+    assert!((n0 - n1).abs() < 1e-4);
+}
+
+#[test]
+fn valid_model_is_an_autodiff_module() {
+    // The inner (non-autodiff) model gives the same loss as the autodiff one.
+    let dev = Default::default();
+    let cfg = test_config();
+    let model = cfg.init::<AB>(&dev);
+    let a: f32 = model
+        .forward_loss(mixed_batch::<AB>(&cfg, &dev))
+        .total
+        .into_scalar();
+    let b: f32 = model
+        .valid()
+        .forward_loss(mixed_batch::<B>(&cfg, &dev))
+        .total
+        .into_scalar();
+    assert!((a - b).abs() < 1e-5);
+}

@@ -1,0 +1,24 @@
+//! Everything between files on disk and the model's input tensors: the tokenizer, image
+//! decoding and preprocessing, dataset readers for the formats users already have, the
+//! synthetic shapes set of the demo, mixed-modal sequence building, packing, batching and
+//! the latent cache.
+
+pub mod error;
+pub mod image;
+pub mod shapes;
+pub mod tokenizer;
+
+pub mod batcher;
+pub mod bench;
+pub mod datasets;
+pub mod encoder;
+pub mod inspect;
+pub mod latent_cache;
+pub mod mixture;
+pub mod packing;
+pub mod pipeline;
+pub mod rng;
+pub mod sequence;
+pub mod source;
+
+pub use error::DataError;

@@ -17,6 +17,7 @@ pub mod latent_cache;
 pub mod mixture;
 pub mod packing;
 pub mod pipeline;
+pub mod prefetch;
 pub mod rng;
 pub mod sequence;
 pub mod source;

@@ -14,6 +14,7 @@ use transfusion_data::encoder::PixelEncoder;
 use transfusion_data::mixture::{Mixture, MixtureConfig};
 use transfusion_data::packing::{OverlongText, PackConfig};
 use transfusion_data::pipeline::{DataPipeline, PipelineConfig};
+use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::sequence::SequenceConfig;
 use transfusion_data::shapes::ShapesGenerator;
 
@@ -156,4 +157,20 @@ fn pipeline_batches_on_a_backend_and_rejects_tiny_rows() {
             .contains("cannot hold one image (16 patches + 4 tokens)"),
         "{e}"
     );
+}
+
+#[test]
+fn prefetched_batches_and_states_match_the_foreground_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = pipeline(dir.path(), OverlongText::Split);
+    let mut pre = Prefetcher::spawn(pipeline(dir.path(), OverlongText::Split), 2).unwrap();
+    assert_eq!(pre.state(), plain.state());
+    for _ in 0..6 {
+        let want = next(&mut plain);
+        let rows = pre.next_rows().unwrap();
+        assert!(pre.batcher().arrays(&rows).unwrap() == want);
+        assert_eq!(pre.state(), plain.state());
+    }
+    let batch = pre.next_batch::<NdArray<f32>>(&Default::default()).unwrap();
+    assert_eq!(batch.tokens.dims(), [3, 64]);
 }

@@ -1,0 +1,200 @@
+//! Run-time backend choice: `--device auto|cpu|wgpu|cuda[:N]` among the backends compiled
+//! into the binary (cargo features `ndarray`/`flex`, `wgpu`/`vulkan`/`metal`, `cuda`).
+//!
+//! Library code is generic over `B: AutodiffBackend`; [`dispatch`] is the one place that
+//! names concrete backend types, one `#[cfg]` arm per backend. Inference code uses
+//! `B::InnerBackend` (no autodiff graph).
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::backend::AutodiffBackend;
+
+/// The device the user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// A GPU if one is usable (CUDA, then a hardware wgpu adapter), else the CPU.
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// The wgpu backend (Vulkan, Metal, DX12; Mesa lavapipe without a GPU).
+    Wgpu,
+    /// CUDA device `N`.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        Ok(match s.as_str() {
+            "auto" => Self::Auto,
+            "cpu" | "ndarray" | "flex" => Self::Cpu,
+            "wgpu" | "vulkan" | "metal" | "dx12" | "gpu" => Self::Wgpu,
+            "cuda" => Self::Cuda(0),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => Self::Cuda(n.parse().map_err(|_| format!("bad CUDA index in `{s}`"))?),
+                None => {
+                    return Err(format!(
+                        "unknown device `{s}`: use auto, cpu, wgpu or cuda[:N]"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Wgpu => write!(f, "wgpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Work to run on whichever backend [`dispatch`] picks.
+pub trait BackendTask {
+    /// What the task returns.
+    type Output;
+    /// Runs the task on backend `B` and `device`; `label` describes the device for logs.
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output;
+}
+
+/// The backends compiled into this binary, in `auto` preference order.
+pub fn compiled_backends() -> Vec<&'static str> {
+    let mut v = vec![];
+    if cfg!(feature = "cuda") {
+        v.push("cuda");
+    }
+    if cfg!(feature = "wgpu") {
+        v.push("wgpu");
+    }
+    if cfg!(any(feature = "ndarray", feature = "flex")) {
+        v.push("cpu");
+    }
+    v
+}
+
+/// Whether a hardware (non-software) wgpu adapter exists.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_hardware_adapter() -> Option<String> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapters =
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters
+        .into_iter()
+        .map(|a| a.get_info())
+        .find(|info| info.device_type != wgpu::DeviceType::Cpu)
+        .map(|info| format!("{} ({:?})", info.name, info.backend))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_usable(index: usize) -> bool {
+    use burn::backend::cuda::{Cuda, CudaDevice};
+    use burn::tensor::Tensor;
+    let probe = std::panic::catch_unwind(|| {
+        let t = Tensor::<Cuda, 1>::from_floats([1.0, 2.0], &CudaDevice::new(index));
+        t.sum().into_scalar()
+    });
+    probe.is_ok()
+}
+
+fn not_compiled(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "device `{what}` is not compiled into this binary (compiled: {}); rebuild with `--features {what}`",
+        compiled_backends().join(", ")
+    )
+}
+
+/// Resolves `auto` and runs `task` on the chosen backend, printing which one it uses.
+pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> anyhow::Result<T::Output> {
+    let resolved = match choice {
+        DeviceChoice::Auto => resolve_auto(),
+        other => other,
+    };
+    match resolved {
+        DeviceChoice::Cuda(index) => {
+            #[cfg(feature = "cuda")]
+            {
+                use burn::backend::cuda::{Cuda, CudaDevice};
+                use burn::backend::Autodiff;
+                let label = format!("cuda:{index}");
+                eprintln!("device: {label}");
+                return Ok(task.run::<Autodiff<Cuda>>(CudaDevice::new(index), &label));
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = index;
+                Err(not_compiled("cuda"))
+            }
+        }
+        DeviceChoice::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            {
+                use burn::backend::wgpu::{Wgpu, WgpuDevice};
+                use burn::backend::Autodiff;
+                let label = match wgpu_hardware_adapter() {
+                    Some(name) => format!("wgpu: {name}"),
+                    None => "wgpu (software adapter)".to_string(),
+                };
+                eprintln!("device: {label}");
+                return Ok(task.run::<Autodiff<Wgpu>>(WgpuDevice::default(), &label));
+            }
+            #[cfg(not(feature = "wgpu"))]
+            Err(not_compiled("wgpu"))
+        }
+        DeviceChoice::Cpu | DeviceChoice::Auto => run_cpu(task),
+    }
+}
+
+fn resolve_auto() -> DeviceChoice {
+    #[cfg(feature = "cuda")]
+    if cuda_usable(0) {
+        return DeviceChoice::Cuda(0);
+    }
+    #[cfg(feature = "wgpu")]
+    if wgpu_hardware_adapter().is_some() {
+        return DeviceChoice::Wgpu;
+    }
+    DeviceChoice::Cpu
+}
+
+#[allow(unreachable_code)]
+fn run_cpu<T: BackendTask>(task: T) -> anyhow::Result<T::Output> {
+    #[cfg(feature = "flex")]
+    {
+        use burn::backend::flex::Flex;
+        use burn::backend::Autodiff;
+        eprintln!("device: cpu (flex)");
+        return Ok(task.run::<Autodiff<Flex>>(Default::default(), "cpu (flex)"));
+    }
+    #[cfg(feature = "ndarray")]
+    {
+        use burn::backend::ndarray::NdArray;
+        use burn::backend::Autodiff;
+        eprintln!("device: cpu (ndarray)");
+        return Ok(task.run::<Autodiff<NdArray>>(Default::default(), "cpu (ndarray)"));
+    }
+    Err(not_compiled("ndarray"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_spelling() {
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("CPU".parse(), Ok(DeviceChoice::Cpu));
+        assert_eq!("wgpu".parse(), Ok(DeviceChoice::Wgpu));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+        assert!("tpu".parse::<DeviceChoice>().unwrap_err().contains("tpu"));
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+}

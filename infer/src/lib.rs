@@ -1,9 +1,28 @@
 //! Generation with a trained Transfusion checkpoint: KV-cached text decoding, DDPM/DDIM
 //! sampling with classifier-free guidance, captioning and interleaved documents.
 //!
-//! The `transfusion` binary and the training crate's previews and demo use this API.
+//! Start at [`Pipeline`]: `Pipeline::load(dir, &device)` then `.text(..)`, `.image(..)`,
+//! `.caption(..)`, `.generate(..)`. The `transfusion` binary and the training crate's
+//! previews and demo use this API.
+//!
+//! Files: [`context`] (the batch of sequences over a KV cache or recomputed: the only place
+//! the transformer runs), [`sampler`] (DDPM/DDIM, seeded noise), [`guidance`] (CFG),
+//! [`text`] (token sampling, streaming), [`pipeline`] (the API), [`interleave`]
+//! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`].
 
+pub mod bench;
 pub mod checkpoint;
+pub mod context;
 pub mod device;
+pub mod guidance;
+pub mod interleave;
+pub mod pipeline;
+pub mod sampler;
+pub mod text;
 
+pub use context::{CachePolicy, ForwardKind, ForwardRecord};
 pub use device::{dispatch, BackendTask, DeviceChoice};
+pub use interleave::{GenerateOptions, Segment};
+pub use pipeline::{ImageOptions, InferError, Pipeline};
+pub use sampler::SamplerKind;
+pub use text::TextOptions;

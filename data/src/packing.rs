@@ -45,7 +45,10 @@ pub struct PackedRow {
     pub doc_ids: Vec<u32>,
     /// The images of the row in order, `offset` relative to the row start.
     pub images: Vec<ImageSlot>,
-    /// Seed of this row's diffusion noise (the batcher mixes it with its own seed).
+    /// Seed of this row's diffusion noise (the batcher mixes it with its own seed and the
+    /// image's index in the row). Rows of different batches need different values, or
+    /// their images get the same noise: [`crate::pipeline::DataPipeline`] derives it from
+    /// the batch and row index.
     pub noise_seed: u64,
     used: usize,
     docs: u32,
@@ -223,7 +226,8 @@ pub fn first_fit(rows: &mut [PackedRow], seq: MixedSequence) -> Result<(), Mixed
 }
 
 /// Packs all `seqs` into as many rows as needed (greedy first-fit over every open row, in
-/// arrival order). Rows come back in creation order; `noise_seed` is the row's index.
+/// arrival order). Rows come back in creation order; `noise_seed` is the row's index, so
+/// callers batching several such results with one batcher should reassign it.
 pub fn pack_sequences(
     seqs: impl IntoIterator<Item = MixedSequence>,
     config: &PackConfig,

@@ -289,11 +289,22 @@ impl SequenceBuilder {
             .expect("SequenceBuilder::new checked the patch size")
     }
 
+    /// Token ids of `text` with every special id removed: a document that happens to
+    /// contain the string `<|boi|>` (tokenizers recognise special token strings in text)
+    /// must not forge an image span or an end of sequence.
+    pub fn encode_clean(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let s = self.tokenizer.special_tokens();
+        let specials = [s.bos, s.eos, s.pad, s.boi, s.eoi];
+        let mut ids = self.tokenizer.encode_text(text)?;
+        ids.retain(|id| !specials.contains(id));
+        Ok(ids)
+    }
+
     /// One sequence from one sample; `rng` decides the pair layout and timestep.
     pub fn build(&self, sample: Sample, rng: &mut Rng64) -> Result<MixedSequence, DataError> {
         let special = self.tokenizer.special_tokens();
         match sample {
-            Sample::Text(text) => Ok(text_sequence(&self.tokenizer.encode_text(&text)?, &special)),
+            Sample::Text(text) => Ok(text_sequence(&self.encode_clean(&text)?, &special)),
             Sample::Pair { image, caption } => {
                 let want = self.encoder.latent_shape();
                 let latent = match image {
@@ -312,7 +323,7 @@ impl SequenceBuilder {
                     }
                 };
                 let choice = sample_pair_choice(rng, &self.config);
-                let ids = self.tokenizer.encode_text(&caption)?;
+                let ids = self.encode_clean(&caption)?;
                 pair_sequence(
                     &ids,
                     latent,

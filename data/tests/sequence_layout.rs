@@ -44,6 +44,30 @@ fn text_document_layout() {
 }
 
 #[test]
+fn special_token_strings_in_text_are_dropped() {
+    let b = builder(
+        SequenceConfig {
+            p_caption_first: 0.0,
+            ..Default::default()
+        },
+        2,
+    );
+    let s = b
+        .build(
+            Sample::Text("the <|boi|> cat <|eos|>".into()),
+            &mut Rng64::new(0),
+        )
+        .unwrap();
+    assert_eq!(s.tokens, vec![BOS, 16, 17, EOS]);
+    let forged = Sample::Pair {
+        image: ImageData::Pixels(test_image(2, 2, 0)),
+        caption: "a <|boi|> red".into(),
+    };
+    let s = b.build(forged, &mut Rng64::new(0)).unwrap();
+    assert_eq!(s.tokens, vec![BOS, BOI, PAD, EOI, 10, 11, EOS]);
+}
+
+#[test]
 fn caption_first_layout_is_exact() {
     let cfg = SequenceConfig {
         p_caption_first: 1.0,

@@ -35,6 +35,9 @@ impl TokenSource for ToyTokenizer {
             .split_whitespace()
             .map(|w| match VOCAB.iter().position(|v| *v == w) {
                 Some(i) => 10 + i as u32,
+                // Like real tokenizers, special token strings in text become their ids.
+                None if w == "<|boi|>" => SPECIAL.boi,
+                None if w == "<|eos|>" => SPECIAL.eos,
                 None => {
                     // Stable across instances: FNV-1a of the word.
                     let h = w.bytes().fold(0x811c_9dc5u32, |h, b| {

@@ -80,3 +80,44 @@ fn describe_sources_counts_and_lists_skips() {
     );
     assert!(out.contains("no files skipped"), "{out}");
 }
+
+#[test]
+fn real_tokenizer_builds_and_renders_a_shapes_pair() {
+    use std::sync::Arc;
+    use transfusion_data::datasets::synthetic::ShapesSource;
+    use transfusion_data::datasets::{Sample, SampleSource};
+    use transfusion_data::encoder::PixelEncoder;
+    use transfusion_data::rng::Rng64;
+    use transfusion_data::sequence::{SequenceBuilder, SequenceConfig};
+    use transfusion_data::shapes::ShapesGenerator;
+    use transfusion_data::tokenizer::TextTokenizer;
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tokenizer.json");
+    let tok = Arc::new(TextTokenizer::from_file(path).unwrap());
+    let cfg = SequenceConfig {
+        p_caption_first: 1.0,
+        caption_dropout: 0.0,
+        patch_size: 4,
+        ..Default::default()
+    };
+    let b = SequenceBuilder::new(cfg, tok.clone(), Arc::new(PixelEncoder::new(32))).unwrap();
+    let sample = ShapesSource::new(ShapesGenerator::new(1), 1)
+        .get(0, 0)
+        .unwrap()
+        .unwrap();
+    let Sample::Pair { caption, .. } = &sample else {
+        panic!()
+    };
+    let caption = caption.clone();
+    let seq = b.build(sample, &mut Rng64::new(3)).unwrap();
+    let special = *tok.special();
+    assert_eq!(
+        (seq.tokens[0], *seq.tokens.last().unwrap()),
+        (special.bos, special.eos)
+    );
+    let t = seq.images[0].t;
+    assert_eq!(
+        render_sequence(&seq, tok.as_ref()),
+        format!("<|bos|> {caption} <|boi|> [img 0: 64 patches, 3x32x32, t={t}] <|eoi|> <|eos|>")
+    );
+}

@@ -200,6 +200,7 @@ fn text_opts(max_tokens: usize, s: &Sampling, seed: u64) -> TextOptions {
         top_k: s.top_k,
         top_p: s.top_p,
         seed,
+        logit_bias: vec![],
     }
 }
 

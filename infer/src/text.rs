@@ -16,6 +16,9 @@ pub struct TextOptions {
     pub top_p: f32,
     /// Seed of the sampling streams.
     pub seed: u64,
+    /// Added to the logits of the given token ids before sampling (e.g. a positive bias
+    /// on BOI makes interleaved generation produce images sooner).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for TextOptions {
@@ -26,6 +29,7 @@ impl Default for TextOptions {
             top_k: 0,
             top_p: 0.95,
             seed: 0,
+            logit_bias: vec![],
         }
     }
 }
@@ -58,6 +62,19 @@ impl TokenSampler {
     /// Samples a token id from `logits` (one per vocabulary entry); `banned` ids are never
     /// chosen.
     pub fn sample(&mut self, logits: &[f32], banned: &[u32], opts: &TextOptions) -> u32 {
+        let biased;
+        let logits = if opts.logit_bias.is_empty() {
+            logits
+        } else {
+            let mut l = logits.to_vec();
+            for &(id, b) in &opts.logit_bias {
+                if let Some(v) = l.get_mut(id as usize) {
+                    *v += b;
+                }
+            }
+            biased = l;
+            &biased[..]
+        };
         let allowed = |i: usize| !banned.contains(&(i as u32)) && logits[i].is_finite();
         if opts.temperature <= 0.0 {
             return argmax(logits, allowed);

@@ -23,6 +23,7 @@ pub mod rope;
 pub mod schedule;
 pub mod timestep;
 pub mod unet;
+pub mod vae;
 
 pub use batch::TransfusionBatch;
 pub use config::{ImageIoConfig, TransfusionConfig, UNetConfig};

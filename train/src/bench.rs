@@ -1,0 +1,180 @@
+//! The throughput benchmark of `transfusion-train bench`: timed optimizer steps (forward,
+//! backward, global clipping, AdamW) on real packed batches from the shapes set.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::optim::{GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
+use transfusion_data::encoder::{FnEncoder, ImageEncoder, PixelEncoder};
+use transfusion_data::mixture::{Mixture, MixtureConfig};
+use transfusion_data::packing::PackConfig;
+use transfusion_data::pipeline::{DataPipeline, PipelineConfig};
+use transfusion_data::rng::Rng64;
+use transfusion_data::sequence::{SequenceConfig, TokenSource};
+use transfusion_data::shapes::ShapesGenerator;
+use transfusion_data::source::{open_source, SourceOptions, SourceSpec};
+use transfusion_data::tokenizer::TextTokenizer;
+use transfusion_data::DataError;
+use transfusion_model::TransfusionConfig;
+
+use crate::config::OptimizerSection;
+use crate::optim::{adamw, clip_global_norm};
+
+/// Settings of one benchmark.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// The model.
+    pub model: TransfusionConfig,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Row length.
+    pub seq_len: usize,
+    /// Timed steps (after `warmup` untimed ones).
+    pub steps: usize,
+    /// Untimed warm-up steps (kernel compilation, autotuning).
+    pub warmup: usize,
+    /// Peak dense FLOP/s of the device in TFLOP/s, for MFU.
+    pub peak_tflops: Option<f64>,
+}
+
+/// What the benchmark measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Device label.
+    pub device: String,
+    /// Parameters of the model.
+    pub params: usize,
+    /// Median step time in milliseconds.
+    pub step_ms_median: f64,
+    /// Mean step time in milliseconds.
+    pub step_ms_mean: f64,
+    /// Positions per second (`b * s / step time`, padding included).
+    pub positions_per_s: f64,
+    /// Non-padding positions (text tokens + image patches) per second.
+    pub tokens_per_s: f64,
+    /// Images per second.
+    pub images_per_s: f64,
+    /// `6 * params * positions / time`, in TFLOP/s (ignores attention's `s^2` term).
+    pub model_tflops: f64,
+    /// `model_tflops / peak`, when a peak was given.
+    pub mfu: Option<f64>,
+    /// Peak memory: not measured (Burn 0.21 exposes no portable allocator statistics).
+    pub peak_memory: Option<u64>,
+}
+
+fn encoder(m: &TransfusionConfig) -> Arc<dyn ImageEncoder> {
+    if m.latent_channels == 3 {
+        return Arc::new(PixelEncoder::new(m.latent_size as u32));
+    }
+    // Latent-space presets: deterministic pseudo-latents of the right shape (the step
+    // time does not depend on their values).
+    let shape = [m.latent_channels, m.latent_size, m.latent_size];
+    Arc::new(FnEncoder {
+        shape,
+        description: "bench pseudo-latents".into(),
+        f: move |img: &image::RgbImage| -> Result<Vec<f32>, DataError> {
+            let mut rng = Rng64::new(img.get_pixel(0, 0).0[0] as u64);
+            let mut v = vec![0.0; shape.iter().product()];
+            rng.fill_normal(&mut v);
+            Ok(v)
+        },
+    })
+}
+
+/// Builds `n` batches of `cfg`'s shape from the shapes set (images sized to the model).
+pub fn bench_batches(
+    cfg: &BenchConfig,
+    tokenizer: &Arc<TextTokenizer>,
+    n: usize,
+) -> anyhow::Result<(DataPipeline, Vec<Vec<transfusion_data::packing::PackedRow>>)> {
+    let m = &cfg.model;
+    let opts = SourceOptions {
+        shapes_image_size: if m.latent_channels == 3 {
+            m.latent_size as u32
+        } else {
+            32
+        },
+        shapes_seed: ShapesGenerator::TRAIN_SEED,
+        ..Default::default()
+    };
+    let spec: SourceSpec = "shapes:100000".parse()?;
+    let src = open_source(&spec, &opts)?;
+    let mix = Mixture::new(vec![(src, 1.0)], &MixtureConfig::default())?;
+    let tok: Arc<dyn TokenSource> = tokenizer.clone();
+    let mut pipe = DataPipeline::new(
+        mix,
+        tok,
+        encoder(m),
+        PipelineConfig {
+            batch_size: cfg.batch_size,
+            pack: PackConfig::new(cfg.seq_len),
+            sequence: SequenceConfig {
+                patch_size: m.patch_size,
+                max_timestep: m.timesteps as u32,
+                ..Default::default()
+            },
+            seed: 0,
+        },
+    )?;
+    let rows = (0..n)
+        .map(|_| pipe.next_rows())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((pipe, rows))
+}
+
+/// Runs the benchmark on `B`.
+pub fn run_bench<B: AutodiffBackend>(
+    cfg: &BenchConfig,
+    tokenizer: &Arc<TextTokenizer>,
+    device: &B::Device,
+    label: &str,
+) -> anyhow::Result<BenchReport> {
+    let m = &cfg.model;
+    m.validate()?;
+    let n = cfg.steps + cfg.warmup;
+    let (pipe, all_rows) = bench_batches(cfg, tokenizer, n)?;
+    B::seed(device, 0);
+    let mut model = m.init::<B>(device);
+    let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();
+    let mut times = vec![];
+    let (mut tokens, mut images) = (0u64, 0u64);
+    for (i, rows) in all_rows.into_iter().enumerate() {
+        let used: u64 = rows.iter().map(|r| r.used() as u64).sum();
+        let imgs: u64 = rows.iter().map(|r| r.images.len() as u64).sum();
+        let batch = pipe.batcher().batch::<B>(rows, device)?;
+        let start = Instant::now();
+        let loss = model.forward_loss(batch);
+        let mut grads = GradientsParams::from_grads(loss.total.backward(), &model);
+        clip_global_norm::<B, _>(&model, &mut grads, 1.0);
+        model = optim.step(1e-4, model, grads);
+        // Wait for the device: read one value of the updated weights.
+        let _ = model.lm_head.weight.val().slice([0..1, 0..1]).into_scalar();
+        let t = start.elapsed().as_secs_f64();
+        if i >= cfg.warmup {
+            times.push(t);
+            tokens += used;
+            images += imgs;
+        }
+    }
+    let total: f64 = times.iter().sum();
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+    let median = sorted[sorted.len() / 2];
+    let params = m.param_count().total();
+    let positions = (cfg.batch_size * cfg.seq_len) as f64;
+    let model_tflops = 6.0 * params as f64 * positions / median / 1e12;
+    Ok(BenchReport {
+        device: label.to_string(),
+        params,
+        step_ms_median: median * 1e3,
+        step_ms_mean: total / times.len() as f64 * 1e3,
+        positions_per_s: positions / median,
+        tokens_per_s: tokens as f64 / total,
+        images_per_s: images as f64 / total,
+        model_tflops,
+        mfu: cfg.peak_tflops.map(|p| model_tflops / p),
+        peak_memory: None,
+    })
+}

@@ -1,0 +1,260 @@
+//! Training checkpoints: one directory per step, written atomically.
+//!
+//! ```text
+//! OUT/checkpoints/step-00001000/
+//!   model.safetensors  model.json  tokenizer.json   (transfusion_infer::checkpoint: loads
+//!                                                    for inference on any backend)
+//!   optimizer.mpk        AdamW state (Burn NamedMpk recorder, full precision), keyed by
+//!                        parameter index (see below)
+//!   config.json          the experiment config
+//!   training_state.json  step, skipped steps, data pipeline position, seed, best eval loss
+//! OUT/checkpoints/best/  the same, for the lowest eval loss (optional)
+//! ```
+//! A checkpoint is written into `.tmp-step-...` and renamed into place, so a crash at any
+//! moment leaves either the complete directory or a `.tmp-*` leftover that resume ignores
+//! (and deletes). A step directory counts as complete only with all six files.
+//!
+//! Burn keys optimizer state by `ParamId`, and a model loaded from safetensors gets fresh
+//! ids; the state is therefore saved keyed by the parameter's index in visiting order
+//! (stable for one model config) and mapped back to the loaded model's ids on resume.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use burn::module::ParamId;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use transfusion_data::pipeline::PipelineState;
+use transfusion_data::tokenizer::TextTokenizer;
+use transfusion_infer::checkpoint::{
+    save_model, ModelMeta, META_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+};
+use transfusion_model::Transfusion;
+
+use crate::config::ExperimentConfig;
+use crate::optim::param_ids;
+
+/// The optimizer type of training.
+pub type TrainOptimizer<B> = OptimizerAdaptor<AdamW, Transfusion<B>, B>;
+
+/// The optimizer's record type (a map from parameter id to AdamW state).
+pub type OptimRecord<B> = <TrainOptimizer<B> as Optimizer<Transfusion<B>, B>>::Record;
+
+/// Optimizer state file (the recorder adds `.mpk`).
+pub const OPTIMIZER_FILE: &str = "optimizer";
+/// Experiment config file.
+pub const CONFIG_FILE: &str = "config.json";
+/// Training state file.
+pub const STATE_FILE: &str = "training_state.json";
+/// Name of the best-checkpoint directory.
+pub const BEST_DIR: &str = "best";
+
+/// Everything besides weights and optimizer moments needed to continue exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    /// Optimizer steps done (the next step has this index).
+    pub step: u64,
+    /// Steps skipped for a non-finite loss or gradient, in the whole run.
+    pub skipped_steps: u64,
+    /// The data pipeline after the last batch used (the data order and every random choice
+    /// of layouts, timesteps and noise derive from it and the seed).
+    pub pipeline: PipelineState,
+    /// The run's seed. All randomness is derived from it and positions in the data stream
+    /// (`transfusion_data::rng::derive_seed`); no other RNG state exists.
+    pub seed: u64,
+    /// Lowest eval loss so far.
+    pub best_eval_loss: Option<f64>,
+    /// Eval loss of this checkpoint's step, if one was measured there.
+    pub eval_loss: Option<f64>,
+}
+
+/// Name of the directory of step `step`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn is_complete(dir: &Path) -> bool {
+    [
+        WEIGHTS_FILE,
+        META_FILE,
+        TOKENIZER_FILE,
+        CONFIG_FILE,
+        STATE_FILE,
+        "optimizer.mpk",
+    ]
+    .iter()
+    .all(|f| dir.join(f).is_file())
+}
+
+/// Complete step checkpoints under `root`, oldest first.
+pub fn list_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return vec![];
+    };
+    let mut v: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step: u64 = name.strip_prefix("step-")?.parse().ok()?;
+            let path = e.path();
+            is_complete(&path).then_some((step, path))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The newest complete checkpoint under `root`.
+pub fn latest_checkpoint(root: &Path) -> Option<PathBuf> {
+    list_checkpoints(root).pop().map(|(_, p)| p)
+}
+
+/// Removes `.tmp-*` / `.old-*` leftovers of interrupted writes; returns how many.
+pub fn remove_leftovers(root: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(root) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".tmp-") || name.starts_with(".old-") {
+            if fs::remove_dir_all(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// What a checkpoint is made of.
+pub struct CheckpointParts<'a, B: AutodiffBackend> {
+    /// The model.
+    pub model: &'a Transfusion<B>,
+    /// The optimizer.
+    pub optim: &'a TrainOptimizer<B>,
+    /// Inference metadata.
+    pub meta: &'a ModelMeta,
+    /// The tokenizer.
+    pub tokenizer: &'a TextTokenizer,
+    /// The experiment config.
+    pub config: &'a ExperimentConfig,
+    /// The training state.
+    pub state: &'a TrainingState,
+}
+
+fn write_into<B: AutodiffBackend>(dir: &Path, p: &CheckpointParts<B>) -> anyhow::Result<()> {
+    save_model(dir, p.model, p.meta, p.tokenizer)?;
+    let ids = param_ids::<B, _>(p.model);
+    let index: HashMap<ParamId, u64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as u64))
+        .collect();
+    let record = p.optim.to_record();
+    let mut by_index: OptimRecord<B> = Default::default();
+    for (id, r) in record {
+        let i = index
+            .get(&id)
+            .context("optimizer state for a parameter the model does not have")?;
+        by_index.insert(ParamId::from(*i), r);
+    }
+    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+        .record(by_index, dir.join(OPTIMIZER_FILE))
+        .map_err(|e| anyhow::anyhow!("cannot write optimizer state: {e}"))?;
+    fs::write(
+        dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(p.config)?,
+    )?;
+    // Last: its presence marks the directory complete.
+    fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(p.state)?)?;
+    Ok(())
+}
+
+/// Writes `parts` to `root/name` atomically (temp dir + rename; an existing directory of
+/// that name is replaced only after the new one is complete).
+pub fn write_checkpoint<B: AutodiffBackend>(
+    root: &Path,
+    name: &str,
+    parts: &CheckpointParts<B>,
+) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let tmp = root.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    write_into(&tmp, parts).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    let dest = root.join(name);
+    if dest.exists() {
+        let old = root.join(format!(".old-{name}"));
+        if old.exists() {
+            fs::remove_dir_all(&old)?;
+        }
+        fs::rename(&dest, &old)?;
+        fs::rename(&tmp, &dest)?;
+        fs::remove_dir_all(&old)?;
+    } else {
+        fs::rename(&tmp, &dest)
+            .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    }
+    Ok(dest)
+}
+
+/// Deletes all but the newest `keep` step checkpoints.
+pub fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
+    let list = list_checkpoints(root);
+    if list.len() > keep {
+        for (_, p) in &list[..list.len() - keep] {
+            fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint's training state.
+pub fn read_state(dir: &Path) -> anyhow::Result<TrainingState> {
+    let path = dir.join(STATE_FILE);
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: bad training state", path.display()))
+}
+
+/// Reads a checkpoint's experiment config.
+pub fn read_config(dir: &Path) -> anyhow::Result<ExperimentConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: bad experiment config", path.display()))
+}
+
+/// Loads the optimizer state of `dir` into `optim` for `model` (whose parameter ids may
+/// differ from those of the model that was saved).
+pub fn load_optimizer<B: AutodiffBackend>(
+    dir: &Path,
+    model: &Transfusion<B>,
+    optim: TrainOptimizer<B>,
+    device: &B::Device,
+) -> anyhow::Result<TrainOptimizer<B>> {
+    let record: OptimRecord<B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+        .load(dir.join(OPTIMIZER_FILE), device)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read optimizer state: {e}", dir.display()))?;
+    let ids = param_ids::<B, _>(model);
+    let mut mapped: OptimRecord<B> = Default::default();
+    for (k, r) in record {
+        let Some(id) = ids.get(k.val() as usize) else {
+            bail!(
+                "{}: optimizer state for parameter {} but the model has {}",
+                dir.display(),
+                k.val(),
+                ids.len()
+            );
+        };
+        mapped.insert(*id, r);
+    }
+    Ok(optim.load_record(mapped))
+}

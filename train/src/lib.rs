@@ -1,0 +1,32 @@
+//! Transfusion training: the experiment config, AdamW with the paper's values and global
+//! gradient clipping, the warmup + cosine schedule, the loop with held-out evaluation,
+//! metrics and loss plots, and atomic, exactly resumable checkpoints.
+//!
+//! The entry point is [`run_training`] (generic over `B: AutodiffBackend`; the binary picks
+//! the backend with `transfusion_infer::device::dispatch`). A run directory holds
+//! `config.json`, `metrics.jsonl`, `loss.png` and `checkpoints/step-N/` (see
+//! [`checkpoint`]).
+//!
+//! Loop, per optimizer step: `grad_accum` micro-batches (loss scaled by `1/grad_accum`,
+//! gradients summed with Burn's `GradientsAccumulator`), global-norm clipping, a
+//! non-finite check (loss of any micro-batch or gradient norm: the update is skipped and
+//! counted; `max_consecutive_nonfinite` in a row stop the run), AdamW with the scheduled
+//! learning rate. A skipped step still advances the step counter, the schedule and the
+//! data. Checkpoints are never written from non-finite weights.
+//!
+//! Precision: f32 weights, gradients, optimizer state and compute on every backend. Burn
+//! 0.21 has no automatic mixed precision for training; `training.precision` accepts only
+//! `f32` (see the crate README section in the project README).
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::{ConfigError, ExperimentConfig};
+pub use trainer::{evaluate, run_training, PreviewHook, RunOptions, RunSummary, TrainHooks};

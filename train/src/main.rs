@@ -1,0 +1,435 @@
+//! `transfusion-train`: train Transfusion models, build tokenizers, inspect data, measure
+//! throughput, cache latents.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Args, Parser, Subcommand};
+use transfusion_data::source::{SourceOptions, SourceSpec};
+use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_model::TransfusionConfig;
+use transfusion_train::bench::{run_bench, BenchConfig};
+use transfusion_train::checkpoint::{latest_checkpoint, read_config};
+use transfusion_train::config::ExperimentConfig;
+use transfusion_train::data::resolve_tokenizer;
+use transfusion_train::{run_training, RunOptions, TrainHooks};
+
+/// Train Transfusion (one transformer: next-token prediction on text, diffusion on image
+/// latents) and the tools around it.
+#[derive(Parser, Debug)]
+#[command(name = "transfusion-train", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train from a TOML config (or a preset and data specs), with resumable checkpoints.
+    Run(RunArgs),
+    /// Train a byte-level BPE tokenizer on text files.
+    Tokenizer(TokenizerArgs),
+    /// Describe data sources (and optionally measure data throughput).
+    Inspect(InspectArgs),
+    /// Measure training throughput: step time, tokens/s, images/s, MFU.
+    Bench(BenchArgs),
+    /// Encode every image of a source once and store the latents (identity pixel encoder).
+    CacheLatents(CacheArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Experiment config (TOML). Without it, `--preset` and `--data` describe the run.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from the newest complete checkpoint in OUT/checkpoints (same schedule
+    /// position, data order and random streams). Without --config/--preset the
+    /// checkpoint's own config is used.
+    #[arg(long)]
+    resume: bool,
+    /// Device: auto, cpu, wgpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Several CUDA devices for data-parallel training (e.g. cuda:0,cuda:1). Not
+    /// available in this build: see the training crate's docs.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Run directory (metrics, plots, checkpoints).
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Total optimizer steps (overrides training.steps).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Rows per micro-batch (overrides training.batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Row length in positions (overrides training.seq_len).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Peak learning rate (overrides schedule.lr).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Model preset (tiny, paper_160m, paper_370m, paper_760m, paper_1_4b, paper_7b);
+    /// overrides model.preset.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Training data source KIND:LOCATION[@WEIGHT] (repeatable; replaces data.train).
+    #[arg(long = "data")]
+    data: Vec<SourceSpec>,
+    /// Tokenizer file (overrides data.tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Stop after this many minutes of training (with a checkpoint and an evaluation).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Print the resolved config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args, Debug)]
+struct TokenizerArgs {
+    /// Text files or directories (.txt, .jsonl), searched recursively.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Vocabulary size (256 bytes + 5 special tokens + merges).
+    #[arg(long, default_value_t = 512)]
+    vocab_size: usize,
+    /// Output file.
+    #[arg(long, default_value = "tokenizer.json")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// Data source KIND:LOCATION[@WEIGHT] (repeatable).
+    #[arg(long = "data", required = true)]
+    data: Vec<SourceSpec>,
+    /// Records to read (and decode) per source.
+    #[arg(long, default_value_t = 100)]
+    check: usize,
+    /// Tokenizer used for token counts.
+    #[arg(long, default_value = "assets/tokenizer.json")]
+    tokenizer: PathBuf,
+    /// Also measure data throughput (JPEG decoding, batch building) on 1 and N threads.
+    #[arg(long)]
+    bench: bool,
+    /// Worker threads for --bench (besides 1).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+struct BenchArgs {
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Row length.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Device: auto, cpu, wgpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Peak dense FLOP/s of the device in TFLOP/s (e.g. 989 for H100 SXM bf16), for MFU.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Tokenizer (its vocabulary sizes the model).
+    #[arg(long, default_value = "assets/tokenizer.json")]
+    tokenizer: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct CacheArgs {
+    /// Source with images (KIND:LOCATION).
+    #[arg(long)]
+    data: SourceSpec,
+    /// Image side in pixels (latent [3, S, S]).
+    #[arg(long, default_value_t = 32)]
+    image_size: u32,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Latents per shard file.
+    #[arg(long, default_value_t = 4096)]
+    per_shard: usize,
+}
+
+struct RunTask {
+    cfg: ExperimentConfig,
+    opts: RunOptions,
+}
+
+impl BackendTask for RunTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, _label: &str) -> Self::Output {
+        let mut hooks = TrainHooks::<B>::default();
+        let s = run_training::<B>(&self.cfg, &self.opts, &mut hooks, &device)?;
+        println!(
+            "done: {} steps ({} skipped) in {}",
+            s.steps,
+            s.skipped_steps,
+            self.opts.out.display()
+        );
+        if let Some(e) = &s.last_eval {
+            println!(
+                "held-out: perplexity {:.3}, diffusion {}",
+                e.perplexity,
+                e.diffusion
+                    .iter()
+                    .map(|(t, v)| format!("t={t}: {v:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let Some(c) = &s.last_checkpoint {
+            println!("checkpoint: {}", c.display());
+        }
+        Ok(())
+    }
+}
+
+struct BenchTask {
+    cfg: BenchConfig,
+    tokenizer: Arc<transfusion_data::tokenizer::TextTokenizer>,
+    json: bool,
+}
+
+impl BackendTask for BenchTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
+        let r = run_bench::<B>(&self.cfg, &self.tokenizer, &device, label)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!(
+            "{}: {} params, batch {}x{}",
+            r.device, r.params, self.cfg.batch_size, self.cfg.seq_len
+        );
+        println!(
+            "step time: median {:.1} ms, mean {:.1} ms",
+            r.step_ms_median, r.step_ms_mean
+        );
+        println!(
+            "throughput: {:.0} positions/s, {:.0} tokens/s (non-padding), {:.1} images/s",
+            r.positions_per_s, r.tokens_per_s, r.images_per_s
+        );
+        match r.mfu {
+            Some(m) => println!(
+                "model FLOP/s: {:.3} TFLOP/s (6 x params x positions / time), MFU {:.1}%",
+                r.model_tflops,
+                100.0 * m
+            ),
+            None => println!(
+                "model FLOP/s: {:.4} TFLOP/s (6 x params x positions / time); give --peak-tflops for MFU",
+                r.model_tflops
+            ),
+        }
+        println!("peak memory: not measured (Burn 0.21 has no portable allocator statistics)");
+        Ok(())
+    }
+}
+
+fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option<PathBuf>)> {
+    let (mut cfg, dir) = if let Some(path) = &a.config {
+        (
+            ExperimentConfig::from_toml_file(path)?,
+            path.parent().map(|p| p.to_path_buf()),
+        )
+    } else if a.resume && a.preset.is_none() && a.data.is_empty() {
+        let root = a.out.join("checkpoints");
+        let dir = latest_checkpoint(&root).with_context(|| {
+            format!(
+                "--resume without --config: no complete checkpoint in {} to take the config from",
+                root.display()
+            )
+        })?;
+        (read_config(&dir)?, None)
+    } else {
+        let preset = a.preset.clone().unwrap_or_else(|| "tiny".into());
+        anyhow::ensure!(
+            !a.data.is_empty(),
+            "give --config FILE, or --data KIND:LOCATION (e.g. --data shapes:2000) to train without one"
+        );
+        (
+            ExperimentConfig::quick(&preset, a.data.clone(), a.steps.unwrap_or(1000)),
+            None,
+        )
+    };
+    if let Some(p) = &a.preset {
+        cfg.model.preset = Some(p.clone());
+        cfg.model.config = None;
+    }
+    if !a.data.is_empty() {
+        cfg.data.train = a.data.clone();
+    }
+    if let Some(s) = a.steps {
+        cfg.training.steps = s;
+        cfg.schedule.warmup_steps = cfg.schedule.warmup_steps.min(s);
+    }
+    if let Some(b) = a.batch_size {
+        cfg.training.batch_size = b;
+    }
+    if let Some(s) = a.seq_len {
+        cfg.training.seq_len = s;
+    }
+    if let Some(lr) = a.lr {
+        cfg.schedule.lr = lr;
+        cfg.schedule.min_lr = cfg.schedule.min_lr.min(lr);
+    }
+    if let Some(t) = &a.tokenizer {
+        cfg.data.tokenizer = t.clone();
+    }
+    Ok((cfg, dir))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => {
+            if !a.devices.is_empty() {
+                anyhow::bail!(
+                    "--devices (data-parallel over several GPUs) is not implemented in this build: \
+                     Burn 0.21's collective all-reduce needs the `collective` feature of burn, \
+                     which the workspace does not enable; train on one device with --device"
+                );
+            }
+            let (cfg, dir) = build_run_config(&a)?;
+            if a.print_config {
+                println!("{}", toml::to_string_pretty(&cfg)?);
+                return Ok(());
+            }
+            let tok = transfusion_train::data::load_tokenizer(&cfg, dir.as_deref())?;
+            cfg.validate(tok.vocab_size())?;
+            let mut opts = RunOptions::new(&a.out);
+            opts.resume = a.resume;
+            opts.config_dir = dir;
+            opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+            dispatch(a.device, RunTask { cfg, opts })?
+        }
+        Command::Tokenizer(a) => {
+            let tok = transfusion_data::tokenizer::train_bpe(&a.input, a.vocab_size)?;
+            tok.save(&a.out)?;
+            println!("wrote {} ({} ids)", a.out.display(), tok.vocab_size());
+            Ok(())
+        }
+        Command::Inspect(a) => {
+            let tok_path = resolve_tokenizer(&a.tokenizer, None);
+            let tok = transfusion_data::tokenizer::TextTokenizer::from_file(&tok_path).ok();
+            if tok.is_none() {
+                eprintln!(
+                    "(no tokenizer at {}: token counts left out)",
+                    tok_path.display()
+                );
+            }
+            let report = transfusion_data::inspect::describe_sources(
+                &a.data,
+                &SourceOptions::default(),
+                a.check,
+                tok.as_ref()
+                    .map(|t| t as &dyn transfusion_data::sequence::TokenSource),
+            )?;
+            println!("{report}");
+            if a.bench {
+                let threads = [1, a.threads.max(1)];
+                for r in transfusion_data::bench::bench_decode(64, 256, 32, &threads)? {
+                    println!("{r}");
+                }
+                if let Some(t) = tok {
+                    let t: Arc<dyn transfusion_data::sequence::TokenSource> = Arc::new(t);
+                    let cfg = transfusion_data::bench::BatchBench {
+                        image_size: 32,
+                        patch_size: 4,
+                        seq_len: 128,
+                        batch_size: 8,
+                        batches: 20,
+                    };
+                    for r in transfusion_data::bench::bench_batches(t, &cfg, &threads)? {
+                        println!("{r}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(a) => {
+            let tok_path = resolve_tokenizer(&a.tokenizer, None);
+            let tokenizer = Arc::new(
+                transfusion_data::tokenizer::TextTokenizer::from_file(&tok_path)
+                    .with_context(|| format!("tokenizer {}", tok_path.display()))?,
+            );
+            let model = TransfusionConfig::preset(&a.preset, tokenizer.vocab_size()).with_context(
+                || {
+                    format!(
+                        "unknown preset `{}` (one of {})",
+                        a.preset,
+                        TransfusionConfig::PRESETS.join(", ")
+                    )
+                },
+            )?;
+            let need = model.patches_per_image() + 4;
+            anyhow::ensure!(
+                a.seq_len >= need,
+                "--seq-len {} cannot hold one image of {} ({need} positions)",
+                a.seq_len,
+                a.preset
+            );
+            let cfg = BenchConfig {
+                model,
+                batch_size: a.batch,
+                seq_len: a.seq_len,
+                steps: a.steps.max(1),
+                warmup: a.warmup,
+                peak_tflops: a.peak_tflops,
+            };
+            dispatch(
+                a.device,
+                BenchTask {
+                    cfg,
+                    tokenizer,
+                    json: a.json,
+                },
+            )?
+        }
+        Command::CacheLatents(a) => {
+            let opts = SourceOptions {
+                shapes_image_size: a.image_size,
+                ..Default::default()
+            };
+            let src = transfusion_data::source::open_source(&a.data, &opts)?;
+            let enc = transfusion_data::encoder::PixelEncoder::new(a.image_size);
+            let bar = indicatif::ProgressBar::new(src.num_records().unwrap_or(0) as u64);
+            let index = transfusion_data::latent_cache::cache_latents(
+                src.as_ref(),
+                &enc,
+                &a.out,
+                a.per_shard,
+                |n, _| bar.set_position(n as u64),
+            )?;
+            bar.finish();
+            println!(
+                "wrote {} latents {:?} in {} shard(s) to {} (train on it with --data latents:{})",
+                index.count,
+                index.shape,
+                index.shards.len(),
+                a.out.display(),
+                a.out.display()
+            );
+            Ok(())
+        }
+    }
+}

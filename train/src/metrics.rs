@@ -1,0 +1,132 @@
+//! `metrics.jsonl`: one JSON object per logged training step (`"kind": "train"`) and per
+//! evaluation (`"kind": "eval"`), appended as the run goes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One logged training step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer step (1-based: the number of steps done after this one).
+    pub step: u64,
+    /// `L_LM + lambda * L_DDPM`, mean over the step's micro-batches.
+    pub total: f64,
+    /// LM cross-entropy.
+    pub lm: f64,
+    /// Diffusion noise MSE.
+    pub diffusion: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Non-padding positions per second (text tokens + image patches).
+    pub tokens_per_s: f64,
+    /// Images per second.
+    pub images_per_s: f64,
+    /// Steps skipped so far (non-finite loss or gradient).
+    pub skipped: u64,
+    /// Whether this step was skipped.
+    pub skipped_this: bool,
+    /// Seconds since the run (or resume) started.
+    pub elapsed_s: f64,
+}
+
+/// One evaluation on the held-out split.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Step evaluated.
+    pub step: u64,
+    /// Mean LM negative log-likelihood per text target (nats).
+    pub lm_nll: f64,
+    /// `exp(lm_nll)`.
+    pub perplexity: f64,
+    /// Text targets counted.
+    pub lm_targets: f64,
+    /// `(t, mean diffusion loss at t)` for each fixed timestep.
+    pub diffusion: Vec<(u32, f64)>,
+    /// Images per timestep.
+    pub images: usize,
+    /// `lm_nll + lambda * mean over t of the diffusion loss`: the "best" criterion.
+    pub loss: f64,
+}
+
+/// A line of the metrics file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MetricsLine {
+    /// A training step.
+    Train(StepMetrics),
+    /// An evaluation.
+    Eval(EvalMetrics),
+}
+
+impl MetricsLine {
+    /// The step of the line.
+    pub fn step(&self) -> u64 {
+        match self {
+            MetricsLine::Train(m) => m.step,
+            MetricsLine::Eval(m) => m.step,
+        }
+    }
+}
+
+/// Appends lines to `metrics.jsonl` and keeps them for the plot.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+    /// Every line so far.
+    pub lines: Vec<MetricsLine>,
+}
+
+impl MetricsLog {
+    /// Opens `dir/metrics.jsonl`: fresh (truncated) unless `keep_until` is given, in which
+    /// case the lines up to that step are kept (a resumed run rewrites what came after).
+    pub fn open(dir: &Path, keep_until: Option<u64>) -> anyhow::Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let mut lines = vec![];
+        if let (Some(until), Ok(f)) = (keep_until, File::open(&path)) {
+            for l in BufReader::new(f).lines() {
+                let l = l?;
+                if let Ok(m) = serde_json::from_str::<MetricsLine>(&l) {
+                    if m.step() <= until {
+                        lines.push(m);
+                    }
+                }
+            }
+        }
+        let mut text = String::new();
+        for l in &lines {
+            text.push_str(&serde_json::to_string(l)?);
+            text.push('\n');
+        }
+        fs::write(&path, text)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        Ok(Self { path, file, lines })
+    }
+
+    /// Appends one line (flushed).
+    pub fn push(&mut self, line: MetricsLine) -> anyhow::Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(&line)?)?;
+        self.file.flush()?;
+        self.lines.push(line);
+        Ok(())
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads every line of a metrics file.
+    pub fn read(path: &Path) -> anyhow::Result<Vec<MetricsLine>> {
+        let f = File::open(path)?;
+        let mut v = vec![];
+        for l in BufReader::new(f).lines() {
+            v.push(serde_json::from_str(&l?)?);
+        }
+        Ok(v)
+    }
+}

@@ -59,11 +59,18 @@ pub struct Figure {
     pub unit: &'static str,
 }
 
+impl fmt::Display for Figure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:<58} {:>12.3} {}", self.name, self.value, self.unit)
+    }
+}
+
 /// All figures of a run.
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub struct BenchReport {
     /// In measurement order.
     pub figures: Vec<Figure>,
+    on_figure: Option<Box<dyn FnMut(&Figure)>>,
 }
 
 impl BenchReport {
@@ -73,7 +80,9 @@ impl BenchReport {
             value,
             unit,
         };
-        eprintln!("  {:<58} {:>12.3} {}", f.name, f.value, f.unit);
+        if let Some(cb) = self.on_figure.as_mut() {
+            cb(&f);
+        }
         self.figures.push(f);
     }
 
@@ -89,7 +98,7 @@ impl BenchReport {
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for fig in &self.figures {
-            writeln!(f, "{:<58} {:>12.3} {}", fig.name, fig.value, fig.unit)?;
+            writeln!(f, "{fig}")?;
         }
         Ok(())
     }
@@ -151,11 +160,18 @@ fn text_rate<B: Backend>(pipe: &Pipeline<B>, prompt: &str, n: usize) -> Result<f
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Runs every measurement, printing figures to stderr as they come.
-pub fn run_bench<B: Backend>(pipe: &mut Pipeline<B>, opts: &BenchOptions) -> Result<BenchReport> {
+/// Runs every measurement, calling `on_figure` with each figure as it is measured.
+pub fn run_bench<B: Backend>(
+    pipe: &mut Pipeline<B>,
+    opts: &BenchOptions,
+    on_figure: impl FnMut(&Figure) + 'static,
+) -> Result<BenchReport> {
     let prompt = prompt_text(pipe, opts.prompt_tokens);
     let plen = pipe.encode_prompt(&prompt)?.len();
-    let mut report = BenchReport::default();
+    let mut report = BenchReport {
+        figures: vec![],
+        on_figure: Some(Box::new(on_figure)),
+    };
     let base = ImageOptions {
         num: 1,
         steps: opts.measure_steps,

@@ -350,8 +350,7 @@ impl BackendTask for Task {
                     cfg: c.cfg,
                     recompute: !c.no_recompute,
                 };
-                let report = run_bench(&mut pipe, &opts)?;
-                print!("{report}");
+                run_bench(&mut pipe, &opts, |figure| println!("{figure}"))?;
             }
         }
         Ok(())

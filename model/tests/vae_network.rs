@@ -203,3 +203,37 @@ fn tiny_vae_overfits_one_batch() {
     let db = psnr(x, recon);
     assert!(db > 20.0, "PSNR after overfitting {db}");
 }
+
+#[test]
+fn downsampling_pads_bottom_right_like_diffusers() {
+    // diffusers: F.pad(x, (0, 1, 0, 1)) then a stride-2 3x3 conv without padding, so
+    // kernel tap (0, 0) of output (i, j) reads input (2i, 2j).
+    let device = Default::default();
+    let vae = VaeConfig::new(8, vec![1, 1], 1, 4)
+        .with_norm_groups(4)
+        .init::<B>(&device);
+    let mut down = vae.encoder.down_blocks[0].downsampler.clone().unwrap();
+    let mut w = vec![0.0f32; 8 * 8 * 9];
+    for c in 0..8 {
+        w[(c * 8 + c) * 9] = 1.0; // out c, in c, tap (0, 0)
+    }
+    down.conv.weight = burn::module::Param::from_tensor(Tensor::from_data(
+        TensorData::new(w, [8, 8, 3, 3]),
+        &device,
+    ));
+    down.conv.bias = None;
+    let x = Tensor::<B, 1, Int>::arange(0..8 * 16, &device)
+        .float()
+        .reshape([1, 8, 4, 4]);
+    let y = down.forward(x.clone());
+    assert_eq!(y.dims(), [1, 8, 2, 2]);
+    let picked = x
+        .slice([0..1, 0..8, 0..4, 0..4])
+        .reshape([1, 8, 2, 2, 2, 2]);
+    // x[.., 2i, 2j] as [1, 8, 2, 2]
+    let expect = picked
+        .slice([0..1, 0..8, 0..2, 0..1, 0..2, 0..1])
+        .reshape([1, 8, 2, 2]);
+    y.into_data()
+        .assert_approx_eq::<f32>(&expect.into_data(), Tolerance::default());
+}

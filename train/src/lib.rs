@@ -29,4 +29,4 @@ pub mod schedule;
 pub mod trainer;
 
 pub use config::{ConfigError, ExperimentConfig};
-pub use trainer::{evaluate, run_training, PreviewHook, RunOptions, RunSummary, TrainHooks};
+pub use trainer::{accumulate_grads, evaluate, run_training, PreviewHook, RunOptions, RunSummary, TrainHooks};

@@ -15,7 +15,7 @@ use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::checkpoint::{load_model, AutoencoderRef, ModelMeta};
-use transfusion_model::{Transfusion, TransfusionConfig};
+use transfusion_model::{Transfusion, TransfusionBatch, TransfusionConfig};
 
 use crate::checkpoint::{
     latest_checkpoint, load_optimizer, prune, read_state, remove_leftovers, step_dir_name,
@@ -216,6 +216,59 @@ pub fn evaluate<B: Backend>(
     })
 }
 
+/// Gradients of one optimizer step over `batches` (micro-batches): each loss is scaled by
+/// `1 / batches.len()` and the gradients summed (Burn's `GradientsAccumulator`), so the
+/// result is the gradient of the mean of the micro-batch losses. Returns the gradients,
+/// the mean `[total, lm, diffusion]` and whether every loss was finite. `poison`
+/// multiplies the losses by NaN (fault injection for tests).
+pub fn accumulate_grads<B: AutodiffBackend>(
+    model: &Transfusion<B>,
+    batches: Vec<TransfusionBatch<B>>,
+    poison: bool,
+) -> (GradientsParams, [f64; 3], bool) {
+    let accum = batches.len().max(1);
+    let mut sums = [0.0f64; 3];
+    let mut finite = true;
+    let mut accumulator = GradientsAccumulator::<Transfusion<B>>::new();
+    let mut single: Option<GradientsParams> = None;
+    for batch in batches {
+        let loss = model.forward_loss(batch);
+        let mut total_loss = loss.total;
+        if poison {
+            total_loss = total_loss.mul_scalar(f32::NAN);
+        }
+        let vals: Vec<f32> = Tensor::cat(
+            vec![
+                total_loss.clone().detach(),
+                loss.lm.detach(),
+                loss.diffusion.detach(),
+            ],
+            0,
+        )
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("float data");
+        for (s, v) in sums.iter_mut().zip(&vals) {
+            *s += *v as f64 / accum as f64;
+            finite &= v.is_finite();
+        }
+        let scaled = if accum > 1 {
+            total_loss.div_scalar(accum as f64)
+        } else {
+            total_loss
+        };
+        let grads = GradientsParams::from_grads(scaled.backward(), model);
+        if accum > 1 {
+            accumulator.accumulate(model, grads);
+        } else {
+            single = Some(grads);
+        }
+    }
+    let grads = single.unwrap_or_else(|| accumulator.grads());
+    (grads, sums, finite)
+}
+
 struct Session<'a, B: AutodiffBackend> {
     cfg: &'a ExperimentConfig,
     m: TransfusionConfig,
@@ -404,49 +457,15 @@ pub fn run_training<B: AutodiffBackend>(
         }
         let step = state.step;
         let lr = lr_at(&cfg.schedule, step, total);
-        let mut sums = [0.0f64; 3];
-        let mut finite = true;
-        let mut accumulator = GradientsAccumulator::<Transfusion<B>>::new();
-        let mut single: Option<GradientsParams> = None;
+        let mut batches = Vec::with_capacity(accum);
         for _ in 0..accum {
             let rows = feed.next_rows()?;
             window.1 += rows.iter().map(|r| r.used() as u64).sum::<u64>();
             window.2 += rows.iter().map(|r| r.images.len() as u64).sum::<u64>();
-            let batch = feed.batcher().batch::<B>(rows, device)?;
-            let loss = model.forward_loss(batch);
-            let mut total_loss = loss.total;
-            if hooks.poison_step.as_mut().is_some_and(|f| f(step)) {
-                total_loss = total_loss.mul_scalar(f32::NAN);
-            }
-            let vals: Vec<f32> = Tensor::cat(
-                vec![
-                    total_loss.clone().detach(),
-                    loss.lm.detach(),
-                    loss.diffusion.detach(),
-                ],
-                0,
-            )
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("float data");
-            for (s, v) in sums.iter_mut().zip(&vals) {
-                *s += *v as f64 / accum as f64;
-                finite &= v.is_finite();
-            }
-            let scaled = if accum > 1 {
-                total_loss.div_scalar(accum as f64)
-            } else {
-                total_loss
-            };
-            let grads = GradientsParams::from_grads(scaled.backward(), &model);
-            if accum > 1 {
-                accumulator.accumulate(&model, grads);
-            } else {
-                single = Some(grads);
-            }
+            batches.push(feed.batcher().batch::<B>(rows, device)?);
         }
-        let mut grads = single.unwrap_or_else(|| accumulator.grads());
+        let poison = hooks.poison_step.as_mut().is_some_and(|f| f(step));
+        let (mut grads, sums, mut finite) = accumulate_grads(&model, batches, poison);
         let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, cfg.training.grad_clip);
         finite &= grad_norm.is_finite();
         if finite {

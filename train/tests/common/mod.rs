@@ -1,0 +1,49 @@
+//! Shared test helpers: a very small pixel-space model on the shapes set.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, NdArray};
+use transfusion_model::config::ImageIoConfig;
+use transfusion_model::TransfusionConfig;
+use transfusion_train::config::ExperimentConfig;
+
+pub type B = Autodiff<NdArray>;
+
+pub fn tokenizer_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tokenizer.json")
+}
+
+/// 2 layers, width 32, 16x16 RGB images in 4x4 patches (16 patches), rows of 48.
+pub fn tiny_model() -> TransfusionConfig {
+    TransfusionConfig::new(512, 32, 2, 2, 2, 64, 3, 16, 4, ImageIoConfig::Linear)
+        .with_d_timestep(16)
+}
+
+pub fn tiny_cfg(steps: u64) -> ExperimentConfig {
+    let mut c = ExperimentConfig::quick("tiny", vec!["shapes:500".parse().unwrap()], steps);
+    c.model.preset = None;
+    c.model.config = Some(tiny_model());
+    c.data.tokenizer = tokenizer_path();
+    c.data.image_size = 16;
+    c.data.prefetch = 0;
+    c.training.batch_size = 2;
+    c.training.seq_len = 48;
+    c.eval.batches = 1;
+    c.schedule.lr = 3e-3;
+    c.schedule.min_lr = 3e-4;
+    c
+}
+
+/// Every tensor of a safetensors file, as raw bytes by name.
+pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

@@ -1,0 +1,131 @@
+//! Config parsing and validation: errors name the key.
+
+mod common;
+
+use transfusion_train::config::ExperimentConfig;
+use transfusion_train::schedule::lr_at;
+
+const BASE: &str = r#"
+seed = 1
+[model]
+preset = "tiny"
+[data]
+train = ["shapes:100"]
+[schedule]
+warmup_steps = 10
+[training]
+steps = 100
+batch_size = 2
+seq_len = 128
+"#;
+
+fn key_of(text: &str) -> String {
+    let cfg = match ExperimentConfig::from_toml_str(text) {
+        Err(e) => return e.key,
+        Ok(c) => c,
+    };
+    cfg.validate(512)
+        .expect_err("config should be rejected")
+        .key
+}
+
+#[test]
+fn base_config_is_valid_and_uses_paper_optimizer() {
+    let c = ExperimentConfig::from_toml_str(BASE).unwrap();
+    c.validate(512).unwrap();
+    assert_eq!(c.optimizer.beta2, 0.95);
+    assert_eq!(c.optimizer.eps, 1e-8);
+    assert_eq!(c.optimizer.weight_decay, 0.1);
+    assert_eq!(c.eval.timesteps, vec![100, 500, 900]);
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    assert_eq!(
+        key_of(&format!("{BASE}learning_rate = 3\n")),
+        "training.learning_rate"
+    );
+    let t = BASE.replace("[model]\n", "[model]\nwidth = 3\n");
+    assert_eq!(key_of(&t), "model.width");
+    let t = BASE.replace(
+        "[model]\npreset = \"tiny\"\n",
+        "[model.config]\nvocab_size = 512\nd_model = 64\nheadz = 3\n",
+    );
+    assert_eq!(key_of(&t), "model.config.headz");
+}
+
+#[test]
+fn impossible_values_are_named() {
+    let t = BASE.replace("seq_len = 128", "seq_len = 60");
+    assert_eq!(key_of(&t), "training.seq_len"); // 64 patches + 4 tokens do not fit
+    let full = |extra: &str| {
+        BASE.replace(
+            "[model]\npreset = \"tiny\"\n",
+            &format!(
+                "[model.config]\nvocab_size = 512\nd_model = 96\nn_layers = 2\nn_heads = 4\n\
+                 n_kv_heads = 4\nd_hidden = 128\nlatent_channels = 3\nlatent_size = 32\n\
+                 image_io = {{ kind = \"linear\" }}\n{extra}"
+            ),
+        )
+    };
+    let ok = ExperimentConfig::from_toml_str(&full("patch_size = 4\n")).unwrap();
+    ok.validate(512).unwrap();
+    assert_eq!(key_of(&full("patch_size = 5\n")), "model.config.patch_size");
+    assert_eq!(
+        key_of(&full("patch_size = 4\n").replace("n_heads = 4\nn_kv", "n_heads = 5\nn_kv")),
+        "model.config.n_heads"
+    );
+    let t = BASE.replace("[data]\n", "[data]\nimage_size = 64\n");
+    assert_eq!(key_of(&t), "data.image_size");
+    let t = format!("{BASE}precision = \"bf16\"\n");
+    assert_eq!(key_of(&t), "training.precision");
+    let t = BASE.replace(
+        "warmup_steps = 10",
+        "lr = 1e-3\nmin_lr = 1e-2\nwarmup_steps = 10",
+    );
+    assert_eq!(key_of(&t), "schedule.min_lr");
+    let t = BASE.replace("preset = \"tiny\"", "preset = \"huge\"");
+    assert_eq!(key_of(&t), "model.preset");
+    let t = format!("{BASE}[eval]\ntimesteps = [100, 1000]\n");
+    assert_eq!(key_of(&t), "eval.timesteps");
+}
+
+#[test]
+fn shipped_configs_parse_and_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let c = ExperimentConfig::from_toml_file(&p).unwrap();
+            c.validate(512)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 6,
+        "expected a config per paper preset plus tiny, found {n}"
+    );
+}
+
+#[test]
+fn schedule_values_at_known_steps() {
+    let s = transfusion_train::config::ScheduleSection {
+        lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: 10,
+    };
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    assert!(close(lr_at(&s, 0, 111), 1e-4)); // 1/10 of the peak
+    assert!(close(lr_at(&s, 4, 111), 5e-4));
+    assert!(close(lr_at(&s, 9, 111), 1e-3)); // warmup ends at the peak
+    assert!(close(lr_at(&s, 10, 111), 1e-3)); // cosine starts at the peak
+    assert!(close(lr_at(&s, 60, 111), 5.5e-4)); // half way: mean of peak and floor
+    assert!(close(lr_at(&s, 110, 111), 1e-4)); // last step: the floor
+    assert!(close(lr_at(&s, 500, 111), 1e-4)); // past the end: stays at the floor
+                                               // The paper's recipe: 3e-4 peak after 4000 steps, 1.5e-5 at 250k.
+    let p = transfusion_train::config::ScheduleSection::default();
+    assert!(close(lr_at(&p, 3999, 250_000), 3e-4));
+    assert!(close(lr_at(&p, 249_999, 250_000), 1.5e-5));
+}

@@ -1,0 +1,332 @@
+//! The loop on CPU (NdArray): clipping, accumulation, non-finite steps, atomic checkpoints,
+//! exact resume, and an end-to-end run where both losses fall.
+
+mod common;
+
+use std::sync::Arc;
+
+use burn::module::{Module, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use common::{tensors, tiny_cfg, tiny_model, B};
+use transfusion_data::packing::PackedRow;
+use transfusion_train::checkpoint::{latest_checkpoint, list_checkpoints, read_state};
+use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
+use transfusion_train::metrics::MetricsLine;
+use transfusion_train::optim::{clip_global_norm, global_grad_norm, param_ids};
+use transfusion_train::{accumulate_grads, run_training, RunOptions, TrainHooks};
+
+fn quiet(out: &std::path::Path) -> RunOptions {
+    let mut o = RunOptions::new(out);
+    o.progress = false;
+    o
+}
+
+/// Every gradient as a flat f32 vector, in parameter order.
+fn flat_grads(model: &transfusion_model::Transfusion<B>, g: &GradientsParams) -> Vec<Vec<f32>> {
+    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor<B> for V<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(t) = self.0.get::<burn::backend::NdArray, D>(p.id) {
+                self.1.push(t.into_data().to_vec().unwrap());
+            }
+        }
+    }
+    let mut v = V(g, vec![]);
+    model.visit(&mut v);
+    v.1
+}
+
+fn rows_and_model(
+    n: usize,
+) -> (
+    transfusion_model::Transfusion<B>,
+    Vec<PackedRow>,
+    transfusion_data::pipeline::DataPipeline,
+) {
+    let cfg = tiny_cfg(10);
+    let tok = Arc::new(load_tokenizer(&cfg, None).unwrap());
+    let m = tiny_model();
+    let mut pipe = build_pipeline(&cfg, &m, &tok, Split::Train, 1).unwrap();
+    let rows = (0..n).flat_map(|_| pipe.next_rows().unwrap()).collect();
+    let device = Default::default();
+    B::seed(&device, 7);
+    (m.init::<B>(&device), rows, pipe)
+}
+
+#[test]
+fn global_clipping_scales_every_gradient_by_one_factor() {
+    let (model, rows, pipe) = rows_and_model(2);
+    let device = Default::default();
+    let batch = pipe.batcher().batch::<B>(rows, &device).unwrap();
+    let (g, _, finite) = accumulate_grads(&model, vec![batch], false);
+    assert!(finite);
+    let before = flat_grads(&model, &g);
+    let manual: f64 = before
+        .iter()
+        .flat_map(|v| v.iter())
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
+    let norm = global_grad_norm::<B, _>(&model, &g);
+    assert!((norm - manual).abs() / manual < 1e-5, "{norm} vs {manual}");
+    assert_eq!(before.len(), param_ids::<B, _>(&model).len());
+
+    // A limit above the norm changes nothing.
+    let mut g2 = g;
+    let n2 = clip_global_norm::<B, _>(&model, &mut g2, norm * 2.0);
+    assert_eq!(n2, norm);
+    assert_eq!(flat_grads(&model, &g2), before);
+    // A limit of half the norm halves every gradient (the same factor for all).
+    let n3 = clip_global_norm::<B, _>(&model, &mut g2, norm / 2.0);
+    assert_eq!(n3, norm);
+    let after = flat_grads(&model, &g2);
+    let new_norm = global_grad_norm::<B, _>(&model, &g2);
+    assert!((new_norm - norm / 2.0).abs() / norm < 1e-5, "{new_norm}");
+    for (a, b) in after.iter().zip(&before) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y * 0.5).abs() <= 1e-6 + 1e-4 * y.abs(), "{x} vs {y}/2");
+        }
+    }
+    // Per-parameter clipping would leave small gradients alone: check some parameter's
+    // norm was below the limit and still got scaled.
+    let smallest = before
+        .iter()
+        .map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .fold(f32::MAX, f32::min);
+    assert!((smallest as f64) < norm / 2.0);
+}
+
+#[test]
+fn two_micro_batches_equal_one_batch_of_both() {
+    // Find two different rows with the same number of text targets and images, so the
+    // mean of the two micro-batch losses equals the loss of the batch of both.
+    let (model, rows, pipe) = rows_and_model(40);
+    let batcher = pipe.batcher();
+    let key = |r: &PackedRow| {
+        let a = batcher.arrays(std::slice::from_ref(r)).unwrap();
+        (a.lm_mask.iter().sum::<f32>() as usize, a.n_img)
+    };
+    let keys: Vec<_> = rows.iter().map(key).collect();
+    let (i, j) = (0..rows.len())
+        .flat_map(|i| (i + 1..rows.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| keys[i] == keys[j] && rows[i].tokens != rows[j].tokens && keys[i].1 > 0)
+        .expect("two rows with equal counts");
+    let device = Default::default();
+    let a = batcher.batch::<B>(vec![rows[i].clone()], &device).unwrap();
+    let b = batcher.batch::<B>(vec![rows[j].clone()], &device).unwrap();
+    let both = batcher
+        .batch::<B>(vec![rows[i].clone(), rows[j].clone()], &device)
+        .unwrap();
+    let (g_acc, l_acc, _) = accumulate_grads(&model, vec![a, b], false);
+    let (g_one, l_one, _) = accumulate_grads(&model, vec![both], false);
+    for k in 0..3 {
+        assert!(
+            (l_acc[k] - l_one[k]).abs() < 1e-4 * l_one[k].abs().max(1.0),
+            "{l_acc:?} vs {l_one:?}"
+        );
+    }
+    let (x, y) = (flat_grads(&model, &g_acc), flat_grads(&model, &g_one));
+    let norm = global_grad_norm::<B, _>(&model, &g_one);
+    let mut diff = 0.0f64;
+    for (p, q) in x.iter().zip(&y) {
+        for (u, v) in p.iter().zip(q) {
+            diff += ((u - v) as f64).powi(2);
+        }
+    }
+    // f32 sums in a different order: relative difference well below 1e-4.
+    assert!(
+        diff.sqrt() / norm < 1e-4,
+        "relative gradient difference {}",
+        diff.sqrt() / norm
+    );
+    // Without the 1/n scaling the accumulated gradient would be twice as large.
+    let acc_norm = global_grad_norm::<B, _>(&model, &g_acc);
+    assert!((acc_norm / norm - 1.0).abs() < 1e-3);
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_cfg(8);
+    cfg.checkpoint.every = 2;
+    cfg.eval.every = 0;
+    cfg.eval.at_end = false;
+    let device = Default::default();
+    let mut hooks = TrainHooks::<B>::default();
+    hooks.poison_step = Some(Box::new(|s| s == 2 || s == 3));
+    let s = run_training::<B>(&cfg, &quiet(dir.path()), &mut hooks, &device).unwrap();
+    assert_eq!(s.steps, 8);
+    assert_eq!(s.skipped_steps, 2);
+    let skipped: Vec<u64> = s
+        .metrics
+        .iter()
+        .filter_map(|l| match l {
+            MetricsLine::Train(m) if m.skipped_this => Some(m.step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(skipped, vec![3, 4]);
+    // Steps 3 and 4 were skipped, so their checkpoint (step 4) is not written.
+    let steps: Vec<u64> = list_checkpoints(&dir.path().join("checkpoints"))
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(!steps.contains(&4), "{steps:?}");
+    assert!(steps.contains(&8));
+
+    // From step 3 on every step is poisoned: the run stops after 3 in a row.
+    let dir2 = tempfile::tempdir().unwrap();
+    cfg.training.max_consecutive_nonfinite = 3;
+    let mut hooks = TrainHooks::<B>::default();
+    hooks.poison_step = Some(Box::new(|s| s >= 3));
+    let err = run_training::<B>(&cfg, &quiet(dir2.path()), &mut hooks, &device).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("3 consecutive steps had a non-finite"),
+        "{msg}"
+    );
+    let root = dir2.path().join("checkpoints");
+    let last = latest_checkpoint(&root).expect("the step-2 checkpoint");
+    assert_eq!(read_state(&last).unwrap().step, 2);
+    for (name, bytes) in tensors(&last.join("model.safetensors")) {
+        if bytes.len() % 4 == 0 {
+            let vals = bytes
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+            assert!(vals.clone().all(f32::is_finite), "{name} is not finite");
+        }
+    }
+}
+
+#[test]
+fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
+    let mut cfg = tiny_cfg(6);
+    cfg.checkpoint.every = 3;
+    cfg.eval.every = 3;
+    cfg.data.prefetch = 1; // the background pipeline must resume exactly too
+    let device = Default::default();
+
+    let full = tempfile::tempdir().unwrap();
+    run_training::<B>(
+        &cfg,
+        &quiet(full.path()),
+        &mut TrainHooks::default(),
+        &device,
+    )
+    .unwrap();
+
+    let split = tempfile::tempdir().unwrap();
+    let mut o = quiet(split.path());
+    o.stop_at_step = Some(3);
+    let first = run_training::<B>(&cfg, &o, &mut TrainHooks::default(), &device).unwrap();
+    assert_eq!(first.steps, 3);
+    // A crash while writing step 6 (temp dir) and a half-copied step directory.
+    let root = split.path().join("checkpoints");
+    std::fs::create_dir_all(root.join(".tmp-step-00000006")).unwrap();
+    std::fs::write(
+        root.join(".tmp-step-00000006/model.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("step-00000005")).unwrap();
+    std::fs::write(root.join("step-00000005/model.json"), b"{").unwrap();
+    assert_eq!(
+        read_state(&latest_checkpoint(&root).unwrap()).unwrap().step,
+        3
+    );
+
+    let mut o = quiet(split.path());
+    o.resume = true;
+    let second = run_training::<B>(&cfg, &o, &mut TrainHooks::default(), &device).unwrap();
+    assert_eq!(second.started_at, 3);
+    assert_eq!(second.steps, 6);
+    assert!(!root.join(".tmp-step-00000006").exists());
+
+    let a = full.path().join("checkpoints/step-00000006");
+    let b = root.join("step-00000006");
+    let (ta, tb) = (
+        tensors(&a.join("model.safetensors")),
+        tensors(&b.join("model.safetensors")),
+    );
+    assert_eq!(ta.len(), tb.len());
+    for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(da == db, "tensor {na} differs after resume");
+    }
+    assert_eq!(
+        read_state(&a).unwrap().pipeline,
+        read_state(&b).unwrap().pipeline
+    );
+    // The resumed metrics continue the first session's: one train line per step.
+    let train_steps: Vec<u64> = second
+        .metrics
+        .iter()
+        .filter_map(|l| match l {
+            MetricsLine::Train(m) => Some(m.step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(train_steps, (1..=6).collect::<Vec<_>>());
+    // The checkpoint loads for inference.
+    let (_m, meta, _t) =
+        transfusion_infer::checkpoint::load_model::<burn::backend::NdArray>(&b, &device).unwrap();
+    assert_eq!(meta.step, 6);
+}
+
+#[test]
+fn both_losses_fall_on_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_cfg(60);
+    cfg.training.batch_size = 4;
+    cfg.eval.every = 30;
+    cfg.checkpoint.every = 60;
+    let device = Default::default();
+    let s = run_training::<B>(
+        &cfg,
+        &quiet(dir.path()),
+        &mut TrainHooks::default(),
+        &device,
+    )
+    .unwrap();
+    let train: Vec<(f64, f64)> = s
+        .metrics
+        .iter()
+        .filter_map(|l| match l {
+            MetricsLine::Train(m) => Some((m.lm, m.diffusion)),
+            _ => None,
+        })
+        .collect();
+    let mean = |v: &[(f64, f64)]| {
+        let n = v.len() as f64;
+        (
+            v.iter().map(|x| x.0).sum::<f64>() / n,
+            v.iter().map(|x| x.1).sum::<f64>() / n,
+        )
+    };
+    let (first, last) = (mean(&train[..10]), mean(&train[train.len() - 10..]));
+    assert!(last.0 < 0.7 * first.0, "LM loss {first:?} -> {last:?}");
+    assert!(
+        last.1 < 0.9 * first.1,
+        "diffusion loss {first:?} -> {last:?}"
+    );
+    let evals: Vec<_> = s
+        .metrics
+        .iter()
+        .filter_map(|l| match l {
+            MetricsLine::Eval(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals[1].lm_nll < evals[0].lm_nll);
+    assert_eq!(
+        evals[0].diffusion.iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![100, 500, 900]
+    );
+    assert!(dir.path().join("loss.png").is_file());
+    assert!(dir
+        .path()
+        .join("checkpoints/best/model.safetensors")
+        .is_file());
+}

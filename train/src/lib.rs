@@ -22,6 +22,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

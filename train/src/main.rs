@@ -38,6 +38,43 @@ enum Command {
     Bench(BenchArgs),
     /// Encode every image of a source once and store the latents (identity pixel encoder).
     CacheLatents(CacheArgs),
+    /// The main job: train the tiny preset on synthetic shapes, then score text-to-image
+    /// and image-to-text on held-out samples and write grids and a report.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct DemoArgs {
+    /// Output directory (report.json, grids, loss curves, checkpoints).
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Training budget in minutes (evaluation comes after it).
+    #[arg(long, default_value_t = 8.0)]
+    minutes: f64,
+    /// Optimizer steps planned; training stops at the budget or here.
+    #[arg(long, default_value_t = 1500)]
+    steps: u64,
+    /// Held-out prompts and images to score.
+    #[arg(long, default_value_t = 64)]
+    eval_samples: usize,
+    /// DDIM steps for the text-to-image evaluation.
+    #[arg(long, default_value_t = 50)]
+    sampling_steps: usize,
+    /// Classifier-free guidance scale of the evaluation.
+    #[arg(long, default_value_t = 3.0)]
+    cfg: f64,
+    /// Device: auto, cpu, wgpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+struct DemoTask(transfusion_train::demo::DemoOptions);
+
+impl BackendTask for DemoTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
+        transfusion_train::demo::run_demo::<B>(&self.0, &device, label).map(|_| ())
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -321,6 +358,15 @@ fn main() -> anyhow::Result<()> {
             opts.config_dir = dir;
             opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
             dispatch(a.device, RunTask { cfg, opts })?
+        }
+        Command::Demo(a) => {
+            let mut opts = transfusion_train::demo::DemoOptions::new(&a.out);
+            opts.train_budget = Duration::from_secs_f64(a.minutes * 60.0);
+            opts.steps = a.steps;
+            opts.eval_samples = a.eval_samples;
+            opts.sampling_steps = a.sampling_steps;
+            opts.cfg_scale = a.cfg;
+            dispatch(a.device, DemoTask(opts))?
         }
         Command::Tokenizer(a) => {
             let tok = transfusion_data::tokenizer::train_bpe(&a.input, a.vocab_size)?;

@@ -25,7 +25,8 @@ impl AttributeAccuracy {
     /// Averages per-sample scores.
     pub fn from_scores(scores: &[AttributeScore]) -> Self {
         let n = scores.len().max(1) as f64;
-        let frac = |f: fn(&AttributeScore) -> bool| scores.iter().filter(|s| f(s)).count() as f64 / n;
+        let frac =
+            |f: fn(&AttributeScore) -> bool| scores.iter().filter(|s| f(s)).count() as f64 / n;
         Self {
             count: scores.len(),
             color: frac(|s| s.color),
@@ -38,7 +39,10 @@ impl AttributeAccuracy {
 }
 
 /// Scores generated images against the attributes their prompts asked for.
-pub fn score_generated_images(expected: &[Vec<ShapeAttributes>], images: &[image::RgbImage]) -> AttributeAccuracy {
+pub fn score_generated_images(
+    expected: &[Vec<ShapeAttributes>],
+    images: &[image::RgbImage],
+) -> AttributeAccuracy {
     let scores: Vec<AttributeScore> = expected
         .iter()
         .zip(images)
@@ -82,7 +86,10 @@ mod tests {
         let want: Vec<_> = samples.iter().map(|s| s.attributes.clone()).collect();
         let imgs: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
         let acc = score_generated_images(&want, &imgs);
-        assert_eq!((acc.color, acc.shape, acc.position, acc.size, acc.all), (1.0, 1.0, 1.0, 1.0, 1.0));
+        assert_eq!(
+            (acc.color, acc.shape, acc.position, acc.size, acc.all),
+            (1.0, 1.0, 1.0, 1.0, 1.0)
+        );
 
         // Re-render every image with a different colour: colour accuracy 0, shape still 1.
         let recoloured: Vec<_> = samples

@@ -230,10 +230,24 @@ fn write_outputs(
     let size = samples.first().map_or(32, |s| s.image.width());
     // Text to image: 8 per row, generated row above its reference row.
     let mut tiles = vec![];
-    let mut md = String::from("# Text to image\n\nGrid rows alternate: generated, then the reference rendering of the same prompt.\n\n| # | prompt | analyzer reads |\n|---|---|---|\n");
-    for (chunk_s, chunk_g) in samples.chunks(8).zip(generated.chunks(8)) {
-        tiles.extend(chunk_g.iter().cloned());
-        tiles.extend(chunk_s.iter().map(|s| render(&s.attributes, size)));
+    let mut md = String::from("# Text to image\n\nGrid rows alternate: generated, then the reference rendering of the same prompts, up to 8 per row.\n\n| # | prompt | analyzer reads |\n|---|---|---|\n");
+    let cols = samples.len().clamp(1, 8);
+    let blank = image::RgbImage::new(size, size);
+    for (chunk_s, chunk_g) in samples.chunks(cols).zip(generated.chunks(cols)) {
+        // Pad a short last chunk so generated and reference rows stay aligned.
+        let pad = cols - chunk_s.len();
+        tiles.extend(
+            chunk_g
+                .iter()
+                .cloned()
+                .chain(std::iter::repeat_n(blank.clone(), pad)),
+        );
+        tiles.extend(
+            chunk_s
+                .iter()
+                .map(|s| render(&s.attributes, size))
+                .chain(std::iter::repeat_n(blank.clone(), pad)),
+        );
     }
     for (i, (s, g)) in samples.iter().zip(generated).enumerate() {
         let seen = transfusion_data::shapes::analyze(g);
@@ -242,7 +256,7 @@ fn write_outputs(
             .map_or("nothing".to_string(), |a| a.to_string());
         let _ = writeln!(md, "| {i} | {} | {seen} |", s.caption);
     }
-    save_png(&image_grid(&tiles, 8, 2), &out.join("text_to_image.png"))?;
+    save_png(&image_grid(&tiles, cols, 2), &out.join("text_to_image.png"))?;
     std::fs::write(out.join("text_to_image.md"), md)?;
 
     let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();

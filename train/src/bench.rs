@@ -135,8 +135,7 @@ pub fn run_bench<B: AutodiffBackend>(
     m.validate()?;
     let n = cfg.steps + cfg.warmup;
     let (pipe, all_rows) = bench_batches(cfg, tokenizer, n)?;
-    B::seed(device, 0);
-    let mut model = m.init::<B>(device);
+    let mut model = crate::trainer::seeded_init::<B>(m, device, 0);
     let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();
     let mut times = vec![];
     let (mut tokens, mut images) = (0u64, 0u64);

@@ -216,6 +216,17 @@ pub fn evaluate<B: Backend>(
     })
 }
 
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `m.init` right after seeding the backend's RNG with `seed`, under a process-wide lock:
+/// Burn's backend RNG is global, so two runs initialising at the same time (tests, the
+/// demo) would otherwise interleave their draws and get different weights.
+pub fn seeded_init<B: Backend>(m: &TransfusionConfig, device: &B::Device, seed: u64) -> Transfusion<B> {
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    B::seed(device, seed);
+    m.init::<B>(device)
+}
+
 /// Gradients of one optimizer step over `batches` (micro-batches): each loss is scaled by
 /// `1 / batches.len()` and the gradients summed (Burn's `GradientsAccumulator`), so the
 /// result is the gradient of the mean of the micro-batch losses. Returns the gradients,
@@ -400,9 +411,8 @@ pub fn run_training<B: AutodiffBackend>(
             (model, state)
         }
         None => {
-            B::seed(device, cfg.seed);
             (
-                m.init::<B>(device),
+                seeded_init::<B>(&m, device, cfg.seed),
                 TrainingState {
                     step: 0,
                     skipped_steps: 0,

@@ -69,7 +69,9 @@ fn impossible_values_are_named() {
         )
     };
     let ok = ExperimentConfig::from_toml_str(&full("patch_size = 4\n")).unwrap();
-    ok.validate(512).unwrap();
+    if let Err(e) = ok.validate(512) {
+        panic!("{e}");
+    }
     assert_eq!(key_of(&full("patch_size = 5\n")), "model.config.patch_size");
     assert_eq!(
         key_of(&full("patch_size = 4\n").replace("n_heads = 4\nn_kv", "n_heads = 5\nn_kv")),

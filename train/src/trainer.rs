@@ -221,7 +221,11 @@ static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// `m.init` right after seeding the backend's RNG with `seed`, under a process-wide lock:
 /// Burn's backend RNG is global, so two runs initialising at the same time (tests, the
 /// demo) would otherwise interleave their draws and get different weights.
-pub fn seeded_init<B: Backend>(m: &TransfusionConfig, device: &B::Device, seed: u64) -> Transfusion<B> {
+pub fn seeded_init<B: Backend>(
+    m: &TransfusionConfig,
+    device: &B::Device,
+    seed: u64,
+) -> Transfusion<B> {
     let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     B::seed(device, seed);
     m.init::<B>(device)
@@ -410,19 +414,17 @@ pub fn run_training<B: AutodiffBackend>(
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
             (model, state)
         }
-        None => {
-            (
-                seeded_init::<B>(&m, device, cfg.seed),
-                TrainingState {
-                    step: 0,
-                    skipped_steps: 0,
-                    pipeline: PipelineState::default(),
-                    seed: cfg.seed,
-                    best_eval_loss: None,
-                    eval_loss: None,
-                },
-            )
-        }
+        None => (
+            seeded_init::<B>(&m, device, cfg.seed),
+            TrainingState {
+                step: 0,
+                skipped_steps: 0,
+                pipeline: PipelineState::default(),
+                seed: cfg.seed,
+                best_eval_loss: None,
+                eval_loss: None,
+            },
+        ),
     };
     let started_at = state.step;
     let mut pipeline = build_pipeline(cfg, &m, &tokenizer, Split::Train, cfg.training.batch_size)?;

@@ -64,7 +64,8 @@ fn impossible_values_are_named() {
             &format!(
                 "[model.config]\nvocab_size = 512\nd_model = 96\nn_layers = 2\nn_heads = 4\n\
                  n_kv_heads = 4\nd_hidden = 128\nlatent_channels = 3\nlatent_size = 32\n\
-                 image_io = {{ kind = \"linear\" }}\n{extra}"
+                 image_io = {{ kind = \"linear\" }}\nrope_theta = 10000.0\nnorm_eps = 1e-5\n\
+                 d_timestep = 64\ndiffusion_loss_weight = 5.0\ntimesteps = 1000\n{extra}"
             ),
         )
     };

@@ -256,10 +256,26 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
     for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
         assert_eq!(na, nb);
         if da != db {
-            let fa: Vec<f32> = da.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-            let fb: Vec<f32> = db.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-            let m = fa.iter().zip(&fb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            panic!("tensor {na} differs after resume: max abs diff {m}");
+            let fa: Vec<f32> = da
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let fb: Vec<f32> = db
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let m = fa
+                .iter()
+                .zip(&fb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            // Bitwise equal when the test runs alone (checked); with other tests running
+            // at the same time NdArray's multi-threaded kernels may split f32 sums
+            // differently, which shows up as last-bit differences (seen: 3e-8).
+            assert!(
+                m <= 1e-6,
+                "tensor {na} differs after resume: max abs diff {m}"
+            );
         }
     }
     assert_eq!(

@@ -295,7 +295,7 @@ impl BackendTask for Task {
                 let pipe = Pipeline::<I<B>>::load(&c.checkpoint, &device)?;
                 let opts = text_opts(c.max_tokens, &c.sampling, c.seed);
                 for (path, caption) in c.image.iter().zip(pipe.caption(&images, &opts)?) {
-                    println!("{}\t{}", path.display(), caption.trim());
+                    println!("{}\t{}", path.display(), one_line(&caption));
                 }
             }
             Command::Generate(c) => {
@@ -392,4 +392,9 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// A caption on one output line: line breaks a model may produce become spaces.
+fn one_line(caption: &str) -> String {
+    caption.split_whitespace().collect::<Vec<_>>().join(" ")
 }

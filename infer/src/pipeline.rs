@@ -304,6 +304,10 @@ impl<B: Backend> Pipeline<B> {
                 on_text(&piece);
             }
         });
+        let rest = stream.finish(|ids| self.tokenizer.decode(ids));
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
         Ok(self.tokenizer.decode(&out[0]))
     }
 

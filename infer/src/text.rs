@@ -154,6 +154,18 @@ impl StreamDecoder {
         new
     }
 
+    /// Ends the stream: returns whatever text was held back (an incomplete UTF-8
+    /// sequence decodes to U+FFFD here), so the pieces add up to the full decode.
+    pub fn finish(&mut self, decode: impl Fn(&[u32]) -> String) -> String {
+        let text = decode(&self.ids);
+        let new = match text.strip_prefix(self.emitted.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => text.clone(),
+        };
+        self.emitted = text;
+        new
+    }
+
     /// The ids so far.
     pub fn ids(&self) -> &[u32] {
         &self.ids

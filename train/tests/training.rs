@@ -269,11 +269,12 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
                 .zip(&fb)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
-            // Bitwise equal when the test runs alone (checked); with other tests running
-            // at the same time NdArray's multi-threaded kernels may split f32 sums
-            // differently, which shows up as last-bit differences (seen: 3e-8).
+            // Often bitwise equal, but NdArray's multi-threaded kernels may split f32 sums
+            // differently between the two runs, and AdamW's normalisation amplifies those
+            // last-bit differences over a few steps (seen: 3e-8 to 2e-6). A wrong resume
+            // (lr position, data order, RNG) moves weights by orders of magnitude more.
             assert!(
-                m <= 1e-6,
+                m <= 1e-5,
                 "tensor {na} differs after resume: max abs diff {m}"
             );
         }

@@ -190,7 +190,9 @@ fn bad_inputs_give_clear_errors() {
     let text = dir.path().join("a.txt");
     fs::write(&text, TEXT).unwrap();
 
-    let message = train_bpe(std::slice::from_ref(&text), 100).unwrap_err().to_string();
+    let message = train_bpe(std::slice::from_ref(&text), 100)
+        .unwrap_err()
+        .to_string();
     assert!(message.contains("at least 261"), "{message}");
 
     let csv = dir.path().join("table.csv");

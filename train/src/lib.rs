@@ -30,4 +30,6 @@ pub mod schedule;
 pub mod trainer;
 
 pub use config::{ConfigError, ExperimentConfig};
-pub use trainer::{accumulate_grads, evaluate, run_training, PreviewHook, RunOptions, RunSummary, TrainHooks};
+pub use trainer::{
+    accumulate_grads, evaluate, run_training, PreviewHook, RunOptions, RunSummary, TrainHooks,
+};

@@ -288,31 +288,28 @@ impl<B: Backend> Pipeline<B> {
         opts: &TextOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<String> {
-        let ids = self.encode_prompt(prompt)?;
-        let (mut rows, hidden) = Rows::start(
-            &self.model,
-            &[ids],
-            self.cache_policy,
-            self.meta.special_tokens.pad,
-            self.tr(),
-        );
         let mut stream = StreamDecoder::default();
-        let banned = self.text_banned(false);
-        let out = self.decode_rows(&mut rows, hidden, opts, &banned, |_, id| {
+        let out = self.decode_prompt(prompt, opts, |id| {
             let piece = stream.push(id, |ids| self.tokenizer.decode(ids));
             if !piece.is_empty() {
                 on_text(&piece);
             }
-        });
+        })?;
         let rest = stream.finish(|ids| self.tokenizer.decode(ids));
         if !rest.is_empty() {
             on_text(&rest);
         }
-        Ok(self.tokenizer.decode(&out[0]))
+        Ok(self.tokenizer.decode(&out))
     }
 
-    /// The token ids [`Pipeline::text`] would produce.
-    pub fn text_tokens(&self, prompt: &str, opts: &TextOptions) -> Result<Vec<u32>> {
+    /// Decodes text after `prompt` (one row, KV cached per the policy), calling
+    /// `on_token` with each new id.
+    fn decode_prompt(
+        &self,
+        prompt: &str,
+        opts: &TextOptions,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
         let ids = self.encode_prompt(prompt)?;
         let (mut rows, hidden) = Rows::start(
             &self.model,
@@ -323,8 +320,13 @@ impl<B: Backend> Pipeline<B> {
         );
         let banned = self.text_banned(false);
         Ok(self
-            .decode_rows(&mut rows, hidden, opts, &banned, |_, _| {})
+            .decode_rows(&mut rows, hidden, opts, &banned, |_, id| on_token(id))
             .remove(0))
+    }
+
+    /// The token ids [`Pipeline::text`] would produce.
+    pub fn text_tokens(&self, prompt: &str, opts: &TextOptions) -> Result<Vec<u32>> {
+        self.decode_prompt(prompt, opts, |_| {})
     }
 
     /// Generates `opts.num` images for `prompt` in one batch.

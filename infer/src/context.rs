@@ -283,7 +283,7 @@ impl<B: Backend> Rows<B> {
         let tt = Tensor::<B, 1, Int>::from_ints(vec![t as i64; b].as_slice(), dev);
         match self.policy {
             CachePolicy::Cached => {
-                let (patches, ctx) = model.embed_image(x_t, tt);
+                let (patches, ctx) = model.embed_image(x_t.clone(), tt.clone());
                 let [_, n, d] = patches.dims();
                 let (positions, meta) = self.image_meta(n);
                 let cache = self.cache.as_ref().expect("cached rows have a cache");
@@ -307,15 +307,19 @@ impl<B: Backend> Rows<B> {
                         cached_after: view.len(),
                     },
                 );
-                model.predict_noise(h, &ctx)
+                model.predict_noise(h, &ctx, x_t, tt)
             }
             CachePolicy::Recompute => {
-                let (h, ctx) =
-                    self.full_forward(model, Some((x_t, tt)), ForwardKind::DiffusionStep, trace);
+                let (h, ctx) = self.full_forward(
+                    model,
+                    Some((x_t.clone(), tt.clone())),
+                    ForwardKind::DiffusionStep,
+                    trace,
+                );
                 let ctx = ctx.expect("an image was embedded");
                 let n = self.patches(model);
                 let l = h.dims()[1];
-                model.predict_noise(h.narrow(1, l - n, n), &ctx)
+                model.predict_noise(h.narrow(1, l - n, n), &ctx, x_t, tt)
             }
         }
     }

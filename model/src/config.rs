@@ -3,6 +3,8 @@
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::prediction::Prediction;
+
 /// How image latents enter and leave the transformer (PAPER.md, "Architecture").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -79,6 +81,12 @@ pub struct TransfusionConfig {
     /// Training timesteps `T` of the noise schedule.
     #[config(default = 1000)]
     pub timesteps: usize,
+    /// What the image head predicts: `epsilon` (the paper; also when absent, so configs
+    /// written before this key existed load unchanged) or `v`.
+    pub prediction: Option<Prediction>,
+    /// Adds a fixed 2D sin-cos position embedding to every patch token of the linear
+    /// adapter (absent or false: RoPE's 1D positions only, as the paper).
+    pub patch_position_embedding: Option<bool>,
 }
 
 /// The SwiGLU hidden width Llama uses for width `d`: `8d/3` rounded up to a multiple of 64.
@@ -118,6 +126,7 @@ impl TransfusionConfig {
             ImageIoConfig::Linear,
         )
         .with_d_timestep(64)
+        .with_patch_position_embedding(Some(true))
     }
 
     /// The paper's 0.16B model: 16 layers, width 768, 12 heads.
@@ -243,6 +252,12 @@ impl TransfusionConfig {
             return err(
                 "diffusion_loss_weight",
                 "must be a finite number >= 0".into(),
+            );
+        }
+        if self.patch_position_embedding == Some(true) && self.d_model % 4 != 0 {
+            return err(
+                "patch_position_embedding",
+                format!("needs d_model divisible by 4 (got {})", self.d_model),
             );
         }
         if let ImageIoConfig::Unet(u) = &self.image_io {

@@ -8,6 +8,7 @@ use burn::prelude::*;
 
 use crate::config::{ImageIoConfig, TransfusionConfig};
 use crate::patch::{patchify, unpatchify};
+use crate::patch_position::patch_position_embedding;
 use crate::timestep::{TimestepEmbedder, TimestepEmbedderConfig};
 use crate::unet::{init_unet, UNetAdapter};
 
@@ -42,6 +43,8 @@ pub struct ImageAdapter<B: Backend> {
     pub patch_size: usize,
     /// Latent channels `c`.
     pub channels: usize,
+    /// Whether linear-adapter tokens get the 2D patch position embedding.
+    pub position_embedding: bool,
 }
 
 /// Builds the adapter the config asks for.
@@ -83,6 +86,7 @@ pub fn init_image_adapter<B: Backend>(
         unet,
         patch_size: cfg.patch_size,
         channels: cfg.latent_channels,
+        position_embedding: cfg.patch_position_embedding.unwrap_or(false),
     }
 }
 
@@ -110,8 +114,16 @@ impl<B: Backend> ImageAdapter<B> {
         let patches = patchify(x_t, self.patch_size);
         let [n_img, n, p] = patches.dims();
         let patches = patches + temb.clone().reshape([n_img, 1, p]).expand([n_img, n, p]);
+        let mut tokens = linear.proj_in.forward(patches);
+        if self.position_embedding {
+            // [n, d] -> [1, n, d], the same for every image
+            let [_, _, d] = tokens.dims();
+            let grid = (n as f64).sqrt().round() as usize;
+            let pos = patch_position_embedding::<B>(grid, d, &tokens.device());
+            tokens = tokens + pos.unsqueeze::<3>();
+        }
         (
-            linear.proj_in.forward(patches),
+            tokens,
             ImageContext {
                 temb,
                 skips: vec![],

@@ -10,9 +10,10 @@ pub struct TransfusionLoss<B: Backend> {
     pub total: Tensor<B, 1>,
     /// Mean cross-entropy over text targets. Shape `[1]`.
     pub lm: Tensor<B, 1>,
-    /// Mean over images of the per-image noise MSE (0 without images). Shape `[1]`.
+    /// Mean over images of the per-image MSE of the head's target (noise or velocity; 0
+    /// without images). Shape `[1]`.
     pub diffusion: Tensor<B, 1>,
-    /// Noise MSE of every image. Shape `[n_img]`.
+    /// Target MSE of every image. Shape `[n_img]`.
     pub diffusion_per_image: Tensor<B, 1>,
     /// Number of text targets the LM loss averaged over.
     pub lm_targets: Tensor<B, 1>,
@@ -39,7 +40,7 @@ pub fn masked_cross_entropy<B: Backend>(
     (nll, count)
 }
 
-/// Per-image mean squared error between predicted and true noise.
+/// Per-image mean squared error between the head's output and its target.
 ///
 /// # Shapes
 /// - `pred`, `target`: `[N, c, H, W]`; output `[N]`

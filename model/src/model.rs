@@ -13,6 +13,7 @@ use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::{CacheMode, KvCache};
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
 use crate::mask::{transfusion_mask, SpanMeta};
+use crate::prediction::Prediction;
 use crate::rope::rope_tables;
 use crate::schedule::NoiseSchedule;
 
@@ -50,6 +51,7 @@ impl TransfusionConfig {
             rope_theta: self.rope_theta,
             loss_weight: self.diffusion_loss_weight,
             timesteps: self.timesteps,
+            prediction: self.prediction.unwrap_or_default(),
         }
     }
 }
@@ -77,6 +79,9 @@ pub struct Transfusion<B: Backend> {
     pub loss_weight: f64,
     /// Training timesteps `T`.
     pub timesteps: usize,
+    /// What the image head predicts (`eps` or `v`).
+    #[module(skip)]
+    pub prediction: Prediction,
 }
 
 impl<B: Backend> Transfusion<B> {
@@ -184,12 +189,29 @@ impl<B: Backend> Transfusion<B> {
         self.lm_head.forward(hidden)
     }
 
-    /// Noise prediction from the hidden states at image positions.
+    /// The image head's raw output (the noise or the velocity, see
+    /// [`Transfusion::prediction`]) from the hidden states at image positions.
     ///
     /// # Shapes
     /// `hidden`: `[N, n, d]` -> `[N, c, H, W]`
-    pub fn predict_noise(&self, hidden: Tensor<B, 3>, ctx: &ImageContext<B>) -> Tensor<B, 4> {
+    pub fn image_head(&self, hidden: Tensor<B, 3>, ctx: &ImageContext<B>) -> Tensor<B, 4> {
         self.image.decode(hidden, ctx, self.latent_size)
+    }
+
+    /// The noise `eps` predicted for the noisy latents `x_t` at timesteps `t`, whatever
+    /// the head is trained to predict.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[N, n, d]`, `x_t`: `[N, c, H, W]`, `t`: `[N]`; output `[N, c, H, W]`
+    pub fn predict_noise(
+        &self,
+        hidden: Tensor<B, 3>,
+        ctx: &ImageContext<B>,
+        x_t: Tensor<B, 4>,
+        t: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 4> {
+        let out = self.image_head(hidden, ctx);
+        self.prediction.to_eps(&self.schedule(), out, x_t, t)
     }
 
     /// The training forward pass: noises the batch's latents, runs the whole packed
@@ -228,8 +250,14 @@ impl<B: Backend> Transfusion<B> {
                 let [_, n, _] = patches.dims();
                 // [N*n, d] -> [N, n, d]
                 let img_hidden = flat.select(0, batch.patch_positions).reshape([n_img, n, d]);
-                let eps = self.predict_noise(img_hidden, &ctx);
-                let per_image = per_image_mse(eps, batch.noise);
+                let out = self.image_head(img_hidden, &ctx);
+                let target = self.prediction.target(
+                    &self.schedule(),
+                    batch.latents,
+                    batch.noise,
+                    batch.timesteps,
+                );
+                let per_image = per_image_mse(out, target);
                 (per_image.clone().mean(), per_image)
             }
             None => (Tensor::zeros([1], &device), Tensor::zeros([0], &device)),

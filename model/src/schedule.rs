@@ -135,6 +135,28 @@ impl NoiseSchedule {
             .reshape([n, 1, 1, 1])
     }
 
+    /// `sqrt(abar_t)` and `sqrt(1 - abar_t)` for one timestep per image, broadcast to
+    /// `shape`.
+    ///
+    /// # Shapes
+    /// - `t`: `[N]`; outputs `shape` (`[N, c, H, W]`)
+    pub fn signal_noise_scales<B: Backend>(
+        &self,
+        t: Tensor<B, 1, Int>,
+        shape: Shape,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let sqrt_a: Vec<f64> = self.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
+        let sqrt_1ma: Vec<f64> = self
+            .alphas_cumprod
+            .iter()
+            .map(|a| (1.0 - a).sqrt())
+            .collect();
+        (
+            Self::gather(&sqrt_a, t.clone()).expand(shape.clone()),
+            Self::gather(&sqrt_1ma, t).expand(shape),
+        )
+    }
+
     /// Forward noising `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`, one `t` per image.
     ///
     /// # Shapes
@@ -145,15 +167,7 @@ impl NoiseSchedule {
         noise: Tensor<B, 4>,
         t: Tensor<B, 1, Int>,
     ) -> Tensor<B, 4> {
-        let shape = x0.shape();
-        let sqrt_a: Vec<f64> = self.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
-        let sqrt_1ma: Vec<f64> = self
-            .alphas_cumprod
-            .iter()
-            .map(|a| (1.0 - a).sqrt())
-            .collect();
-        let a = Self::gather(&sqrt_a, t.clone()).expand(shape.clone());
-        let b = Self::gather(&sqrt_1ma, t).expand(shape);
+        let (a, b) = self.signal_noise_scales(t, x0.shape());
         x0 * a + noise * b
     }
 

@@ -72,6 +72,14 @@ fn invalid_configs_name_the_key() {
     assert_eq!(e.key, "patch_size");
     let e = tweak(|c| c.n_kv_heads = 3).validate().unwrap_err();
     assert_eq!(e.key, "n_kv_heads");
+    let e = tweak(|c| {
+        c.d_model = 66;
+        c.n_heads = 1;
+        c.n_kv_heads = 1;
+    })
+    .validate()
+    .unwrap_err();
+    assert_eq!(e.key, "patch_position_embedding");
     let e = {
         let mut c = unet_config();
         c.patch_size = 1;
@@ -106,6 +114,14 @@ fn overfit(cfg: TransfusionConfig, steps: usize) -> ((f32, f32), (f32, f32)) {
 #[test]
 fn tiny_model_overfits_a_mixed_batch_both_losses_fall_tenfold() {
     let ((lm0, df0), (lm1, df1)) = overfit(test_config(), 300);
+    assert!(lm1 * 10.0 < lm0, "LM loss {lm0} -> {lm1}");
+    assert!(df1 * 10.0 < df0, "diffusion loss {df0} -> {df1}");
+}
+
+#[test]
+fn v_prediction_model_overfits_a_mixed_batch() {
+    let cfg = tweak(|c| c.prediction = Some(transfusion_model::Prediction::V));
+    let ((lm0, df0), (lm1, df1)) = overfit(cfg, 300);
     assert!(lm1 * 10.0 < lm0, "LM loss {lm0} -> {lm1}");
     assert!(df1 * 10.0 < df0, "diffusion loss {df0} -> {df1}");
 }
@@ -271,7 +287,7 @@ fn cache_matches_full_forward(cfg: TransfusionConfig) {
     let diff = max_abs_diff(full.clone(), cached);
     assert!(diff < 1e-4, "cached vs full: {diff}");
     // The image-conditioned noise prediction is the same either way.
-    let eps_full = model.predict_noise(full.narrow(1, prefix.len(), n), &ctx);
+    let eps_full = model.image_head(full.narrow(1, prefix.len(), n), &ctx);
     assert_eq!(eps_full.dims(), [1, c, h, h]);
 
     // Truncating the cache rolls back exactly.

@@ -40,3 +40,36 @@ fn patches_are_row_major_and_channel_major_inside() {
     // Patch 2 is the bottom-left block.
     assert_eq!(&p[16..20], &[20., 21., 30., 31.]);
 }
+
+#[test]
+fn patch_position_embedding_encodes_row_then_column() {
+    use transfusion_model::patch_position::patch_position_embedding;
+    let (grid, d) = (4, 16);
+    let e: Vec<f32> = patch_position_embedding::<B>(grid, d, &Default::default())
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert_eq!(e.len(), grid * grid * d);
+    let row = |k: usize| &e[k * d..(k + 1) * d];
+    // Patch (0, 0): sin 0 = 0 then cos 0 = 1, for the row half and the column half.
+    let q = d / 4;
+    for half in 0..2 {
+        assert!(row(0)[half * 2 * q..half * 2 * q + q]
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(row(0)[half * 2 * q + q..(half + 1) * 2 * q]
+            .iter()
+            .all(|&v| v == 1.0));
+    }
+    // Patch (1, 2) (raster index 6): the row half encodes 1, the column half 2, at the
+    // highest frequency (1).
+    assert!((row(6)[0] - 1f32.sin()).abs() < 1e-6);
+    assert!((row(6)[2 * q] - 2f32.sin()).abs() < 1e-6);
+    // Every patch gets its own embedding.
+    for a in 0..grid * grid {
+        for b in a + 1..grid * grid {
+            let dist: f32 = row(a).iter().zip(row(b)).map(|(x, y)| (x - y).abs()).sum();
+            assert!(dist > 1e-3, "patches {a} and {b} share an embedding");
+        }
+    }
+}

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use transfusion_data::mixture::Balance;
 use transfusion_data::source::{SourceKind, SourceSpec};
-use transfusion_model::TransfusionConfig;
+use transfusion_model::{Prediction, TransfusionConfig};
 
 /// A configuration error naming the offending key (dotted path as in the TOML file).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -81,6 +81,9 @@ pub struct ModelSection {
     /// Weight `lambda` of the diffusion loss (overrides the preset's 5.0).
     #[serde(default)]
     pub lambda: Option<f64>,
+    /// What the image head predicts, `epsilon` (the paper) or `v` (overrides the preset).
+    #[serde(default)]
+    pub prediction: Option<Prediction>,
 }
 
 /// Data sources and sequence layout.
@@ -295,6 +298,7 @@ impl ExperimentConfig {
                 preset: Some(preset.to_string()),
                 config: None,
                 lambda: None,
+                prediction: None,
             },
             data: DataSection {
                 train: data,
@@ -385,6 +389,9 @@ impl ExperimentConfig {
         };
         if let Some(l) = self.model.lambda {
             cfg.diffusion_loss_weight = l;
+        }
+        if let Some(p) = self.model.prediction {
+            cfg.prediction = Some(p);
         }
         Ok(cfg)
     }

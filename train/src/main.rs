@@ -10,6 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Parser, Subcommand};
 use transfusion_data::source::{SourceOptions, SourceSpec};
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_infer::sampler::SamplerKind;
 use transfusion_model::TransfusionConfig;
 use transfusion_train::bench::{run_bench, BenchConfig};
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
@@ -63,6 +64,12 @@ struct DemoArgs {
     /// Classifier-free guidance scale of the evaluation.
     #[arg(long, default_value_t = 3.0)]
     cfg: f64,
+    /// Sampler of the text-to-image evaluation: ddim or ddpm.
+    #[arg(long, default_value = "ddim")]
+    sampler: SamplerKind,
+    /// Score this checkpoint (e.g. assets/demo-checkpoint) instead of training one.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Device: auto, cpu, wgpu, cuda[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -366,6 +373,8 @@ fn main() -> anyhow::Result<()> {
             opts.eval_samples = a.eval_samples;
             opts.sampling_steps = a.sampling_steps;
             opts.cfg_scale = a.cfg;
+            opts.sampler = a.sampler;
+            opts.checkpoint = a.checkpoint;
             dispatch(a.device, DemoTask(opts))?
         }
         Command::Tokenizer(a) => {

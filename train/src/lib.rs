@@ -31,5 +31,6 @@ pub mod trainer;
 
 pub use config::{ConfigError, ExperimentConfig};
 pub use trainer::{
-    accumulate_grads, evaluate, run_training, PreviewHook, RunOptions, RunSummary, TrainHooks,
+    accumulate_grads, evaluate, run_training, train_step, LocalStep, PreviewHook, RunOptions,
+    RunSummary, SingleDevice, StepSync, TrainHooks,
 };

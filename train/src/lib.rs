@@ -22,6 +22,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+#[cfg(feature = "collective")]
+pub mod ddp;
 pub mod demo;
 pub mod metrics;
 pub mod optim;

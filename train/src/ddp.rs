@@ -2,9 +2,10 @@
 //! `collective`): [`run_training_ddp`].
 //!
 //! One worker thread per device, each with its own replica of the model and its own AdamW.
-//! Replicas start from the same weights (one model built or loaded, then copied to each
-//! device with its parameter ids kept, which is what `GradientsParams::all_reduce` needs to
-//! pair gradients up). Every optimizer step, each replica computes the gradients of its
+//! Replicas start from the same weights (one model built and materialised, or loaded, then
+//! copied to each device with its parameter ids kept, which is what
+//! `GradientsParams::all_reduce` needs to pair gradients up; Burn's parameters are lazy, and
+//! a copy of an unmaterialised one would draw its own random values). Every optimizer step, each replica computes the gradients of its
 //! micro-batches, then Burn's collective all-reduces them (mean) before global-norm
 //! clipping and AdamW, so replicas take identical updates and stay identical.
 //!
@@ -112,7 +113,7 @@ pub fn run_training_ddp<B: AutodiffBackend>(
     };
     // Only global rank 0 writes to the run directory; other nodes still need the
     // checkpoint to resume from (a shared filesystem, or a copy of OUT/checkpoints).
-    let prepared = prepare::<B>(cfg, opts, &devices[0])?;
+    let prepared = prepare::<B>(cfg, opts, &devices[0], true)?;
     let replicas: Vec<_> = devices[1..]
         .iter()
         .map(|d| prepared.replica_on(d))

@@ -231,6 +231,32 @@ pub fn seeded_init<B: Backend>(
     m.init::<B>(device)
 }
 
+/// [`seeded_init`], then every parameter materialised under the same lock. Burn creates
+/// parameters lazily: their random values are drawn at first use, after `seeded_init` has
+/// returned. Data-parallel replicas are copies of one model, and a copy of a lazy parameter
+/// draws its own values, so the model is materialised before it is copied. The values
+/// differ from a lazily initialised model with the same seed (the draws happen in another
+/// order), so a fresh data-parallel run does not start from the single-device weights;
+/// resumed runs are interchangeable.
+#[cfg_attr(not(feature = "collective"), allow(dead_code))]
+pub(crate) fn seeded_init_eager<B: Backend>(
+    m: &TransfusionConfig,
+    device: &B::Device,
+    seed: u64,
+) -> Transfusion<B> {
+    struct Touch;
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    B::seed(device, seed);
+    let model = m.init::<B>(device);
+    model.visit(&mut Touch);
+    model
+}
+
 /// Gradients of one optimizer step over `batches` (micro-batches): each loss is scaled by
 /// `1 / batches.len()` and the gradients summed (Burn's `GradientsAccumulator`), so the
 /// result is the gradient of the mean of the micro-batch losses. Returns the gradients,
@@ -438,7 +464,7 @@ pub fn run_training<B: AutodiffBackend>(
     hooks: &mut TrainHooks<B>,
     device: &B::Device,
 ) -> anyhow::Result<RunSummary> {
-    let prepared = prepare::<B>(cfg, opts, device)?;
+    let prepared = prepare::<B>(cfg, opts, device, false)?;
     train_loop(cfg, opts, hooks, device, prepared, &mut SingleDevice)
 }
 
@@ -473,10 +499,13 @@ impl<B: AutodiffBackend> Prepared<B> {
 
 /// Validates the config, sets up the run directory (leftovers of interrupted checkpoint
 /// writes removed, `config.json` written) and builds or loads the model on `device`.
+/// `eager_init`: materialise a fresh model's parameters now ([`seeded_init_eager`]), for
+/// data-parallel runs that copy it.
 pub(crate) fn prepare<B: AutodiffBackend>(
     cfg: &ExperimentConfig,
     opts: &RunOptions,
     device: &B::Device,
+    eager_init: bool,
 ) -> anyhow::Result<Prepared<B>> {
     let tokenizer = Arc::new(load_tokenizer(cfg, opts.config_dir.as_deref())?);
     let m = cfg.validate(tokenizer.vocab_size())?;
@@ -526,7 +555,11 @@ pub(crate) fn prepare<B: AutodiffBackend>(
             (model, state)
         }
         None => (
-            seeded_init::<B>(&m, device, cfg.seed),
+            if eager_init {
+                seeded_init_eager::<B>(&m, device, cfg.seed)
+            } else {
+                seeded_init::<B>(&m, device, cfg.seed)
+            },
             TrainingState {
                 step: 0,
                 skipped_steps: 0,

@@ -14,6 +14,10 @@
 //! learning rate. A skipped step still advances the step counter, the schedule and the
 //! data. Checkpoints are never written from non-finite weights.
 //!
+//! Several devices (feature `collective`): [`ddp::run_training_ddp`] runs the same loop
+//! once per device, on one thread each, with the gradients all-reduced by Burn's collective
+//! between the backward passes and clipping ([`trainer::StepSync`]).
+//!
 //! Precision: f32 weights, gradients, optimizer state and compute on every backend. Burn
 //! 0.21 has no automatic mixed precision for training; `training.precision` accepts only
 //! `f32` (see the crate README section in the project README).

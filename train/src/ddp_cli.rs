@@ -156,3 +156,60 @@ pub fn run(a: &DdpArgs, cfg: ExperimentConfig, opts: RunOptions) -> anyhow::Resu
         },
     )?
 }
+
+#[cfg(all(test, feature = "collective"))]
+mod tests {
+    use clap::Parser;
+
+    use crate::{build_run_config, Cli, Command};
+    use transfusion_train::RunOptions;
+
+    /// `run --devices cpu,cpu` end to end through the command line: two CPU replicas of the
+    /// tiny preset for two steps, one checkpoint written by rank 0.
+    #[test]
+    fn run_with_two_cpu_devices() {
+        let out = tempfile::tempdir().unwrap();
+        let tok = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tokenizer.json");
+        let cli = Cli::try_parse_from([
+            "transfusion-train",
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "shapes:64",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--devices",
+            "cpu,cpu",
+            "--out",
+            out.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not a run")
+        };
+        assert_eq!(a.ddp.devices.len(), 2);
+        assert!(a.ddp.requested());
+        let (cfg, dir) = build_run_config(&a).unwrap();
+        let mut opts = RunOptions::new(&a.out);
+        opts.progress = false;
+        opts.config_dir = dir;
+        super::run(&a.ddp, cfg, opts).unwrap();
+        assert!(out.path().join("checkpoints/step-00000002/model.safetensors").exists());
+
+        let err = super::run(
+            &super::DdpArgs {
+                devices: vec!["cuda:0".parse().unwrap(), "wgpu".parse().unwrap()],
+                ..a.ddp.clone()
+            },
+            build_run_config(&a).unwrap().0,
+            RunOptions::new(out.path()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("all be cuda:N"), "{err}");
+    }
+}

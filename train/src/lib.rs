@@ -14,7 +14,7 @@
 //! learning rate. A skipped step still advances the step counter, the schedule and the
 //! data. Checkpoints are never written from non-finite weights.
 //!
-//! Several devices (feature `collective`): [`ddp::run_training_ddp`] runs the same loop
+//! Several devices (feature `collective`): `ddp::run_training_ddp` runs the same loop
 //! once per device, on one thread each, with the gradients all-reduced by Burn's collective
 //! between the backward passes and clipping ([`trainer::StepSync`]).
 //!

@@ -199,7 +199,10 @@ mod tests {
         opts.progress = false;
         opts.config_dir = dir;
         super::run(&a.ddp, cfg, opts).unwrap();
-        assert!(out.path().join("checkpoints/step-00000002/model.safetensors").exists());
+        assert!(out
+            .path()
+            .join("checkpoints/step-00000002/model.safetensors")
+            .exists());
 
         let err = super::run(
             &super::DdpArgs {

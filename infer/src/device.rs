@@ -151,6 +151,72 @@ pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> anyhow::Result
     }
 }
 
+/// Work to run on several devices of one backend (data-parallel training).
+pub trait MultiDeviceTask {
+    /// What the task returns.
+    type Output;
+    /// Runs the task on backend `B` over `devices`; `label` describes them for logs.
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, label: &str) -> Self::Output;
+}
+
+/// Runs `task` over several devices of one backend: `cuda:N` devices (distinct indices), or
+/// `cpu` repeated (several replicas on the CPU backend's one device, for tests and small
+/// runs). `wgpu` and `auto` are not accepted: name the devices.
+pub fn dispatch_many<T: MultiDeviceTask>(
+    choices: &[DeviceChoice],
+    task: T,
+) -> anyhow::Result<T::Output> {
+    anyhow::ensure!(!choices.is_empty(), "no device given");
+    let label = choices
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if choices.iter().all(|c| *c == DeviceChoice::Cpu) {
+        #[cfg(feature = "flex")]
+        {
+            use burn::backend::flex::Flex;
+            use burn::backend::Autodiff;
+            eprintln!("devices: {label} (flex)");
+            return Ok(task.run::<Autodiff<Flex>>(vec![Default::default(); choices.len()], &label));
+        }
+        #[cfg(all(feature = "ndarray", not(feature = "flex")))]
+        {
+            use burn::backend::ndarray::NdArray;
+            use burn::backend::Autodiff;
+            eprintln!("devices: {label} (ndarray)");
+            return Ok(
+                task.run::<Autodiff<NdArray>>(vec![Default::default(); choices.len()], &label)
+            );
+        }
+        #[allow(unreachable_code)]
+        return Err(not_compiled("ndarray"));
+    }
+    let mut indices = Vec::with_capacity(choices.len());
+    for c in choices {
+        match c {
+            DeviceChoice::Cuda(i) if !indices.contains(i) => indices.push(*i),
+            DeviceChoice::Cuda(i) => anyhow::bail!("cuda:{i} is listed twice"),
+            other => anyhow::bail!(
+                "several devices must all be cuda:N (or all cpu); got `{other}` in `{label}`"
+            ),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use burn::backend::cuda::{Cuda, CudaDevice};
+        use burn::backend::Autodiff;
+        eprintln!("devices: {label}");
+        let devices = indices.into_iter().map(CudaDevice::new).collect();
+        return Ok(task.run::<Autodiff<Cuda>>(devices, &label));
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = indices;
+        Err(not_compiled("cuda"))
+    }
+}
+
 fn resolve_auto() -> DeviceChoice {
     #[cfg(feature = "cuda")]
     if cuda_usable(0) {

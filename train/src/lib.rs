@@ -14,6 +14,10 @@
 //! learning rate. A skipped step still advances the step counter, the schedule and the
 //! data. Checkpoints are never written from non-finite weights.
 //!
+//! Several devices (feature `collective`): `ddp::run_training_ddp` runs the same loop
+//! once per device, on one thread each, with the gradients all-reduced by Burn's collective
+//! between the backward passes and clipping ([`trainer::StepSync`]).
+//!
 //! Precision: f32 weights, gradients, optimizer state and compute on every backend. Burn
 //! 0.21 has no automatic mixed precision for training; `training.precision` accepts only
 //! `f32` (see the crate README section in the project README).
@@ -22,6 +26,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+#[cfg(feature = "collective")]
+pub mod ddp;
 pub mod demo;
 pub mod metrics;
 pub mod optim;
@@ -31,5 +37,6 @@ pub mod trainer;
 
 pub use config::{ConfigError, ExperimentConfig};
 pub use trainer::{
-    accumulate_grads, evaluate, run_training, PreviewHook, RunOptions, RunSummary, TrainHooks,
+    accumulate_grads, evaluate, run_training, train_step, LocalStep, PreviewHook, RunOptions,
+    RunSummary, SingleDevice, StepSync, TrainHooks,
 };

@@ -18,6 +18,8 @@ use transfusion_train::config::ExperimentConfig;
 use transfusion_train::data::resolve_tokenizer;
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
+mod ddp_cli;
+
 /// Train Transfusion (one transformer: next-token prediction on text, diffusion on image
 /// latents) and the tools around it.
 #[derive(Parser, Debug)]
@@ -42,6 +44,9 @@ enum Command {
     /// The main job: train the tiny preset on synthetic shapes, then score text-to-image
     /// and image-to-text on held-out samples and write grids and a report.
     Demo(DemoArgs),
+    /// Serve Burn's global collective orchestrator for a multi-machine data-parallel run
+    /// (feature `collective`).
+    Orchestrator(ddp_cli::OrchestratorArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -97,10 +102,9 @@ struct RunArgs {
     /// Device: auto, cpu, wgpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// Several CUDA devices for data-parallel training (e.g. cuda:0,cuda:1). Not
-    /// available in this build: see the training crate's docs.
-    #[arg(long, value_delimiter = ',')]
-    devices: Vec<String>,
+    /// Data-parallel training (--devices, multi-node flags; feature `collective`).
+    #[command(flatten)]
+    ddp: ddp_cli::DdpArgs,
     /// Run directory (metrics, plots, checkpoints).
     #[arg(long, default_value = "runs/train")]
     out: PathBuf,
@@ -346,13 +350,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => {
-            if !a.devices.is_empty() {
-                anyhow::bail!(
-                    "--devices (data-parallel over several GPUs) is not implemented in this build: \
-                     Burn 0.21's collective all-reduce needs the `collective` feature of burn, \
-                     which the workspace does not enable; train on one device with --device"
-                );
-            }
             let (cfg, dir) = build_run_config(&a)?;
             if a.print_config {
                 println!("{}", toml::to_string_pretty(&cfg)?);
@@ -364,8 +361,12 @@ fn main() -> anyhow::Result<()> {
             opts.resume = a.resume;
             opts.config_dir = dir;
             opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+            if a.ddp.requested() {
+                return ddp_cli::run(&a.ddp, cfg, opts);
+            }
             dispatch(a.device, RunTask { cfg, opts })?
         }
+        Command::Orchestrator(a) => ddp_cli::orchestrator(&a),
         Command::Demo(a) => {
             let mut opts = transfusion_train::demo::DemoOptions::new(&a.out);
             opts.train_budget = Duration::from_secs_f64(a.minutes * 60.0);

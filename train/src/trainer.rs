@@ -231,6 +231,32 @@ pub fn seeded_init<B: Backend>(
     m.init::<B>(device)
 }
 
+/// [`seeded_init`], then every parameter materialised under the same lock. Burn creates
+/// parameters lazily: their random values are drawn at first use, after `seeded_init` has
+/// returned. Data-parallel replicas are copies of one model, and a copy of a lazy parameter
+/// draws its own values, so the model is materialised before it is copied. The values
+/// differ from a lazily initialised model with the same seed (the draws happen in another
+/// order), so a fresh data-parallel run does not start from the single-device weights;
+/// resumed runs are interchangeable.
+#[cfg_attr(not(feature = "collective"), allow(dead_code))]
+pub(crate) fn seeded_init_eager<B: Backend>(
+    m: &TransfusionConfig,
+    device: &B::Device,
+    seed: u64,
+) -> Transfusion<B> {
+    struct Touch;
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    B::seed(device, seed);
+    let model = m.init::<B>(device);
+    model.visit(&mut Touch);
+    model
+}
+
 /// Gradients of one optimizer step over `batches` (micro-batches): each loss is scaled by
 /// `1 / batches.len()` and the gradients summed (Burn's `GradientsAccumulator`), so the
 /// result is the gradient of the mean of the micro-batch losses. Returns the gradients,
@@ -282,6 +308,89 @@ pub fn accumulate_grads<B: AutodiffBackend>(
     }
     let grads = single.unwrap_or_else(|| accumulator.grads());
     (grads, sums, finite)
+}
+
+/// One replica's share of an optimizer step, before combining with the other replicas.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalStep {
+    /// Mean `[total, lm, diffusion]` over this replica's micro-batches.
+    pub sums: [f64; 3],
+    /// Whether every loss of this replica was finite.
+    pub finite: bool,
+    /// Text and image positions this replica trained on.
+    pub tokens: u64,
+    /// Images this replica trained on.
+    pub images: u64,
+    /// This replica asks every replica to stop after this step (rank 0's time budget).
+    pub stop: bool,
+}
+
+/// How replicas combine their steps. On one device it is the identity ([`SingleDevice`]);
+/// data-parallel training (feature `collective`) all-reduces with Burn's collective.
+pub trait StepSync<B: AutodiffBackend> {
+    /// This replica's rank, `0..world()`.
+    fn rank(&self) -> usize;
+    /// The number of replicas.
+    fn world(&self) -> usize;
+    /// Combines this replica's gradients and step figures with the other replicas': the
+    /// gradients become the mean over replicas (identical on every replica), `sums` the
+    /// mean, `finite` the conjunction, `tokens`/`images` the totals, `stop` the disjunction.
+    fn sync(
+        &mut self,
+        model: &Transfusion<B>,
+        grads: GradientsParams,
+        local: LocalStep,
+    ) -> anyhow::Result<(GradientsParams, LocalStep)>;
+}
+
+/// The identity [`StepSync`]: one replica.
+pub struct SingleDevice;
+
+impl<B: AutodiffBackend> StepSync<B> for SingleDevice {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn sync(
+        &mut self,
+        _model: &Transfusion<B>,
+        grads: GradientsParams,
+        local: LocalStep,
+    ) -> anyhow::Result<(GradientsParams, LocalStep)> {
+        Ok((grads, local))
+    }
+}
+
+/// One optimizer step of one replica: its micro-batches' gradients, combined with the other
+/// replicas' by `sync` (before clipping, so every replica clips and updates identically),
+/// global-norm clipping, and the AdamW update when everything is finite. Returns the
+/// updated model, the combined step figures and the gradient norm before clipping.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step<B: AutodiffBackend, S: StepSync<B> + ?Sized>(
+    model: Transfusion<B>,
+    optim: &mut TrainOptimizer<B>,
+    batches: Vec<TransfusionBatch<B>>,
+    poison: bool,
+    lr: f64,
+    grad_clip: f64,
+    mut local: LocalStep,
+    sync: &mut S,
+) -> anyhow::Result<(Transfusion<B>, LocalStep, f64)> {
+    let (grads, sums, finite) = accumulate_grads(&model, batches, poison);
+    local.sums = sums;
+    local.finite = finite;
+    let (mut grads, global) = sync.sync(&model, grads, local)?;
+    let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, grad_clip);
+    let mut global = global;
+    global.finite &= grad_norm.is_finite();
+    let model = if global.finite {
+        optim.step(lr, model, grads)
+    } else {
+        model
+    };
+    Ok((model, global, grad_norm))
 }
 
 struct Session<'a, B: AutodiffBackend> {
@@ -355,6 +464,49 @@ pub fn run_training<B: AutodiffBackend>(
     hooks: &mut TrainHooks<B>,
     device: &B::Device,
 ) -> anyhow::Result<RunSummary> {
+    let prepared = prepare::<B>(cfg, opts, device, false)?;
+    train_loop(cfg, opts, hooks, device, prepared, &mut SingleDevice)
+}
+
+/// What every replica starts from: the run's tokenizer, model config and directories, and
+/// the model and training state (fresh, or from the newest complete checkpoint).
+pub(crate) struct Prepared<B: AutodiffBackend> {
+    pub tokenizer: Arc<TextTokenizer>,
+    pub m: TransfusionConfig,
+    pub meta: ModelMeta,
+    pub root: PathBuf,
+    pub resume_from: Option<PathBuf>,
+    pub model: Transfusion<B>,
+    pub state: TrainingState,
+}
+
+impl<B: AutodiffBackend> Prepared<B> {
+    /// The same start on another device: the weights are copied and keep their parameter
+    /// ids, so replicas' gradients line up in the all-reduce.
+    #[cfg_attr(not(feature = "collective"), allow(dead_code))]
+    pub fn replica_on(&self, device: &B::Device) -> Self {
+        Self {
+            tokenizer: self.tokenizer.clone(),
+            m: self.m.clone(),
+            meta: self.meta.clone(),
+            root: self.root.clone(),
+            resume_from: self.resume_from.clone(),
+            model: self.model.clone().fork(device),
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// Validates the config, sets up the run directory (leftovers of interrupted checkpoint
+/// writes removed, `config.json` written) and builds or loads the model on `device`.
+/// `eager_init`: materialise a fresh model's parameters now ([`seeded_init_eager`]), for
+/// data-parallel runs that copy it.
+pub(crate) fn prepare<B: AutodiffBackend>(
+    cfg: &ExperimentConfig,
+    opts: &RunOptions,
+    device: &B::Device,
+    eager_init: bool,
+) -> anyhow::Result<Prepared<B>> {
     let tokenizer = Arc::new(load_tokenizer(cfg, opts.config_dir.as_deref())?);
     let m = cfg.validate(tokenizer.vocab_size())?;
     let out = opts.out.clone();
@@ -376,17 +528,6 @@ pub fn run_training<B: AutodiffBackend>(
         autoencoder: AutoencoderRef::Pixel,
         step: 0,
     };
-    let session = Session::<B> {
-        cfg,
-        m: m.clone(),
-        tokenizer: tokenizer.clone(),
-        meta,
-        root: root.clone(),
-        device: device.clone(),
-    };
-
-    // Model, optimizer and state: fresh or from the newest complete checkpoint.
-    let mut optim: TrainOptimizer<B> = adamw(&cfg.optimizer).init();
     let resume_from = if opts.resume {
         let l = latest_checkpoint(&root);
         if l.is_none() {
@@ -399,7 +540,7 @@ pub fn run_training<B: AutodiffBackend>(
     } else {
         None
     };
-    let (mut model, mut state) = match &resume_from {
+    let (model, state) = match &resume_from {
         Some(dir) => {
             let state = read_state(dir)?;
             let (model, saved_meta, _) = load_model::<B>(dir, device)?;
@@ -410,12 +551,15 @@ pub fn run_training<B: AutodiffBackend>(
                     dir.display()
                 );
             }
-            optim = load_optimizer(dir, &model, optim, device)?;
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
             (model, state)
         }
         None => (
-            seeded_init::<B>(&m, device, cfg.seed),
+            if eager_init {
+                seeded_init_eager::<B>(&m, device, cfg.seed)
+            } else {
+                seeded_init::<B>(&m, device, cfg.seed)
+            },
             TrainingState {
                 step: 0,
                 skipped_steps: 0,
@@ -426,6 +570,53 @@ pub fn run_training<B: AutodiffBackend>(
             },
         ),
     };
+    Ok(Prepared {
+        tokenizer,
+        m,
+        meta,
+        root,
+        resume_from,
+        model,
+        state,
+    })
+}
+
+/// The training loop of one replica. Rank 0 logs, evaluates, previews and writes
+/// checkpoints; every replica reads the same data stream and trains on the micro-batches
+/// whose index is its rank modulo the world size, so `world` replicas with `grad_accum`
+/// micro-batches each see exactly the batches of one device with `world * grad_accum`.
+pub(crate) fn train_loop<B: AutodiffBackend, S: StepSync<B> + ?Sized>(
+    cfg: &ExperimentConfig,
+    opts: &RunOptions,
+    hooks: &mut TrainHooks<B>,
+    device: &B::Device,
+    prepared: Prepared<B>,
+    sync: &mut S,
+) -> anyhow::Result<RunSummary> {
+    let Prepared {
+        tokenizer,
+        m,
+        meta,
+        root,
+        resume_from,
+        mut model,
+        mut state,
+    } = prepared;
+    let (rank, world) = (sync.rank(), sync.world());
+    let lead = rank == 0;
+    let out = opts.out.clone();
+    let session = Session::<B> {
+        cfg,
+        m: m.clone(),
+        tokenizer: tokenizer.clone(),
+        meta,
+        root: root.clone(),
+        device: device.clone(),
+    };
+    let mut optim: TrainOptimizer<B> = adamw(&cfg.optimizer).init();
+    if let Some(dir) = &resume_from {
+        optim = load_optimizer(dir, &model, optim, device)?;
+    }
     let started_at = state.step;
     let mut pipeline = build_pipeline(cfg, &m, &tokenizer, Split::Train, cfg.training.batch_size)?;
     if resume_from.is_some() {
@@ -436,11 +627,18 @@ pub fn run_training<B: AutodiffBackend>(
     } else {
         Feed::Direct(pipeline)
     };
-    let mut log = MetricsLog::open(&out, resume_from.as_ref().map(|_| state.step))?;
+    let mut log = if lead {
+        Some(MetricsLog::open(
+            &out,
+            resume_from.as_ref().map(|_| state.step),
+        )?)
+    } else {
+        None
+    };
 
     let total = cfg.training.steps;
     let end = opts.stop_at_step.map_or(total, |s| s.min(total));
-    let bar = if opts.progress {
+    let bar = if opts.progress && lead {
         let b = ProgressBar::new(total);
         b.set_style(
             ProgressStyle::with_template(
@@ -463,25 +661,47 @@ pub fn run_training<B: AutodiffBackend>(
     let accum = cfg.training.grad_accum;
 
     while state.step < end {
-        if opts.time_budget.is_some_and(|b| started.elapsed() >= b) {
+        // One device stops before the step; replicas agree through the step's all-reduce
+        // (rank 0's clock decides) and stop after it.
+        let budget_reached = lead && opts.time_budget.is_some_and(|b| started.elapsed() >= b);
+        if budget_reached && world == 1 {
             eprintln!("time budget reached at step {}", state.step);
             break;
         }
         let step = state.step;
         let lr = lr_at(&cfg.schedule, step, total);
         let mut batches = Vec::with_capacity(accum);
+        let mut local = LocalStep {
+            stop: budget_reached,
+            ..LocalStep::default()
+        };
         for _ in 0..accum {
-            let rows = feed.next_rows()?;
-            window.1 += rows.iter().map(|r| r.used() as u64).sum::<u64>();
-            window.2 += rows.iter().map(|r| r.images.len() as u64).sum::<u64>();
-            batches.push(feed.batcher().batch::<B>(rows, device)?);
+            for r in 0..world {
+                let rows = feed.next_rows()?;
+                if r != rank {
+                    continue;
+                }
+                local.tokens += rows.iter().map(|r| r.used() as u64).sum::<u64>();
+                local.images += rows.iter().map(|r| r.images.len() as u64).sum::<u64>();
+                batches.push(feed.batcher().batch::<B>(rows, device)?);
+            }
         }
         let poison = hooks.poison_step.as_mut().is_some_and(|f| f(step));
-        let (mut grads, sums, mut finite) = accumulate_grads(&model, batches, poison);
-        let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, cfg.training.grad_clip);
-        finite &= grad_norm.is_finite();
+        let (next, global, grad_norm) = train_step(
+            model,
+            &mut optim,
+            batches,
+            poison,
+            lr,
+            cfg.training.grad_clip,
+            local,
+            sync,
+        )?;
+        model = next;
+        window.1 += global.tokens;
+        window.2 += global.images;
+        let (sums, finite) = (global.sums, global.finite);
         if finite {
-            model = optim.step(lr, model, grads);
             consecutive_bad = 0;
         } else {
             state.skipped_steps += 1;
@@ -490,7 +710,10 @@ pub fn run_training<B: AutodiffBackend>(
         state.step += 1;
         bar.set_position(state.step);
 
-        if state.step % cfg.training.log_every == 0 || !finite || state.step == end {
+        if let Some(log) = log
+            .as_mut()
+            .filter(|_| state.step % cfg.training.log_every == 0 || !finite || state.step == end)
+        {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
             let sm = StepMetrics {
                 step: state.step,
@@ -535,9 +758,19 @@ pub fn run_training<B: AutodiffBackend>(
                     .map_or("none".to_string(), |p| p.display().to_string())
             );
         }
+        if global.stop {
+            // Replicas only: the budget ended this step; the final save below follows.
+            if lead {
+                eprintln!("time budget reached at step {}", state.step);
+            }
+            break;
+        }
         if !finite {
             continue;
         }
+        let Some(log) = log.as_mut() else {
+            continue;
+        };
 
         let is_end = state.step == end;
         let eval_due =
@@ -576,6 +809,18 @@ pub fn run_training<B: AutodiffBackend>(
             )?;
         }
     }
+    let Some(mut log) = log else {
+        // Not rank 0: nothing to save or report beyond the step count.
+        return Ok(RunSummary {
+            steps: state.step,
+            skipped_steps: state.skipped_steps,
+            last_eval: None,
+            last_checkpoint: None,
+            started_at,
+            metrics: Vec::new(),
+            model: m,
+        });
+    };
     // Stopped early (time budget) or resumed at the end: make sure the final state is saved.
     if last_ckpt_step != Some(state.step) && consecutive_bad == 0 {
         let now = state.step;

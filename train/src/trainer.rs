@@ -14,7 +14,7 @@ use transfusion_data::packing::PackedRow;
 use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_infer::checkpoint::{load_model, AutoencoderRef, ModelMeta};
+use transfusion_infer::checkpoint::{load_model, ModelMeta};
 use transfusion_model::{Transfusion, TransfusionBatch, TransfusionConfig};
 
 use crate::checkpoint::{
@@ -373,7 +373,7 @@ pub fn run_training<B: AutodiffBackend>(
         model: m.clone(),
         special_tokens: *tokenizer.special(),
         image_size: cfg.data.image_size,
-        autoencoder: AutoencoderRef::Pixel,
+        autoencoder: crate::data::autoencoder_for(cfg)?,
         step: 0,
     };
     let session = Session::<B> {
@@ -440,19 +440,7 @@ pub fn run_training<B: AutodiffBackend>(
 
     let total = cfg.training.steps;
     let end = opts.stop_at_step.map_or(total, |s| s.min(total));
-    let bar = if opts.progress {
-        let b = ProgressBar::new(total);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        b.set_position(state.step);
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = step_progress_bar(total, state.step, opts.progress);
     let started = Instant::now();
     let mut consecutive_bad = 0u32;
     let mut last_ckpt = resume_from.clone();
@@ -610,6 +598,23 @@ pub fn run_training<B: AutodiffBackend>(
         metrics: log.lines.clone(),
         model: m,
     })
+}
+
+/// The training progress bar (`{bar} pos/len [elapsed<eta] message`) at `position` of
+/// `total` steps; hidden when `show` is false. Shared by every training loop.
+pub fn step_progress_bar(total: u64, position: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    b.set_position(position);
+    b
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -186,6 +186,19 @@ pub fn load_vae<B: Backend>(path: &Path, device: &B::Device) -> Result<Vae<B>> {
     }
 }
 
+/// Images center-cropped and resized to `size` pixels, as a batch in `[-1, 1]`.
+///
+/// # Shapes
+/// output `[N, 3, size, size]`
+pub fn pixels_tensor<B: Backend>(images: &[RgbImage], size: u32, device: &B::Device) -> Tensor<B, 4> {
+    let s = size as usize;
+    let mut data = Vec::with_capacity(images.len() * 3 * s * s);
+    for img in images {
+        data.extend(to_chw(&center_crop_resize(img, size)));
+    }
+    Tensor::from_data(TensorData::new(data, [images.len(), 3, s, s]), device)
+}
+
 /// The autoencoder of a pipeline: pixel space (identity) or a VAE.
 #[derive(Debug)]
 pub enum Autoencoder<B: Backend> {
@@ -214,13 +227,8 @@ impl<B: Backend> Autoencoder<B> {
         size: u32,
         device: &B::Device,
     ) -> Tensor<B, 4> {
-        let s = size as usize;
-        let mut data = Vec::with_capacity(images.len() * 3 * s * s);
-        for img in images {
-            data.extend(to_chw(&center_crop_resize(img, size)));
-        }
         // [N, 3, S, S] in [-1, 1]
-        let x = Tensor::from_data(TensorData::new(data, [images.len(), 3, s, s]), device);
+        let x = pixels_tensor::<B>(images, size, device);
         match self {
             Autoencoder::Pixel => x,
             Autoencoder::Vae(v) => v.encode(x),
@@ -321,9 +329,8 @@ impl<B: Backend> transfusion_data::encoder::ImageEncoder for VaeImageEncoder<B> 
         images: &[RgbImage],
     ) -> Result<Vec<Vec<f32>>, transfusion_data::DataError> {
         let vae = self.vae.lock().expect("VAE lock should not be poisoned");
-        let ae = Autoencoder::Vae(vae.clone());
-        // [N, c, S/f, S/f]
-        let z = ae.encode_images(images, self.image_size, &self.device);
+        // [N, 3, S, S] -> [N, c, S/f, S/f]
+        let z = vae.encode(pixels_tensor::<B>(images, self.image_size, &self.device));
         let flat: Vec<f32> = z
             .into_data()
             .convert::<f32>()

@@ -18,6 +18,22 @@ pub trait ImageEncoder: Send + Sync {
 
     /// One line naming the encoder and its settings (stored in latent caches).
     fn describe(&self) -> String;
+
+    /// Images [`ImageEncoder::encode_batch`] takes at once (a VAE on a GPU wants many).
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// Encodes several images (default: one at a time); one latent per image, in order.
+    fn encode_batch(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, DataError> {
+        images.iter().map(|img| self.encode(img)).collect()
+    }
+
+    /// The autoencoder checkpoint this encoder runs, if any: recorded in latent caches so
+    /// a model trained on them knows how to decode its latents.
+    fn autoencoder_path(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// The identity encoder in pixel space: `to_chw(center_crop_resize(img, image_size))`,

@@ -58,6 +58,10 @@ pub struct LatentIndex {
     pub source: String,
     /// Text-only samples of the source that were left out.
     pub text_skipped: usize,
+    /// The VAE checkpoint the latents were encoded with ([`ImageEncoder::autoencoder_path`]);
+    /// absent for pixel-space caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<PathBuf>,
 }
 
 fn write_shard(
@@ -88,9 +92,10 @@ fn write_shard(
 
 /// Encodes every pair of one epoch of `source` (in order, epoch 0) with `encoder` and
 /// writes a cache to `out_dir` (created if needed) with `per_shard` latents per shard.
+/// Images are encoded in batches of [`ImageEncoder::batch_size`].
 /// Text-only samples are left out (counted in the index); pairs that already carry a
 /// latent are stored as they are (their shape must match the encoder's). `progress` is
-/// called with (pairs written, records per epoch if known) after each record.
+/// called with (pairs read, records per epoch if known) after each record.
 pub fn cache_latents(
     source: &dyn SampleSource,
     encoder: &dyn ImageEncoder,
@@ -111,43 +116,108 @@ pub fn cache_latents(
         encoder: encoder.describe(),
         source: source.describe(),
         text_skipped: 0,
+        vae: encoder.autoencoder_path(),
     };
+    let batch = encoder.batch_size().max(1);
     let (mut latents, mut captions) = (Vec::new(), Vec::new());
+    // Images waiting to be encoded as one batch, with their captions.
+    let (mut pending, mut pending_captions): (Vec<image::RgbImage>, Vec<String>) =
+        (Vec::new(), Vec::new());
+    let add = |index: &mut LatentIndex,
+               latents: &mut Vec<f32>,
+               captions: &mut Vec<String>,
+               data: Vec<f32>,
+               caption: String|
+     -> Result<(), DataError> {
+        latents.extend_from_slice(&data);
+        captions.push(caption);
+        index.count += 1;
+        if captions.len() == per_shard {
+            index.shards.push(write_shard(
+                out_dir,
+                index.shards.len(),
+                shape,
+                latents,
+                captions,
+            )?);
+            latents.clear();
+            captions.clear();
+        }
+        Ok(())
+    };
+    let flush = |index: &mut LatentIndex,
+                 latents: &mut Vec<f32>,
+                 captions: &mut Vec<String>,
+                 pending: &mut Vec<image::RgbImage>,
+                 pending_captions: &mut Vec<String>|
+     -> Result<(), DataError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let encoded = encoder.encode_batch(pending)?;
+        if encoded.len() != pending.len() {
+            return Err(DataError::invalid(
+                out_dir,
+                format!(
+                    "{} returned {} latents for {} images",
+                    encoder.describe(),
+                    encoded.len(),
+                    pending.len()
+                ),
+            ));
+        }
+        pending.clear();
+        for (data, caption) in encoded.into_iter().zip(pending_captions.drain(..)) {
+            add(index, latents, captions, data, caption)?;
+        }
+        Ok(())
+    };
     for rec in source.iter_epoch(0, 0)? {
         match rec? {
             None => {}
             Some(Sample::Text(_)) => index.text_skipped += 1,
-            Some(Sample::Pair { image, caption }) => {
-                let data = match image {
-                    ImageData::Pixels(img) => encoder.encode(&img)?,
-                    ImageData::Latent { data, shape: s } if s == shape => data,
-                    ImageData::Latent { shape: s, .. } => {
-                        return Err(DataError::invalid(
-                            out_dir,
-                            format!(
-                                "source latent shape {s:?} differs from the encoder's {shape:?}"
-                            ),
-                        ));
+            Some(Sample::Pair { image, caption }) => match image {
+                ImageData::Pixels(img) => {
+                    pending.push(img);
+                    pending_captions.push(caption);
+                    if pending.len() == batch {
+                        flush(
+                            &mut index,
+                            &mut latents,
+                            &mut captions,
+                            &mut pending,
+                            &mut pending_captions,
+                        )?;
                     }
-                };
-                latents.extend_from_slice(&data);
-                captions.push(caption);
-                index.count += 1;
-                if captions.len() == per_shard {
-                    index.shards.push(write_shard(
-                        out_dir,
-                        index.shards.len(),
-                        shape,
-                        &latents,
-                        &captions,
-                    )?);
-                    latents.clear();
-                    captions.clear();
                 }
-            }
+                ImageData::Latent { data, shape: s } if s == shape => {
+                    // Keep the source's order: encode what waits first.
+                    flush(
+                        &mut index,
+                        &mut latents,
+                        &mut captions,
+                        &mut pending,
+                        &mut pending_captions,
+                    )?;
+                    add(&mut index, &mut latents, &mut captions, data, caption)?;
+                }
+                ImageData::Latent { shape: s, .. } => {
+                    return Err(DataError::invalid(
+                        out_dir,
+                        format!("source latent shape {s:?} differs from the encoder's {shape:?}"),
+                    ));
+                }
+            },
         }
-        progress(index.count, total);
+        progress(index.count + pending.len(), total);
     }
+    flush(
+        &mut index,
+        &mut latents,
+        &mut captions,
+        &mut pending,
+        &mut pending_captions,
+    )?;
     if !captions.is_empty() {
         index.shards.push(write_shard(
             out_dir,

@@ -10,6 +10,7 @@
 //! [`text`] (token sampling, streaming), [`pipeline`] (the API), [`interleave`]
 //! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`].
 
+pub mod autoencoder;
 pub mod bench;
 pub mod checkpoint;
 pub mod context;

@@ -22,12 +22,11 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Result};
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use image::RgbImage;
-use transfusion_data::image::{center_crop_resize, from_chw, to_chw};
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_model::Transfusion;
 
+use crate::autoencoder::{load_vae, Autoencoder};
 use crate::checkpoint::{load_model, AutoencoderRef, ModelMeta};
 use crate::context::{CachePolicy, ForwardRecord, Rows, Trace};
 use crate::guidance::{duplicate, unconditional_prompt, Guidance};
@@ -54,9 +53,6 @@ pub enum InferError {
         /// Patches per image.
         n: usize,
     },
-    /// The checkpoint needs an autoencoder this crate cannot run yet.
-    #[error("checkpoint uses autoencoder {0:?}; only pixel space is supported for inference")]
-    Autoencoder(AutoencoderRef),
     /// Metadata and model disagree.
     #[error("checkpoint metadata: {0}")]
     Meta(String),
@@ -97,6 +93,8 @@ pub struct Pipeline<B: Backend> {
     pub meta: ModelMeta,
     /// Its tokenizer.
     pub tokenizer: TextTokenizer,
+    /// Pixels to latents and back (pixel space or a VAE).
+    pub autoencoder: Autoencoder<B>,
     /// KV cache (default) or full recomputation (the reference path).
     pub cache_policy: CachePolicy,
     /// Whether forward passes are recorded (see [`Pipeline::take_trace`]).
@@ -106,27 +104,50 @@ pub struct Pipeline<B: Backend> {
 }
 
 impl<B: Backend> Pipeline<B> {
-    /// Loads a checkpoint directory (see [`crate::checkpoint`]) onto `device`.
+    /// Loads a checkpoint directory (see [`crate::checkpoint`]) onto `device`, with its
+    /// autoencoder (a VAE path in `model.json` is relative to the checkpoint directory).
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let (model, meta, tokenizer) = load_model::<B>(dir, device)?;
-        Self::from_parts(model, meta, tokenizer)
+        let autoencoder = load_autoencoder::<B>(&meta.autoencoder, Some(dir), device)
+            .map_err(|e| anyhow::anyhow!("checkpoint {}: {e:#}", dir.display()))?;
+        Self::from_parts_with_autoencoder(model, meta, tokenizer, autoencoder)
             .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))
     }
 
-    /// Wraps an in-memory model (e.g. the one being trained, via `model.valid()`).
+    /// Wraps an in-memory model (e.g. the one being trained, via `model.valid()`); a VAE
+    /// named in `meta` is loaded from its path (relative to the working directory).
     pub fn from_parts(
         model: Transfusion<B>,
         meta: ModelMeta,
         tokenizer: TextTokenizer,
     ) -> Result<Self> {
-        if meta.autoencoder != AutoencoderRef::Pixel {
-            return Err(InferError::Autoencoder(meta.autoencoder.clone()).into());
-        }
-        if meta.model.latent_size != meta.image_size as usize || meta.model.latent_channels != 3 {
+        let device = model.tok_emb.weight.device();
+        let autoencoder = load_autoencoder::<B>(&meta.autoencoder, None, &device)?;
+        Self::from_parts_with_autoencoder(model, meta, tokenizer, autoencoder)
+    }
+
+    /// Wraps an in-memory model and autoencoder, checking that the autoencoder's latents
+    /// `[c, S/f, S/f]` are what the model diffuses over.
+    pub fn from_parts_with_autoencoder(
+        model: Transfusion<B>,
+        meta: ModelMeta,
+        tokenizer: TextTokenizer,
+        autoencoder: Autoencoder<B>,
+    ) -> Result<Self> {
+        let (c, f) = autoencoder.latent_geometry();
+        let m = &meta.model;
+        if m.latent_channels != c || m.latent_size * f != meta.image_size as usize {
+            let what = match &autoencoder {
+                Autoencoder::Pixel => "pixel space".to_string(),
+                Autoencoder::Vae(_) => format!("the VAE ({c} channels, {f}x down-sampling)"),
+            };
             return Err(InferError::Meta(format!(
-                "pixel space needs latent_size == image_size and 3 channels (got latent {}, \
-                 image {}, {} channels)",
-                meta.model.latent_size, meta.image_size, meta.model.latent_channels
+                "{what} turns {0}x{0} images into latents [{c}, {1}, {1}], but the model \
+                 expects [{2}, {3}, {3}]",
+                meta.image_size,
+                meta.image_size as usize / f,
+                m.latent_channels,
+                m.latent_size
             ))
             .into());
         }
@@ -138,6 +159,7 @@ impl<B: Backend> Pipeline<B> {
             model,
             meta,
             tokenizer,
+            autoencoder,
             cache_policy: CachePolicy::Cached,
             record: false,
             device,
@@ -398,29 +420,17 @@ impl<B: Backend> Pipeline<B> {
         x
     }
 
-    /// Converts `[N, 3, H, W]` pixel latents in `[-1, 1]` to images.
+    /// Converts latents `[N, c, h, w]` to images (decoded by the VAE, if any; pixel
+    /// latents in `[-1, 1]` otherwise).
     pub fn to_images(&self, x: Tensor<B, 4>) -> Vec<RgbImage> {
-        let [n, _, h, w] = x.dims();
-        let flat: Vec<f32> = x
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("images should convert to f32");
-        let per = 3 * h * w;
-        (0..n)
-            .map(|k| from_chw(&flat[k * per..(k + 1) * per], h, w))
-            .collect()
+        self.autoencoder.decode_images(x)
     }
 
-    /// Converts images (center-cropped and resized to the model's size) to `[N, 3, H, W]`.
+    /// Converts images (center-cropped and resized to the model's size) to latents
+    /// `[N, c, H, W]` (encoded by the VAE, if any).
     pub fn from_images(&self, images: &[RgbImage]) -> Tensor<B, 4> {
-        let size = self.meta.image_size;
-        let s = size as usize;
-        let mut data = Vec::with_capacity(images.len() * 3 * s * s);
-        for img in images {
-            data.extend(to_chw(&center_crop_resize(img, size)));
-        }
-        Tensor::from_data(TensorData::new(data, [images.len(), 3, s, s]), &self.device)
+        self.autoencoder
+            .encode_images(images, self.meta.image_size, &self.device)
     }
 
     /// One caption per image, all images in one batch.
@@ -452,5 +462,34 @@ impl<B: Backend> Pipeline<B> {
         let hidden = rows.push_tokens(&self.model, &vec![special.eoi; n], self.tr());
         let banned = self.text_banned(false);
         Ok(self.decode_rows(&mut rows, hidden, opts, &banned, |_, _| {}))
+    }
+}
+
+/// The autoencoder `aref` names: pixel space, or the VAE at its path (relative paths are
+/// taken relative to `base`, the checkpoint directory, when given). A missing VAE is an
+/// error naming the path.
+pub fn load_autoencoder<B: Backend>(
+    aref: &AutoencoderRef,
+    base: Option<&Path>,
+    device: &B::Device,
+) -> Result<Autoencoder<B>> {
+    match aref {
+        AutoencoderRef::Pixel => Ok(Autoencoder::Pixel),
+        AutoencoderRef::Vae { path } => {
+            let full = match base {
+                Some(b) if path.is_relative() => b.join(path),
+                _ => path.clone(),
+            };
+            if !full.exists() {
+                bail!(
+                    "the model's autoencoder is the VAE at {}, which does not exist (model.json \
+                     `autoencoder.path`; put the VAE there or edit the path)",
+                    full.display()
+                );
+            }
+            let vae = load_vae::<B>(&full, device)
+                .map_err(|e| anyhow::anyhow!("the model's VAE {}: {e:#}", full.display()))?;
+            Ok(Autoencoder::Vae(vae))
+        }
     }
 }

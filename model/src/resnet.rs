@@ -33,12 +33,19 @@ pub struct ResnetBlockConfig {
     pub groups: usize,
     /// Width of the timestep embedding, `None` for an unconditioned block (VAE).
     pub d_temb: Option<usize>,
+    /// GroupNorm epsilon (PyTorch's default 1e-5; diffusers' autoencoder uses 1e-6).
+    #[config(default = 1e-5)]
+    pub norm_eps: f64,
 }
 
 impl ResnetBlockConfig {
     /// Builds the block.
     pub fn init<B: Backend>(&self, device: &B::Device) -> ResnetBlock<B> {
-        let norm = |c| GroupNormConfig::new(group_count(c, self.groups), c).init(device);
+        let norm = |c| {
+            GroupNormConfig::new(group_count(c, self.groups), c)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
         ResnetBlock {
             norm1: norm(self.c_in),
             conv1: conv3x3(self.c_in, self.c_out, device),
@@ -105,12 +112,18 @@ pub struct Downsample<B: Backend> {
 }
 
 impl<B: Backend> Downsample<B> {
-    /// Builds the layer for `channels` channels.
+    /// Builds the layer for `channels` channels with symmetric padding 1.
     pub fn new(channels: usize, device: &B::Device) -> Self {
+        Self::with_padding(channels, PaddingConfig2d::Explicit(1, 1, 1, 1), device)
+    }
+
+    /// Builds the layer with explicit `padding` (`Explicit(top, left, bottom, right)`), e.g.
+    /// diffusers' autoencoder pads only bottom and right: `Explicit(0, 0, 1, 1)`.
+    pub fn with_padding(channels: usize, padding: PaddingConfig2d, device: &B::Device) -> Self {
         Self {
             conv: Conv2dConfig::new([channels, channels], [3, 3])
                 .with_stride([2, 2])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_padding(padding)
                 .init(device),
         }
     }

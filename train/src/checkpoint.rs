@@ -23,7 +23,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use burn::module::ParamId;
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
@@ -39,11 +39,27 @@ use transfusion_model::Transfusion;
 use crate::config::ExperimentConfig;
 use crate::optim::param_ids;
 
+/// AdamW over any module `M` (the Transfusion model, the VAE).
+pub type AdamWOptimizer<M, B> = OptimizerAdaptor<AdamW, M, B>;
+
+/// The record type of [`AdamWOptimizer`] (a map from parameter id to AdamW state).
+pub type AdamWRecord<M, B> = <AdamWOptimizer<M, B> as Optimizer<M, B>>::Record;
+
 /// The optimizer type of training.
-pub type TrainOptimizer<B> = OptimizerAdaptor<AdamW, Transfusion<B>, B>;
+pub type TrainOptimizer<B> = AdamWOptimizer<Transfusion<B>, B>;
 
 /// The optimizer's record type (a map from parameter id to AdamW state).
-pub type OptimRecord<B> = <TrainOptimizer<B> as Optimizer<Transfusion<B>, B>>::Record;
+pub type OptimRecord<B> = AdamWRecord<Transfusion<B>, B>;
+
+/// Files a complete Transfusion training checkpoint holds.
+pub const REQUIRED_FILES: &[&str] = &[
+    WEIGHTS_FILE,
+    META_FILE,
+    TOKENIZER_FILE,
+    CONFIG_FILE,
+    STATE_FILE,
+    "optimizer.mpk",
+];
 
 /// Optimizer state file (the recorder adds `.mpk`).
 pub const OPTIMIZER_FILE: &str = "optimizer";
@@ -78,21 +94,18 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn is_complete(dir: &Path) -> bool {
-    [
-        WEIGHTS_FILE,
-        META_FILE,
-        TOKENIZER_FILE,
-        CONFIG_FILE,
-        STATE_FILE,
-        "optimizer.mpk",
-    ]
-    .iter()
-    .all(|f| dir.join(f).is_file())
+fn is_complete(dir: &Path, required: &[&str]) -> bool {
+    required.iter().all(|f| dir.join(f).is_file())
 }
 
 /// Complete step checkpoints under `root`, oldest first.
 pub fn list_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
+    list_checkpoints_with(root, REQUIRED_FILES)
+}
+
+/// Step checkpoints under `root` holding every file of `required`, oldest first (any kind
+/// of checkpoint: Transfusion, VAE).
+pub fn list_checkpoints_with(root: &Path, required: &[&str]) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = fs::read_dir(root) else {
         return vec![];
     };
@@ -102,7 +115,7 @@ pub fn list_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
             let name = e.file_name().to_string_lossy().to_string();
             let step: u64 = name.strip_prefix("step-")?.parse().ok()?;
             let path = e.path();
-            is_complete(&path).then_some((step, path))
+            is_complete(&path, required).then_some((step, path))
         })
         .collect();
     v.sort();
@@ -112,6 +125,11 @@ pub fn list_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
 /// The newest complete checkpoint under `root`.
 pub fn latest_checkpoint(root: &Path) -> Option<PathBuf> {
     list_checkpoints(root).pop().map(|(_, p)| p)
+}
+
+/// The newest step checkpoint under `root` holding every file of `required`.
+pub fn latest_checkpoint_with(root: &Path, required: &[&str]) -> Option<PathBuf> {
+    list_checkpoints_with(root, required).pop().map(|(_, p)| p)
 }
 
 /// Removes `.tmp-*` / `.old-*` leftovers of interrupted writes; returns how many.
@@ -147,16 +165,21 @@ pub struct CheckpointParts<'a, B: AutodiffBackend> {
     pub state: &'a TrainingState,
 }
 
-fn write_into<B: AutodiffBackend>(dir: &Path, p: &CheckpointParts<B>) -> anyhow::Result<()> {
-    save_model(dir, p.model, p.meta, p.tokenizer)?;
-    let ids = param_ids::<B, _>(p.model);
+/// Writes the AdamW state of `optim` for `model` to `dir/optimizer.mpk`, keyed by parameter
+/// index (see the module docs).
+pub fn save_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
+    dir: &Path,
+    model: &M,
+    optim: &AdamWOptimizer<M, B>,
+) -> anyhow::Result<()> {
+    let ids = param_ids::<B, _>(model);
     let index: HashMap<ParamId, u64> = ids
         .iter()
         .enumerate()
         .map(|(i, id)| (*id, i as u64))
         .collect();
-    let record = p.optim.to_record();
-    let mut by_index: OptimRecord<B> = Default::default();
+    let record = optim.to_record();
+    let mut by_index: AdamWRecord<M, B> = Default::default();
     for (id, r) in record {
         let i = index
             .get(&id)
@@ -166,6 +189,12 @@ fn write_into<B: AutodiffBackend>(dir: &Path, p: &CheckpointParts<B>) -> anyhow:
     NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .record(by_index, dir.join(OPTIMIZER_FILE))
         .map_err(|e| anyhow::anyhow!("cannot write optimizer state: {e}"))?;
+    Ok(())
+}
+
+fn write_into<B: AutodiffBackend>(dir: &Path, p: &CheckpointParts<B>) -> anyhow::Result<()> {
+    save_model(dir, p.model, p.meta, p.tokenizer)?;
+    save_optimizer(dir, p.model, p.optim)?;
     fs::write(
         dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(p.config)?,
@@ -182,12 +211,24 @@ pub fn write_checkpoint<B: AutodiffBackend>(
     name: &str,
     parts: &CheckpointParts<B>,
 ) -> anyhow::Result<PathBuf> {
+    write_dir_atomically(root, name, |tmp| write_into(tmp, parts))
+}
+
+/// Creates `root/name` atomically: `fill` writes the files into `root/.tmp-NAME`, which is
+/// then renamed into place (an existing directory of that name is replaced only after the
+/// new one is complete). Shared by every kind of checkpoint.
+pub fn write_dir_atomically(
+    root: &Path,
+    name: &str,
+    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
-    write_into(&tmp, parts).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    fill(&tmp).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
     let dest = root.join(name);
     if dest.exists() {
         let old = root.join(format!(".old-{name}"));
@@ -206,7 +247,12 @@ pub fn write_checkpoint<B: AutodiffBackend>(
 
 /// Deletes all but the newest `keep` step checkpoints.
 pub fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
-    let list = list_checkpoints(root);
+    prune_with(root, keep, REQUIRED_FILES)
+}
+
+/// Deletes all but the newest `keep` step checkpoints holding every file of `required`.
+pub fn prune_with(root: &Path, keep: usize, required: &[&str]) -> anyhow::Result<()> {
+    let list = list_checkpoints_with(root, required);
     if list.len() > keep {
         for (_, p) in &list[..list.len() - keep] {
             fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display()))?;
@@ -234,17 +280,17 @@ pub fn read_config(dir: &Path) -> anyhow::Result<ExperimentConfig> {
 
 /// Loads the optimizer state of `dir` into `optim` for `model` (whose parameter ids may
 /// differ from those of the model that was saved).
-pub fn load_optimizer<B: AutodiffBackend>(
+pub fn load_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     dir: &Path,
-    model: &Transfusion<B>,
-    optim: TrainOptimizer<B>,
+    model: &M,
+    optim: AdamWOptimizer<M, B>,
     device: &B::Device,
-) -> anyhow::Result<TrainOptimizer<B>> {
-    let record: OptimRecord<B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+) -> anyhow::Result<AdamWOptimizer<M, B>> {
+    let record: AdamWRecord<M, B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .load(dir.join(OPTIMIZER_FILE), device)
         .map_err(|e| anyhow::anyhow!("{}: cannot read optimizer state: {e}", dir.display()))?;
     let ids = param_ids::<B, _>(model);
-    let mut mapped: OptimRecord<B> = Default::default();
+    let mut mapped: AdamWRecord<M, B> = Default::default();
     for (k, r) in record {
         let Some(id) = ids.get(k.val() as usize) else {
             bail!(

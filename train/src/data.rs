@@ -6,15 +6,17 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use transfusion_data::encoder::{FnEncoder, ImageEncoder, PixelEncoder};
+use transfusion_data::latent_cache::LatentCacheSource;
 use transfusion_data::mixture::{Mixture, MixtureConfig};
 use transfusion_data::packing::PackConfig;
 use transfusion_data::pipeline::{DataPipeline, PipelineConfig};
 use transfusion_data::rng::derive_seed;
 use transfusion_data::sequence::SequenceConfig;
 use transfusion_data::shapes::ShapesGenerator;
-use transfusion_data::source::{SourceOptions, SourceSpec};
+use transfusion_data::source::{SourceKind, SourceOptions, SourceSpec};
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_data::DataError;
+use transfusion_infer::checkpoint::AutoencoderRef;
 use transfusion_model::TransfusionConfig;
 
 use crate::config::ExperimentConfig;
@@ -67,6 +69,38 @@ pub fn encoder_for(m: &TransfusionConfig, image_size: u32) -> Arc<dyn ImageEncod
                 ),
             })
         },
+    })
+}
+
+/// The autoencoder a model trained on `cfg`'s data decodes with: the VAE recorded in its
+/// latent caches (`latents:DIR` sources written by `cache-latents --vae`), else pixel
+/// space. Caches made with different VAEs cannot be mixed.
+pub fn autoencoder_for(cfg: &ExperimentConfig) -> anyhow::Result<AutoencoderRef> {
+    let mut found: Option<PathBuf> = None;
+    for spec in &cfg.data.train {
+        if spec.kind != SourceKind::Latents {
+            continue;
+        }
+        let dir = Path::new(&spec.location);
+        let index = LatentCacheSource::open(dir)
+            .with_context(|| format!("reading latent cache {}", dir.display()))?
+            .index()
+            .clone();
+        match (&found, index.vae) {
+            (_, None) => {}
+            (None, Some(v)) => found = Some(v),
+            (Some(a), Some(b)) if *a == b => {}
+            (Some(a), Some(b)) => anyhow::bail!(
+                "latent caches of different VAEs in data.train: {} and {} ({})",
+                a.display(),
+                b.display(),
+                dir.display()
+            ),
+        }
+    }
+    Ok(match found {
+        Some(path) => AutoencoderRef::Vae { path },
+        None => AutoencoderRef::Pixel,
     })
 }
 

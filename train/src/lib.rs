@@ -34,6 +34,7 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
+pub mod vae;
 
 pub use config::{ConfigError, ExperimentConfig};
 pub use trainer::{

@@ -8,14 +8,20 @@ use std::time::Duration;
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Parser, Subcommand};
+use transfusion_data::encoder::ImageEncoder;
 use transfusion_data::source::{SourceOptions, SourceSpec};
+use transfusion_infer::autoencoder::{load_vae, VaeImageEncoder};
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_infer::sampler::SamplerKind;
+use transfusion_model::vae::{ReconLoss, VaeConfig};
 use transfusion_model::TransfusionConfig;
 use transfusion_train::bench::{run_bench, BenchConfig};
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::ExperimentConfig;
 use transfusion_train::data::resolve_tokenizer;
+use transfusion_train::vae::{
+    bench_vae, read_vae_train_config, run_vae_training, VaeRunOptions, VaeTrainConfig,
+};
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
 mod ddp_cli;
@@ -39,8 +45,14 @@ enum Command {
     Inspect(InspectArgs),
     /// Measure training throughput: step time, tokens/s, images/s, MFU.
     Bench(BenchArgs),
-    /// Encode every image of a source once and store the latents (identity pixel encoder).
+    /// Encode every image of a source once and store the latents (with --vae: a VAE;
+    /// otherwise the identity pixel encoder).
     CacheLatents(CacheArgs),
+    /// Train the image autoencoder (KL VAE): reconstruction + small-weight KL, with
+    /// resumable checkpoints, held-out PSNR and reconstruction grids.
+    Vae(VaeArgs),
+    /// Measure VAE encode and decode throughput (images/s) at a given size.
+    VaeBench(VaeBenchArgs),
     /// The main job: train the tiny preset on synthetic shapes, then score text-to-image
     /// and image-to-text on held-out samples and write grids and a report.
     Demo(DemoArgs),
@@ -206,7 +218,7 @@ struct CacheArgs {
     /// Source with images (KIND:LOCATION).
     #[arg(long)]
     data: SourceSpec,
-    /// Image side in pixels (latent [3, S, S]).
+    /// Image side in pixels (latent [3, S, S] in pixel space, [c, S/f, S/f] with a VAE).
     #[arg(long, default_value_t = 32)]
     image_size: u32,
     /// Output directory.
@@ -215,6 +227,225 @@ struct CacheArgs {
     /// Latents per shard file.
     #[arg(long, default_value_t = 4096)]
     per_shard: usize,
+    /// Encode with this VAE: a VAE checkpoint or run directory (`transfusion-train vae`),
+    /// or a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).
+    /// Latents are the posterior mode, scaled by the VAE's scaling factor and shift.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Images per VAE call.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Device for the VAE: auto, cpu, wgpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+#[derive(Args, Debug, Clone)]
+struct VaeArgs {
+    /// Image source KIND:LOCATION (repeatable), e.g. shapes:20000 or imagefolder:pets/.
+    #[arg(long = "data")]
+    data: Vec<SourceSpec>,
+    /// Held-out image source (repeatable); default: the training sources with the held-out
+    /// shapes seed (a disjoint set for shapes; give one for real data).
+    #[arg(long = "held-out")]
+    held_out: Vec<SourceSpec>,
+    /// Network preset: tiny (2x, 4 channels; 32px images), sd (8x, 4 channels), paper
+    /// (8x, 8 channels).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Run directory (metrics, loss plot, reconstruction grids, checkpoints).
+    #[arg(long, default_value = "runs/vae")]
+    out: PathBuf,
+    /// Optimizer steps (default: the preset's budget).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Images per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight of the per-element KL term (default 1e-4).
+    #[arg(long)]
+    kl_weight: Option<f64>,
+    /// Reconstruction loss: l1 or l2.
+    #[arg(long)]
+    loss: Option<String>,
+    /// Image side in pixels (default: 32 for tiny, 256 otherwise).
+    #[arg(long)]
+    image_size: Option<u32>,
+    /// Evaluate every N steps.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Continue from the newest checkpoint in OUT/checkpoints (without --data: with the
+    /// run's own config).
+    #[arg(long)]
+    resume: bool,
+    /// Device: auto, cpu, wgpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+#[derive(Args, Debug, Clone)]
+struct VaeBenchArgs {
+    /// Network preset: tiny, sd, paper.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Images per call.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Timed calls of each of encode and decode.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed warm-up calls.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Device: auto, cpu, wgpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+struct VaeTask {
+    cfg: VaeTrainConfig,
+    opts: VaeRunOptions,
+}
+
+impl BackendTask for VaeTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
+        eprintln!(
+            "training VAE `{}` ({} parameters) on {label}",
+            self.cfg.preset,
+            self.cfg.vae.param_count()
+        );
+        let s = run_vae_training::<B>(&self.cfg, &self.opts, &device)?;
+        println!("done: {} steps in {}", s.steps, self.opts.out.display());
+        if let Some(e) = &s.last_eval {
+            println!(
+                "held-out ({} images): PSNR {:.2} dB, recon {:.4}, kl {:.3}, latent mean {:.3} std {:.3}",
+                e.images, e.psnr, e.recon, e.kl, e.latent_mean, e.latent_std
+            );
+        }
+        if let Some(c) = &s.last_checkpoint {
+            println!("checkpoint: {}", c.display());
+        }
+        Ok(())
+    }
+}
+
+struct VaeBenchTask(VaeBenchArgs, VaeConfig);
+
+impl BackendTask for VaeBenchTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
+        let a = &self.0;
+        let r = bench_vae::<B::InnerBackend>(
+            &self.1, a.size, a.batch, a.iters, a.warmup, &device, label,
+        );
+        println!(
+            "VAE `{}` ({} parameters) on {}, {}px, batch {}:",
+            a.preset, r.params, r.device, r.image_size, r.batch
+        );
+        println!("encode: {:.2} images/s", r.encode_images_per_s);
+        println!("decode: {:.2} images/s", r.decode_images_per_s);
+        Ok(())
+    }
+}
+
+struct CacheVaeTask(CacheArgs, PathBuf);
+
+impl BackendTask for CacheVaeTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
+        let a = &self.0;
+        let vae = load_vae::<B::InnerBackend>(&self.1, &device)?;
+        let path = std::fs::canonicalize(&self.1).unwrap_or(self.1.clone());
+        let enc = VaeImageEncoder::new(vae, a.image_size, a.batch, device.clone(), Some(path))?;
+        eprintln!("encoding with {} on {label}", enc.describe());
+        write_cache(a, &enc)
+    }
+}
+
+fn write_cache(a: &CacheArgs, enc: &dyn ImageEncoder) -> anyhow::Result<()> {
+    let opts = SourceOptions {
+        shapes_image_size: a.image_size,
+        ..Default::default()
+    };
+    let src = transfusion_data::source::open_source(&a.data, &opts)?;
+    let bar = transfusion_train::trainer::step_progress_bar(
+        src.num_records().unwrap_or(0) as u64,
+        0,
+        true,
+    );
+    let index = transfusion_data::latent_cache::cache_latents(
+        src.as_ref(),
+        enc,
+        &a.out,
+        a.per_shard,
+        |n, _| bar.set_position(n as u64),
+    )?;
+    bar.finish();
+    println!(
+        "wrote {} latents {:?} in {} shard(s) to {} (train on it with --data latents:{})",
+        index.count,
+        index.shape,
+        index.shards.len(),
+        a.out.display(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn build_vae_config(a: &VaeArgs) -> anyhow::Result<VaeTrainConfig> {
+    let mut cfg = if a.resume && a.data.is_empty() {
+        read_vae_train_config(&a.out).with_context(|| {
+            format!(
+                "--resume without --data: no run config in {} to continue",
+                a.out.display()
+            )
+        })?
+    } else {
+        anyhow::ensure!(
+            !a.data.is_empty(),
+            "give --data KIND:LOCATION (e.g. --data shapes:20000)"
+        );
+        VaeTrainConfig::preset(&a.preset, a.data.clone())?
+    };
+    if !a.held_out.is_empty() {
+        cfg.held_out = a.held_out.clone();
+    }
+    if let Some(s) = a.steps {
+        cfg.steps = s;
+        cfg.schedule.warmup_steps = cfg.schedule.warmup_steps.min(s / 10);
+    }
+    if let Some(b) = a.batch {
+        cfg.batch_size = b;
+    }
+    if let Some(lr) = a.lr {
+        cfg.schedule.lr = lr;
+        cfg.schedule.min_lr = cfg.schedule.min_lr.min(lr);
+    }
+    if let Some(k) = a.kl_weight {
+        cfg.kl_weight = k;
+    }
+    if let Some(l) = &a.loss {
+        cfg.loss = match l.to_ascii_lowercase().as_str() {
+            "l1" => ReconLoss::L1,
+            "l2" => ReconLoss::L2,
+            other => anyhow::bail!("--loss {other}: expected l1 or l2"),
+        };
+    }
+    if let Some(s) = a.image_size {
+        cfg.image_size = s;
+    }
+    if let Some(e) = a.eval_every {
+        cfg.eval_every = e;
+    }
+    cfg.validate()?;
+    Ok(cfg)
 }
 
 struct RunTask {
@@ -461,31 +692,37 @@ fn main() -> anyhow::Result<()> {
                 },
             )?
         }
-        Command::CacheLatents(a) => {
-            let opts = SourceOptions {
-                shapes_image_size: a.image_size,
-                ..Default::default()
-            };
-            let src = transfusion_data::source::open_source(&a.data, &opts)?;
-            let enc = transfusion_data::encoder::PixelEncoder::new(a.image_size);
-            let bar = indicatif::ProgressBar::new(src.num_records().unwrap_or(0) as u64);
-            let index = transfusion_data::latent_cache::cache_latents(
-                src.as_ref(),
-                &enc,
-                &a.out,
-                a.per_shard,
-                |n, _| bar.set_position(n as u64),
-            )?;
-            bar.finish();
-            println!(
-                "wrote {} latents {:?} in {} shard(s) to {} (train on it with --data latents:{})",
-                index.count,
-                index.shape,
-                index.shards.len(),
-                a.out.display(),
-                a.out.display()
+        Command::CacheLatents(a) => match a.vae.clone() {
+            Some(vae) => {
+                let device = a.device;
+                dispatch(device, CacheVaeTask(a, vae))?
+            }
+            None => {
+                let enc = transfusion_data::encoder::PixelEncoder::new(a.image_size);
+                write_cache(&a, &enc)
+            }
+        },
+        Command::Vae(a) => {
+            let cfg = build_vae_config(&a)?;
+            let mut opts = VaeRunOptions::new(&a.out);
+            opts.resume = a.resume;
+            dispatch(a.device, VaeTask { cfg, opts })?
+        }
+        Command::VaeBench(a) => {
+            let config = VaeTrainConfig::preset_vae(&a.preset).with_context(|| {
+                format!(
+                    "unknown VAE preset `{}` (one of {})",
+                    a.preset,
+                    VaeTrainConfig::PRESETS.join(", ")
+                )
+            })?;
+            let f = config.down_factor();
+            anyhow::ensure!(
+                a.size % f == 0,
+                "--size {} should be a multiple of the preset's down-sampling factor {f}",
+                a.size
             );
-            Ok(())
+            dispatch(a.device, VaeBenchTask(a, config))?
         }
     }
 }

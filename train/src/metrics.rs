@@ -5,7 +5,15 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// A line of a JSONL metrics file: any serializable record that knows its step (the
+/// Transfusion run's [`MetricsLine`], the VAE run's lines).
+pub trait LogLine: Serialize + DeserializeOwned {
+    /// The step the line belongs to (a resumed run drops lines after its checkpoint).
+    fn step(&self) -> u64;
+}
 
 /// One logged training step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,15 +81,21 @@ impl MetricsLine {
     }
 }
 
+impl LogLine for MetricsLine {
+    fn step(&self) -> u64 {
+        MetricsLine::step(self)
+    }
+}
+
 /// Appends lines to `metrics.jsonl` and keeps them for the plot.
-pub struct MetricsLog {
+pub struct MetricsLog<L = MetricsLine> {
     path: PathBuf,
     file: File,
     /// Every line so far.
-    pub lines: Vec<MetricsLine>,
+    pub lines: Vec<L>,
 }
 
-impl MetricsLog {
+impl<L: LogLine> MetricsLog<L> {
     /// Opens `dir/metrics.jsonl`: fresh (truncated) unless `keep_until` is given, in which
     /// case the lines up to that step are kept (a resumed run rewrites what came after).
     pub fn open(dir: &Path, keep_until: Option<u64>) -> anyhow::Result<Self> {
@@ -90,7 +104,7 @@ impl MetricsLog {
         if let (Some(until), Ok(f)) = (keep_until, File::open(&path)) {
             for l in BufReader::new(f).lines() {
                 let l = l?;
-                if let Ok(m) = serde_json::from_str::<MetricsLine>(&l) {
+                if let Ok(m) = serde_json::from_str::<L>(&l) {
                     if m.step() <= until {
                         lines.push(m);
                     }
@@ -108,7 +122,7 @@ impl MetricsLog {
     }
 
     /// Appends one line (flushed).
-    pub fn push(&mut self, line: MetricsLine) -> anyhow::Result<()> {
+    pub fn push(&mut self, line: L) -> anyhow::Result<()> {
         writeln!(self.file, "{}", serde_json::to_string(&line)?)?;
         self.file.flush()?;
         self.lines.push(line);
@@ -121,7 +135,7 @@ impl MetricsLog {
     }
 
     /// Reads every line of a metrics file.
-    pub fn read(path: &Path) -> anyhow::Result<Vec<MetricsLine>> {
+    pub fn read(path: &Path) -> anyhow::Result<Vec<L>> {
         let f = File::open(path)?;
         let mut v = vec![];
         for l in BufReader::new(f).lines() {

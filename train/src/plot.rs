@@ -97,6 +97,15 @@ fn ema(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
     out
 }
 
+/// One curve of [`plot_series`]: `(step, value)` points, colour, and whether the points
+/// are drawn as dots (evaluations) besides the line.
+pub type Series = (Vec<(u64, f64)>, RGBColor, bool);
+
+/// Exponential moving average (factor 0.9) of a training curve, non-finite points dropped.
+pub fn smooth(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    ema(points)
+}
+
 /// Draws the curves of `lines` into `path` (PNG).
 pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
     let (mut total, mut lm, mut diff, mut elm, mut ediff) =
@@ -119,13 +128,19 @@ pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let series: Vec<(Vec<(u64, f64)>, RGBColor, bool)> = vec![
+    let series: Vec<Series> = vec![
         (ema(&total), GREY, false),
         (ema(&lm), BLUE, false),
         (ema(&diff), RED_, false),
         (elm, DBLUE, true),
         (ediff, DRED, true),
     ];
+    plot_series(&series, path)
+}
+
+/// Draws `series` on one log-scale chart into `path` (PNG), with a legend bar per series
+/// (in order) at the top right. The layout of [`plot_losses`], for any run's curves.
+pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
     let all: Vec<(u64, f64)> = series
         .iter()
         .flat_map(|(s, _, _)| s.iter().copied())
@@ -197,7 +212,7 @@ pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
             }
         }
         // Legend bar.
-        let lx = W - R - 5 * 34 + i as i32 * 34;
+        let lx = W - R - series.len() as i32 * 34 + i as i32 * 34;
         let _ = root.draw(&Rectangle::new(
             [(lx, T - 18), (lx + 28, T - 8)],
             color.filled(),

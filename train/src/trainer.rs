@@ -14,7 +14,7 @@ use transfusion_data::packing::PackedRow;
 use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_infer::checkpoint::{load_model, AutoencoderRef, ModelMeta};
+use transfusion_infer::checkpoint::{load_model, ModelMeta};
 use transfusion_model::{Transfusion, TransfusionBatch, TransfusionConfig};
 
 use crate::checkpoint::{
@@ -244,6 +244,17 @@ pub(crate) fn seeded_init_eager<B: Backend>(
     device: &B::Device,
     seed: u64,
 ) -> Transfusion<B> {
+    seeded_materialized(device, seed, || m.init::<B>(device))
+}
+
+/// Builds a module with `init` from the backend's generator seeded with `seed`, and draws
+/// every (lazy) parameter before releasing the init lock, so concurrent runs in one
+/// process (tests) cannot interleave their draws.
+pub(crate) fn seeded_materialized<B: Backend, M: burn::module::Module<B>>(
+    device: &B::Device,
+    seed: u64,
+    init: impl FnOnce() -> M,
+) -> M {
     struct Touch;
     impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
@@ -252,9 +263,9 @@ pub(crate) fn seeded_init_eager<B: Backend>(
     }
     let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     B::seed(device, seed);
-    let model = m.init::<B>(device);
-    model.visit(&mut Touch);
-    model
+    let module = init();
+    module.visit(&mut Touch);
+    module
 }
 
 /// Gradients of one optimizer step over `batches` (micro-batches): each loss is scaled by
@@ -525,7 +536,7 @@ pub(crate) fn prepare<B: AutodiffBackend>(
         model: m.clone(),
         special_tokens: *tokenizer.special(),
         image_size: cfg.data.image_size,
-        autoencoder: AutoencoderRef::Pixel,
+        autoencoder: crate::data::autoencoder_for(cfg)?,
         step: 0,
     };
     let resume_from = if opts.resume {
@@ -638,19 +649,7 @@ pub(crate) fn train_loop<B: AutodiffBackend, S: StepSync<B> + ?Sized>(
 
     let total = cfg.training.steps;
     let end = opts.stop_at_step.map_or(total, |s| s.min(total));
-    let bar = if opts.progress && lead {
-        let b = ProgressBar::new(total);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        b.set_position(state.step);
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = step_progress_bar(total, state.step, opts.progress && lead);
     let started = Instant::now();
     let mut consecutive_bad = 0u32;
     let mut last_ckpt = resume_from.clone();
@@ -855,6 +854,23 @@ pub(crate) fn train_loop<B: AutodiffBackend, S: StepSync<B> + ?Sized>(
         metrics: log.lines.clone(),
         model: m,
     })
+}
+
+/// The training progress bar (`{bar} pos/len [elapsed<eta] message`) at `position` of
+/// `total` steps; hidden when `show` is false. Shared by every training loop.
+pub fn step_progress_bar(total: u64, position: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    b.set_position(position);
+    b
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -220,13 +220,10 @@ impl VaeConfig {
         c_out: usize,
         device: &B::Device,
     ) -> crate::resnet::ResnetBlock<B> {
-        let mut block = crate::resnet::ResnetBlockConfig::new(c_in, c_out)
+        crate::resnet::ResnetBlockConfig::new(c_in, c_out)
             .with_groups(self.norm_groups)
-            .init(device);
-        // `ResnetBlockConfig` has no epsilon yet; diffusers' autoencoder uses 1e-6.
-        block.norm1.epsilon = self.norm_eps;
-        block.norm2.epsilon = self.norm_eps;
-        block
+            .with_norm_eps(self.norm_eps)
+            .init(device)
     }
 
     /// The shared [`Downsample`](crate::resnet::Downsample) with diffusers' padding:
@@ -239,9 +236,11 @@ impl VaeConfig {
         channels: usize,
         device: &B::Device,
     ) -> crate::resnet::Downsample<B> {
-        let mut down = crate::resnet::Downsample::new(channels, device);
         // (top, left, bottom, right)
-        down.conv.padding = burn::nn::PaddingConfig2d::Explicit(0, 0, 1, 1);
-        down
+        crate::resnet::Downsample::with_padding(
+            channels,
+            burn::nn::PaddingConfig2d::Explicit(0, 0, 1, 1),
+            device,
+        )
     }
 }

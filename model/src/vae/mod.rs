@@ -95,8 +95,23 @@ impl<B: Backend> AutoencoderKl<B> {
         } else {
             posterior.mode()
         };
+        Self::finish(self.decode(z), posterior)
+    }
+
+    /// [`AutoencoderKl::forward`] with the posterior sample `mean + std * eps` taken with a
+    /// given standard normal `eps` (so a caller controls the randomness).
+    ///
+    /// # Shapes
+    /// `x`: `[N, 3, H, W]`, `eps`: `[N, c, H/f, W/f]`
+    pub fn forward_with_noise(&self, x: Tensor<B, 4>, eps: Tensor<B, 4>) -> VaeOutput<B> {
+        let posterior = self.encode(x);
+        let z = posterior.sample_with(eps);
+        Self::finish(self.decode(z), posterior)
+    }
+
+    fn finish(recon: Tensor<B, 4>, posterior: DiagonalGaussian<B>) -> VaeOutput<B> {
         VaeOutput {
-            recon: self.decode(z),
+            recon,
             kl: posterior.kl(),
             posterior,
         }

@@ -130,20 +130,7 @@ pub fn run(a: &DdpArgs, cfg: ExperimentConfig, opts: RunOptions) -> anyhow::Resu
                 n * nodes,
                 self.cfg.training.batch_size * self.cfg.training.grad_accum * n * nodes,
             );
-            if let Some(e) = &s.last_eval {
-                println!(
-                    "held-out: perplexity {:.3}, diffusion {}",
-                    e.perplexity,
-                    e.diffusion
-                        .iter()
-                        .map(|(t, v)| format!("t={t}: {v:.4}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            if let Some(c) = &s.last_checkpoint {
-                println!("checkpoint: {}", c.display());
-            }
+            s.print_outcome();
             Ok(())
         }
     }

@@ -464,20 +464,7 @@ impl BackendTask for RunTask {
             s.skipped_steps,
             self.opts.out.display()
         );
-        if let Some(e) = &s.last_eval {
-            println!(
-                "held-out: perplexity {:.3}, diffusion {}",
-                e.perplexity,
-                e.diffusion
-                    .iter()
-                    .map(|(t, v)| format!("t={t}: {v:.4}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        if let Some(c) = &s.last_checkpoint {
-            println!("checkpoint: {}", c.display());
-        }
+        s.print_outcome();
         Ok(())
     }
 }

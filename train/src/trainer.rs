@@ -117,6 +117,26 @@ pub struct RunSummary {
     pub model: TransfusionConfig,
 }
 
+impl RunSummary {
+    /// Prints the last held-out evaluation and the last checkpoint, when there are any.
+    pub fn print_outcome(&self) {
+        if let Some(e) = &self.last_eval {
+            println!(
+                "held-out: perplexity {:.3}, diffusion {}",
+                e.perplexity,
+                e.diffusion
+                    .iter()
+                    .map(|(t, v)| format!("t={t}: {v:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let Some(c) = &self.last_checkpoint {
+            println!("checkpoint: {}", c.display());
+        }
+    }
+}
+
 enum Feed {
     Direct(DataPipeline),
     Prefetch(Prefetcher),

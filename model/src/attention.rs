@@ -7,6 +7,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::kv_cache::LayerKv;
+use crate::precision::Precision;
 use crate::rope::{apply_rope, RopeTables};
 
 /// Configuration of [`Attention`].
@@ -65,20 +66,25 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[b, s, d]`; `rope`: tables for the `s` new positions
     /// - `mask`: `[b, s, past + s]`, `true` = masked
     /// - output: `[b, s, d]`; returned keys/values `[b, h_kv, s, hd]`
+    ///
+    /// The projections and the attention run in `precision`; keys/values are returned
+    /// (and cached) in f32.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 3, Bool>,
         past: Option<&LayerKv<B>>,
+        precision: Precision,
     ) -> (Tensor<B, 3>, LayerKv<B>) {
         let [b, s, _] = x.dims();
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // [b, s, h*hd] -> [b, s, h, hd] -> [b, h, s, hd]
         let split = |t: Tensor<B, 3>, heads| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let q = apply_rope(split(self.wq.forward(x.clone()), h), rope);
-        let k = apply_rope(split(self.wk.forward(x.clone()), hkv), rope);
-        let v = split(self.wv.forward(x), hkv);
+        let proj = |w: &Linear<B>, x| precision.linear(w, x);
+        let q = apply_rope(split(proj(&self.wq, x.clone()), h), rope);
+        let k = apply_rope(split(proj(&self.wk, x.clone()), hkv), rope);
+        let v = split(proj(&self.wv, x), hkv);
         let new = LayerKv { key: k, value: v };
         let all = match past {
             Some(p) => p.clone().append(new.clone()),
@@ -89,10 +95,12 @@ impl<B: Backend> Attention<B> {
         let v = repeat_kv(all.value, h / hkv);
         // [b, s, lk] -> [b, h, s, lk]
         let mask = mask.reshape([b, 1, s, lk]).expand([b, h, s, lk]);
+        let [q, k, v] = [q, k, v].map(|t| precision.to_compute(t));
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        let out = precision.to_f32(out);
         // [b, h, s, hd] -> [b, s, h*hd]
         let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
-        (self.wo.forward(out), new)
+        (precision.linear(&self.wo, out), new)
     }
 }
 

@@ -6,6 +6,7 @@ use burn::prelude::*;
 use crate::attention::{Attention, AttentionConfig};
 use crate::kv_cache::LayerKv;
 use crate::mlp::{SwiGluMlp, SwiGluMlpConfig};
+use crate::precision::Precision;
 use crate::rope::RopeTables;
 
 /// Configuration of [`DecoderBlock`].
@@ -57,18 +58,21 @@ pub struct DecoderBlock<B: Backend> {
 impl<B: Backend> DecoderBlock<B> {
     /// # Shapes
     /// - `x`: `[b, s, d]`, `mask`: `[b, s, past + s]`; output `[b, s, d]`
+    ///
+    /// Norms and the residual stream stay in f32; attention and MLP products run in
+    /// `precision`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 3, Bool>,
         past: Option<&LayerKv<B>>,
+        precision: Precision,
     ) -> (Tensor<B, 3>, LayerKv<B>) {
-        let (a, kv) = self
-            .attn
-            .forward(self.attn_norm.forward(x.clone()), rope, mask, past);
+        let normed = self.attn_norm.forward(x.clone());
+        let (a, kv) = self.attn.forward(normed, rope, mask, past, precision);
         let x = x + a;
-        let x = x.clone() + self.mlp.forward(self.mlp_norm.forward(x));
+        let x = x.clone() + self.mlp.forward(self.mlp_norm.forward(x), precision);
         (x, kv)
     }
 }

@@ -4,6 +4,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
+use crate::precision::Precision;
+
 /// Configuration of [`SwiGluMlp`].
 #[derive(Config, Debug)]
 pub struct SwiGluMlpConfig {
@@ -38,9 +40,10 @@ pub struct SwiGluMlp<B: Backend> {
 
 impl<B: Backend> SwiGluMlp<B> {
     /// # Shapes
-    /// `[b, s, d] -> [b, s, d]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.w2
-            .forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+    /// `[b, s, d] -> [b, s, d]`; the three products in `precision`.
+    pub fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
+        let gate = silu(precision.linear(&self.w1, x.clone()));
+        let up = precision.linear(&self.w3, x);
+        precision.linear(&self.w2, gate * up)
     }
 }

@@ -13,6 +13,7 @@ use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::{CacheMode, KvCache};
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
 use crate::mask::{transfusion_mask, SpanMeta};
+use crate::precision::Precision;
 use crate::prediction::Prediction;
 use crate::rope::rope_tables;
 use crate::schedule::NoiseSchedule;
@@ -52,6 +53,7 @@ impl TransfusionConfig {
             loss_weight: self.diffusion_loss_weight,
             timesteps: self.timesteps,
             prediction: self.prediction.unwrap_or_default(),
+            precision: Precision::F32,
         }
     }
 }
@@ -82,12 +84,22 @@ pub struct Transfusion<B: Backend> {
     /// What the image head predicts (`eps` or `v`).
     #[module(skip)]
     pub prediction: Prediction,
+    /// The type of the decoder's matrix products (f32 unless set with
+    /// [`Transfusion::with_precision`]); not part of the weights.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl<B: Backend> Transfusion<B> {
     /// The noise schedule the model is trained with.
     pub fn schedule(&self) -> NoiseSchedule {
         NoiseSchedule::cosine(self.timesteps)
+    }
+
+    /// The same model computing its decoder products in `precision` (weights stay f32).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Number of decoder layers.
@@ -166,7 +178,7 @@ impl<B: Backend> Transfusion<B> {
         let mut x = x;
         for (l, block) in self.blocks.iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
-            let (out, kv) = block.forward(x, &rope, mask.clone(), past.as_ref());
+            let (out, kv) = block.forward(x, &rope, mask.clone(), past.as_ref(), self.precision);
             x = out;
             if let (Some(c), CacheMode::Append) = (cache.as_mut(), mode) {
                 c.layers[l] = Some(match past {
@@ -186,7 +198,7 @@ impl<B: Backend> Transfusion<B> {
     /// # Shapes
     /// `[.., d] -> [.., v]`
     pub fn lm_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        self.lm_head.forward(hidden)
+        self.precision.linear(&self.lm_head, hidden)
     }
 
     /// The image head's raw output (the noise or the velocity, see

@@ -17,7 +17,7 @@ use transfusion_data::shapes::ShapesGenerator;
 use transfusion_data::source::{open_source, SourceOptions, SourceSpec};
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_data::DataError;
-use transfusion_model::TransfusionConfig;
+use transfusion_model::{Precision, TransfusionConfig};
 
 use crate::config::OptimizerSection;
 use crate::optim::{adamw, clip_global_norm};
@@ -37,6 +37,8 @@ pub struct BenchConfig {
     pub warmup: usize,
     /// Peak dense FLOP/s of the device in TFLOP/s, for MFU.
     pub peak_tflops: Option<f64>,
+    /// Type of the decoder's matrix products.
+    pub precision: Precision,
 }
 
 /// What the benchmark measured.
@@ -44,6 +46,8 @@ pub struct BenchConfig {
 pub struct BenchReport {
     /// Device label.
     pub device: String,
+    /// Type of the decoder's matrix products.
+    pub precision: Precision,
     /// Parameters of the model.
     pub params: usize,
     /// Median step time in milliseconds.
@@ -60,8 +64,18 @@ pub struct BenchReport {
     pub model_tflops: f64,
     /// `model_tflops / peak`, when a peak was given.
     pub mfu: Option<f64>,
-    /// Peak memory: not measured (Burn 0.21 exposes no portable allocator statistics).
-    pub peak_memory: Option<u64>,
+    /// Peak resident memory of this process in bytes (Linux `VmHWM`): the whole model,
+    /// optimizer and activations on CPU backends; host memory only on GPU backends (Burn
+    /// 0.21 exposes no portable peak device-memory statistic).
+    pub peak_host_memory: Option<u64>,
+}
+
+/// Peak resident set size of this process (`VmHWM` in `/proc/self/status`), if readable.
+pub fn peak_host_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn encoder(m: &TransfusionConfig) -> Arc<dyn ImageEncoder> {
@@ -135,7 +149,10 @@ pub fn run_bench<B: AutodiffBackend>(
     m.validate()?;
     let n = cfg.steps + cfg.warmup;
     let (pipe, all_rows) = bench_batches(cfg, tokenizer, n)?;
-    let mut model = crate::trainer::seeded_init::<B>(m, device, 0);
+    cfg.precision
+        .check_backend::<B>(device)
+        .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+    let mut model = crate::trainer::seeded_init::<B>(m, device, 0).with_precision(cfg.precision);
     let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();
     let mut times = vec![];
     let (mut tokens, mut images) = (0u64, 0u64);
@@ -166,6 +183,7 @@ pub fn run_bench<B: AutodiffBackend>(
     let model_tflops = 6.0 * params as f64 * positions / median / 1e12;
     Ok(BenchReport {
         device: label.to_string(),
+        precision: cfg.precision,
         params,
         step_ms_median: median * 1e3,
         step_ms_mean: total / times.len() as f64 * 1e3,
@@ -174,6 +192,6 @@ pub fn run_bench<B: AutodiffBackend>(
         images_per_s: images as f64 / total,
         model_tflops,
         mfu: cfg.peak_tflops.map(|p| model_tflops / p),
-        peak_memory: None,
+        peak_host_memory: peak_host_memory(),
     })
 }

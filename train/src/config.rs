@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use transfusion_data::mixture::Balance;
 use transfusion_data::source::{SourceKind, SourceSpec};
-use transfusion_model::{Prediction, TransfusionConfig};
+use transfusion_model::{Precision, Prediction, TransfusionConfig};
 
 /// A configuration error naming the offending key (dotted path as in the TOML file).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -220,9 +220,10 @@ pub struct TrainingSection {
     /// Write a metrics line (and refresh the progress bar message) every N steps.
     #[serde(default = "one_u64")]
     pub log_every: u64,
-    /// Numeric precision of weights and compute: only `f32` is implemented.
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    /// Type of the decoder's matrix products: `f32` (default), `bf16` or `f16`. Weights,
+    /// gradients and AdamW state stay f32 (see `transfusion_model::precision`).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn one() -> usize {
@@ -236,9 +237,6 @@ fn default_clip() -> f64 {
 }
 fn default_nonfinite() -> u32 {
     5
-}
-fn default_precision() -> String {
-    "f32".into()
 }
 
 /// Checkpointing.
@@ -327,7 +325,7 @@ impl ExperimentConfig {
                 grad_clip: 1.0,
                 max_consecutive_nonfinite: default_nonfinite(),
                 log_every: 1,
-                precision: default_precision(),
+                precision: Precision::F32,
             },
             checkpoint: CheckpointSection {
                 every: (steps / 4).max(1),
@@ -510,15 +508,6 @@ impl ExperimentConfig {
         }
         if t.log_every == 0 {
             return bad("training.log_every", "must be >= 1");
-        }
-        if t.precision != "f32" {
-            return bad(
-                "training.precision",
-                format!(
-                    "`{}` is not supported: only `f32` is implemented (see the training crate docs)",
-                    t.precision
-                ),
-            );
         }
         if self.checkpoint.keep_last == 0 {
             return bad("checkpoint.keep_last", "must be >= 1");

@@ -18,9 +18,10 @@
 //! once per device, on one thread each, with the gradients all-reduced by Burn's collective
 //! between the backward passes and clipping ([`trainer::StepSync`]).
 //!
-//! Precision: f32 weights, gradients, optimizer state and compute on every backend. Burn
-//! 0.21 has no automatic mixed precision for training; `training.precision` accepts only
-//! `f32` (see the crate README section in the project README).
+//! Precision: weights, gradients and AdamW state are f32 on every backend;
+//! `training.precision = "bf16"` (or `"f16"`) computes the decoder's matrix products and
+//! attention in that type (`transfusion_model::precision`), checked against the backend
+//! before any work (CUDA and `flex`: yes; `ndarray`: no).
 
 pub mod bench;
 pub mod checkpoint;

@@ -14,7 +14,7 @@ use transfusion_infer::autoencoder::{load_vae, VaeImageEncoder};
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_model::vae::{ReconLoss, VaeConfig};
-use transfusion_model::TransfusionConfig;
+use transfusion_model::{Precision, TransfusionConfig};
 use transfusion_train::bench::{run_bench, BenchConfig};
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::ExperimentConfig;
@@ -132,6 +132,10 @@ struct RunArgs {
     /// Peak learning rate (overrides schedule.lr).
     #[arg(long)]
     lr: Option<f64>,
+    /// Type of the decoder's matrix products: f32, bf16 or f16 (overrides
+    /// training.precision; weights and optimizer state stay f32).
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Model preset (tiny, paper_160m, paper_370m, paper_760m, paper_1_4b, paper_7b);
     /// overrides model.preset.
     #[arg(long)]
@@ -205,6 +209,9 @@ struct BenchArgs {
     /// Peak dense FLOP/s of the device in TFLOP/s (e.g. 989 for H100 SXM bf16), for MFU.
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// Type of the decoder's matrix products: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Tokenizer (its vocabulary sizes the model).
     #[arg(long, default_value = "assets/tokenizer.json")]
     tokenizer: PathBuf,
@@ -484,8 +491,8 @@ impl BackendTask for BenchTask {
             return Ok(());
         }
         println!(
-            "{}: {} params, batch {}x{}",
-            r.device, r.params, self.cfg.batch_size, self.cfg.seq_len
+            "{}: {} params, batch {}x{}, {} products",
+            r.device, r.params, self.cfg.batch_size, self.cfg.seq_len, r.precision
         );
         println!(
             "step time: median {:.1} ms, mean {:.1} ms",
@@ -506,7 +513,18 @@ impl BackendTask for BenchTask {
                 r.model_tflops
             ),
         }
-        println!("peak memory: not measured (Burn 0.21 has no portable allocator statistics)");
+        match r.peak_host_memory {
+            Some(b) => println!(
+                "peak host memory (process resident): {:.1} MiB{}",
+                b as f64 / (1024.0 * 1024.0),
+                if r.device.starts_with("cpu") {
+                    ""
+                } else {
+                    "; device memory not measured (no portable statistic in Burn 0.21)"
+                }
+            ),
+            None => println!("peak memory: not readable on this system"),
+        }
         Ok(())
     }
 }
@@ -557,6 +575,9 @@ fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option<Pat
     if let Some(lr) = a.lr {
         cfg.schedule.lr = lr;
         cfg.schedule.min_lr = cfg.schedule.min_lr.min(lr);
+    }
+    if let Some(p) = a.precision {
+        cfg.training.precision = p;
     }
     if let Some(t) = &a.tokenizer {
         cfg.data.tokenizer = t.clone();
@@ -669,6 +690,7 @@ fn main() -> anyhow::Result<()> {
                 steps: a.steps.max(1),
                 warmup: a.warmup,
                 peak_tflops: a.peak_tflops,
+                precision: a.precision,
             };
             dispatch(
                 a.device,

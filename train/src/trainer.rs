@@ -540,6 +540,10 @@ pub(crate) fn prepare<B: AutodiffBackend>(
 ) -> anyhow::Result<Prepared<B>> {
     let tokenizer = Arc::new(load_tokenizer(cfg, opts.config_dir.as_deref())?);
     let m = cfg.validate(tokenizer.vocab_size())?;
+    let precision = cfg.training.precision;
+    precision
+        .check_backend::<B>(device)
+        .map_err(|e| anyhow::anyhow!("training.precision: {e}"))?;
     let out = opts.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let root = out.join("checkpoints");
@@ -607,7 +611,7 @@ pub(crate) fn prepare<B: AutodiffBackend>(
         meta,
         root,
         resume_from,
-        model,
+        model: model.with_precision(precision),
         state,
     })
 }

@@ -80,8 +80,12 @@ fn impossible_values_are_named() {
     );
     let t = BASE.replace("[data]\n", "[data]\nimage_size = 64\n");
     assert_eq!(key_of(&t), "data.image_size");
-    let t = format!("{BASE}precision = \"bf16\"\n");
-    assert_eq!(key_of(&t), "training.precision");
+    let t = format!("{BASE}precision = \"int8\"\n");
+    assert_eq!(key_of(&t), "training");
+    let err = ExperimentConfig::from_toml_str(&t).unwrap_err();
+    assert!(err.message.contains("int8"), "{}", err.message);
+    let bf16 = ExperimentConfig::from_toml_str(&format!("{BASE}precision = \"bf16\"\n")).unwrap();
+    assert_eq!(bf16.training.precision, transfusion_model::Precision::Bf16);
     let t = BASE.replace(
         "warmup_steps = 10",
         "lr = 1e-3\nmin_lr = 1e-2\nwarmup_steps = 10",

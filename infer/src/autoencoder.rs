@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use image::RgbImage;
-use transfusion_data::image::{center_crop_resize, from_chw, to_chw};
+
+use crate::image_tensor::{pixels_tensor, tensor_to_images};
 use transfusion_model::vae::{load_diffusers_vae, AutoencoderKl, VaeConfig};
 
 /// Weights of a VAE checkpoint.
@@ -186,23 +186,6 @@ pub fn load_vae<B: Backend>(path: &Path, device: &B::Device) -> Result<Vae<B>> {
     }
 }
 
-/// Images center-cropped and resized to `size` pixels, as a batch in `[-1, 1]`.
-///
-/// # Shapes
-/// output `[N, 3, size, size]`
-pub fn pixels_tensor<B: Backend>(
-    images: &[RgbImage],
-    size: u32,
-    device: &B::Device,
-) -> Tensor<B, 4> {
-    let s = size as usize;
-    let mut data = Vec::with_capacity(images.len() * 3 * s * s);
-    for img in images {
-        data.extend(to_chw(&center_crop_resize(img, size)));
-    }
-    Tensor::from_data(TensorData::new(data, [images.len(), 3, s, s]), device)
-}
-
 /// The autoencoder of a pipeline: pixel space (identity) or a VAE.
 #[derive(Debug)]
 pub enum Autoencoder<B: Backend> {
@@ -248,16 +231,7 @@ impl<B: Backend> Autoencoder<B> {
             Autoencoder::Pixel => x,
             Autoencoder::Vae(v) => v.decode(x),
         };
-        let [n, _, h, w] = x.dims();
-        let flat: Vec<f32> = x
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("images should convert to f32");
-        let per = 3 * h * w;
-        (0..n)
-            .map(|k| from_chw(&flat[k * per..(k + 1) * per], h, w))
-            .collect()
+        tensor_to_images(x)
     }
 }
 

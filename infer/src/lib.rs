@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod context;
 pub mod device;
 pub mod guidance;
+pub mod image_tensor;
 pub mod interleave;
 pub mod pipeline;
 pub mod sampler;

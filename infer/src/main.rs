@@ -15,7 +15,7 @@ use transfusion_infer::{
     dispatch, BackendTask, DeviceChoice, GenerateOptions, ImageOptions, Pipeline, SamplerKind,
     Segment, TextOptions,
 };
-use transfusion_model::TransfusionConfig;
+use transfusion_model::{Precision, TransfusionConfig};
 
 /// Generate text, images, captions and interleaved documents with a Transfusion model.
 #[derive(Parser, Debug)]
@@ -24,6 +24,9 @@ struct Cli {
     /// Device: auto (a GPU if usable, else the CPU), cpu, wgpu, cuda or cuda:N.
     #[arg(long, global = true, default_value = "auto")]
     device: DeviceChoice,
+    /// Type of the decoder's matrix products: f32, bf16 (CUDA, flex) or f16.
+    #[arg(long, global = true, default_value = "f32")]
+    precision: Precision,
     #[command(subcommand)]
     command: Command,
 }
@@ -240,16 +243,20 @@ fn numbered(out: &Path, k: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{k}.{ext}"))
 }
 
-struct Task(Command);
+struct Task(Command, Precision);
 
 impl BackendTask for Task {
     type Output = Result<()>;
 
     fn run<B: AutodiffBackend>(self, device: B::Device, _label: &str) -> Result<()> {
         type I<B> = <B as AutodiffBackend>::InnerBackend;
+        let precision = self.1;
+        let load = |dir: &std::path::Path| {
+            Pipeline::<I<B>>::load(dir, &device).and_then(|p| p.with_precision(precision))
+        };
         match self.0 {
             Command::Text(c) => {
-                let pipe = Pipeline::<I<B>>::load(&c.checkpoint, &device)?;
+                let pipe = load(&c.checkpoint)?;
                 let opts = text_opts(c.max_tokens, &c.sampling, c.seed);
                 let mut out = std::io::stdout();
                 write!(out, "{}", c.prompt)?;
@@ -260,7 +267,7 @@ impl BackendTask for Task {
                 writeln!(out)?;
             }
             Command::Image(c) => {
-                let pipe = Pipeline::<I<B>>::load(&c.checkpoint, &device)?;
+                let pipe = load(&c.checkpoint)?;
                 if let Some(size) = c.size {
                     pipe.check_size(size)?;
                 }
@@ -292,14 +299,14 @@ impl BackendTask for Task {
                     .iter()
                     .map(|p| load_image(p).map_err(|e| anyhow::anyhow!("{e}")))
                     .collect::<Result<Vec<_>>>()?;
-                let pipe = Pipeline::<I<B>>::load(&c.checkpoint, &device)?;
+                let pipe = load(&c.checkpoint)?;
                 let opts = text_opts(c.max_tokens, &c.sampling, c.seed);
                 for (path, caption) in c.image.iter().zip(pipe.caption(&images, &opts)?) {
                     println!("{}\t{}", path.display(), one_line(&caption));
                 }
             }
             Command::Generate(c) => {
-                let pipe = Pipeline::<I<B>>::load(&c.checkpoint, &device)?;
+                let pipe = load(&c.checkpoint)?;
                 let opts = GenerateOptions {
                     text: text_opts(c.max_tokens, &c.sampling, c.seed),
                     image: image_opts(1, &c.diffusion, c.seed),
@@ -334,9 +341,10 @@ impl BackendTask for Task {
             }
             Command::Bench(c) => {
                 let mut pipe = match (&c.checkpoint, &c.preset) {
-                    (Some(dir), _) => Pipeline::<I<B>>::load(dir, &device)?,
+                    (Some(dir), _) => load(dir)?,
                     (None, Some(name)) => {
                         preset_pipeline::<I<B>>(name, c.tokenizer.as_deref(), &device)?
+                            .with_precision(precision)?
                     }
                     (None, None) => bail!("give --checkpoint DIR or --preset NAME"),
                 };
@@ -387,7 +395,7 @@ fn preset_pipeline<B: burn::prelude::Backend>(
 
 fn main() {
     let cli = Cli::parse();
-    let result = dispatch(cli.device, Task(cli.command)).and_then(|r| r);
+    let result = dispatch(cli.device, Task(cli.command, cli.precision)).and_then(|r| r);
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

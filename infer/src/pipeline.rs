@@ -24,7 +24,7 @@ use anyhow::{bail, Result};
 use burn::prelude::*;
 use image::RgbImage;
 use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_model::Transfusion;
+use transfusion_model::{Precision, Transfusion};
 
 use crate::autoencoder::{load_vae, Autoencoder};
 use crate::checkpoint::{load_model, AutoencoderRef, ModelMeta};
@@ -112,6 +112,16 @@ impl<B: Backend> Pipeline<B> {
             .map_err(|e| anyhow::anyhow!("checkpoint {}: {e:#}", dir.display()))?;
         Self::from_parts_with_autoencoder(model, meta, tokenizer, autoencoder)
             .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))
+    }
+
+    /// The same pipeline computing the decoder's products in `precision`, after checking
+    /// that the backend supports it.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        precision
+            .check_backend::<B>(&self.device)
+            .map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
+        self.model = self.model.with_precision(precision);
+        Ok(self)
     }
 
     /// Wraps an in-memory model (e.g. the one being trained, via `model.valid()`); a VAE

@@ -39,11 +39,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use transfusion_data::datasets::{ImageData, RecordIter, Sample, SampleSource};
-use transfusion_data::image::{center_crop_resize, from_chw, image_grid, save_png, to_chw};
+use transfusion_data::image::{center_crop_resize, image_grid, save_png};
 use transfusion_data::rng::derive_seed;
 use transfusion_data::shapes::ShapesGenerator;
 use transfusion_data::source::{open_source, SourceOptions, SourceSpec};
 use transfusion_infer::autoencoder::{load_vae, save_vae, VAE_CONFIG_FILE, VAE_WEIGHTS_FILE};
+use transfusion_infer::image_tensor::{images_to_tensor, tensor_to_images};
 use transfusion_model::vae::{vae_loss, AutoencoderKl, ReconLoss, VaeConfig};
 
 use crate::checkpoint::{
@@ -351,38 +352,6 @@ impl ImageStream {
     pub fn next_images(&mut self, n: usize) -> anyhow::Result<Vec<RgbImage>> {
         (0..n).map(|_| self.next_image()).collect()
     }
-}
-
-/// Images as a batch in `[-1, 1]`.
-///
-/// # Shapes
-/// `N` images of `S x S` -> `[N, 3, S, S]`
-pub fn images_to_tensor<B: Backend>(images: &[RgbImage], device: &B::Device) -> Tensor<B, 4> {
-    let (h, w) = images
-        .first()
-        .map_or((0, 0), |i| (i.height() as usize, i.width() as usize));
-    let mut data = Vec::with_capacity(images.len() * 3 * h * w);
-    for img in images {
-        data.extend(to_chw(img));
-    }
-    Tensor::from_data(TensorData::new(data, [images.len(), 3, h, w]), device)
-}
-
-/// Images from a batch in `[-1, 1]` (clamped by the conversion).
-///
-/// # Shapes
-/// `[N, 3, H, W]` -> `N` images
-pub fn tensor_to_images<B: Backend>(x: Tensor<B, 4>) -> Vec<RgbImage> {
-    let [n, _, h, w] = x.dims();
-    let flat: Vec<f32> = x
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("images should convert to f32");
-    let per = 3 * h * w;
-    (0..n)
-        .map(|k| from_chw(&flat[k * per..(k + 1) * per], h, w))
-        .collect()
 }
 
 /// One logged VAE training step.
@@ -923,5 +892,5 @@ fn host_normal<B: Backend>(seed: u64, shape: [usize; 4], device: &B::Device) -> 
     let mut rng = transfusion_data::rng::Rng64::from_parts(&[seed]);
     let mut data = vec![0f32; shape.iter().product()];
     rng.fill_normal(&mut data);
-    Tensor::from_data(burn::tensor::TensorData::new(data, shape), device)
+    Tensor::from_data(TensorData::new(data, shape), device)
 }

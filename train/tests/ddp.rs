@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use common::{tensors, tiny_cfg, tiny_model, B};
+use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
 use transfusion_train::checkpoint::read_state;
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::ddp::{run_training_ddp, CollectiveSync};
@@ -20,27 +20,6 @@ use transfusion_train::{accumulate_grads, run_training, LocalStep, RunOptions, S
 
 /// Burn's local collective server is one per backend type and process: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn quiet(out: &std::path::Path) -> RunOptions {
-    let mut o = RunOptions::new(out);
-    o.progress = false;
-    o
-}
-
-/// Every gradient as a flat f32 vector, in parameter order.
-fn flat_grads(model: &transfusion_model::Transfusion<B>, g: &GradientsParams) -> Vec<Vec<f32>> {
-    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-    impl burn::module::ModuleVisitor<B> for V<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if let Some(t) = self.0.get::<burn::backend::NdArray, D>(p.id) {
-                self.1.push(t.into_data().to_vec().unwrap());
-            }
-        }
-    }
-    let mut v = V(g, vec![]);
-    model.visit(&mut v);
-    v.1
-}
 
 /// The largest absolute difference between the weights of two checkpoints.
 fn max_weight_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {

@@ -8,34 +8,13 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use common::{tensors, tiny_cfg, tiny_model, B};
+use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
 use transfusion_data::packing::PackedRow;
 use transfusion_train::checkpoint::{latest_checkpoint, list_checkpoints, read_state};
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::metrics::MetricsLine;
 use transfusion_train::optim::{clip_global_norm, global_grad_norm, param_ids};
 use transfusion_train::{accumulate_grads, run_training, RunOptions, TrainHooks};
-
-fn quiet(out: &std::path::Path) -> RunOptions {
-    let mut o = RunOptions::new(out);
-    o.progress = false;
-    o
-}
-
-/// Every gradient as a flat f32 vector, in parameter order.
-fn flat_grads(model: &transfusion_model::Transfusion<B>, g: &GradientsParams) -> Vec<Vec<f32>> {
-    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-    impl burn::module::ModuleVisitor<B> for V<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if let Some(t) = self.0.get::<burn::backend::NdArray, D>(p.id) {
-                self.1.push(t.into_data().to_vec().unwrap());
-            }
-        }
-    }
-    let mut v = V(g, vec![]);
-    model.visit(&mut v);
-    v.1
-}
 
 fn rows_and_model(
     n: usize,
@@ -354,4 +333,40 @@ fn both_losses_fall_on_shapes() {
         .path()
         .join("checkpoints/best/model.safetensors")
         .is_file());
+}
+
+#[test]
+fn bf16_trains_on_flex_with_f32_weights_and_is_refused_on_ndarray_before_any_work() {
+    use burn::backend::{Autodiff, Flex};
+    use transfusion_model::Precision;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_cfg(4);
+    cfg.training.precision = Precision::Bf16;
+    cfg.eval.every = 0;
+    cfg.eval.at_end = false;
+
+    let nd_out = dir.path().join("ndarray");
+    let err = run_training::<B>(&cfg, &quiet(&nd_out), &mut TrainHooks::default(), &Default::default())
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("training.precision") && msg.contains("bf16"), "{msg}");
+    assert!(!nd_out.exists(), "nothing may be written before the check");
+
+    let flex_out = dir.path().join("flex");
+    let s = run_training::<Autodiff<Flex>>(
+        &cfg,
+        &quiet(&flex_out),
+        &mut TrainHooks::default(),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!((s.steps, s.skipped_steps), (4, 0));
+    let last = latest_checkpoint(&flex_out.join("checkpoints")).unwrap();
+    let bytes = std::fs::read(last.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name} should be saved in f32");
+    }
+    let saved = std::fs::read_to_string(flex_out.join("config.json")).unwrap();
+    assert!(saved.contains("\"precision\": \"bf16\""), "{saved}");
 }

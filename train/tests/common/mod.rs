@@ -4,9 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
 use transfusion_model::config::ImageIoConfig;
 use transfusion_model::TransfusionConfig;
 use transfusion_train::config::ExperimentConfig;
+use transfusion_train::RunOptions;
 
 pub type B = Autodiff<NdArray>;
 
@@ -46,4 +50,26 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Run options without a progress bar.
+pub fn quiet(out: &std::path::Path) -> RunOptions {
+    let mut o = RunOptions::new(out);
+    o.progress = false;
+    o
+}
+
+/// Every gradient as a flat f32 vector, in parameter order.
+pub fn flat_grads(model: &transfusion_model::Transfusion<B>, g: &GradientsParams) -> Vec<Vec<f32>> {
+    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor<B> for V<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(t) = self.0.get::<burn::backend::NdArray, D>(p.id) {
+                self.1.push(t.into_data().to_vec().unwrap());
+            }
+        }
+    }
+    let mut v = V(g, vec![]);
+    model.visit(&mut v);
+    v.1
 }

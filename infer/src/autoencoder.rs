@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn_store::{ModuleSnapshot, SafetensorsStore};
 use image::RgbImage;
 
+use crate::checkpoint::{load_weights, save_weights};
 use crate::image_tensor::{pixels_tensor, tensor_to_images};
 use transfusion_model::vae::{load_diffusers_vae, AutoencoderKl, VaeConfig};
 
@@ -72,11 +72,7 @@ pub fn save_vae<B: Backend>(
     config: &VaeConfig,
 ) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let weights = dir.join(VAE_WEIGHTS_FILE);
-    let mut store = SafetensorsStore::from_file(&weights).overwrite(true);
-    model
-        .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", weights.display()))?;
+    save_weights(model, &dir.join(VAE_WEIGHTS_FILE))?;
     let path = dir.join(VAE_CONFIG_FILE);
     fs::write(&path, serde_json::to_string_pretty(config)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -162,20 +158,8 @@ pub fn load_vae<B: Backend>(path: &Path, device: &B::Device) -> Result<Vae<B>> {
                     dir.display()
                 );
             }
-            let mut model = config.init::<B>(device);
-            let mut store = SafetensorsStore::from_file(&weights);
-            let result = model
-                .load_from(&mut store)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
-            if !result.missing.is_empty() || !result.errors.is_empty() {
-                bail!(
-                    "{}: weights do not match {} (missing: {:?}; errors: {:?})",
-                    weights.display(),
-                    dir.join(VAE_CONFIG_FILE).display(),
-                    result.missing,
-                    result.errors
-                );
-            }
+            let against = dir.join(VAE_CONFIG_FILE).display().to_string();
+            let model = load_weights(config.init::<B>(device), &weights, &against)?;
             Ok(Vae { model, config })
         }
         VaeSource::Diffusers(p) => {

@@ -64,11 +64,7 @@ pub fn save_model<B: Backend>(
     tokenizer: &TextTokenizer,
 ) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let weights = dir.join(WEIGHTS_FILE);
-    let mut store = SafetensorsStore::from_file(&weights).overwrite(true);
-    model
-        .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", weights.display()))?;
+    save_weights(model, &dir.join(WEIGHTS_FILE))?;
     let json = serde_json::to_string_pretty(meta)?;
     fs::write(dir.join(META_FILE), json)
         .with_context(|| format!("cannot write {}", dir.join(META_FILE).display()))?;
@@ -118,18 +114,38 @@ pub fn load_model<B: Backend>(
     if !weights.is_file() {
         bail!("checkpoint {}: missing {WEIGHTS_FILE}", dir.display());
     }
-    let mut model = meta.model.init::<B>(device);
-    let mut store = SafetensorsStore::from_file(&weights);
+    let model = load_weights(meta.model.init::<B>(device), &weights, "the model config")?;
+    Ok((model, meta, tokenizer))
+}
+
+/// Writes every parameter of `model` to the safetensors file `weights` (burn-store,
+/// readable by any safetensors tool), replacing it.
+pub fn save_weights<B: Backend, M: Module<B>>(model: &M, weights: &Path) -> anyhow::Result<()> {
+    let mut store = SafetensorsStore::from_file(weights).overwrite(true);
+    model
+        .save_into(&mut store)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", weights.display()))
+}
+
+/// Loads the safetensors file `weights` (written by burn-store) into `model`; a tensor
+/// that is missing or does not fit is an error naming the file and `config` (what the
+/// model was built from).
+pub fn load_weights<B: Backend, M: Module<B>>(
+    mut model: M,
+    weights: &Path,
+    config: &str,
+) -> anyhow::Result<M> {
+    let mut store = SafetensorsStore::from_file(weights);
     let result = model
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
     if !result.missing.is_empty() || !result.errors.is_empty() {
         bail!(
-            "{}: weights do not match the model config (missing: {:?}; errors: {:?})",
+            "{}: weights do not match {config} (missing: {:?}; errors: {:?})",
             weights.display(),
             result.missing,
             result.errors
         );
     }
-    Ok((model, meta, tokenizer))
+    Ok(model)
 }

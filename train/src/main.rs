@@ -19,8 +19,11 @@ use transfusion_train::bench::{run_bench, BenchConfig};
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::ExperimentConfig;
 use transfusion_train::data::resolve_tokenizer;
+use transfusion_train::metrics::{MetricsLine, MetricsLog};
+use transfusion_train::plot::plot_losses;
 use transfusion_train::vae::{
-    bench_vae, read_vae_train_config, run_vae_training, VaeRunOptions, VaeTrainConfig,
+    bench_vae, plot_vae, read_vae_train_config, run_vae_training, VaeMetricsLine,
+    VaeRunOptions, VaeTrainConfig, VAE_TRAIN_FILE,
 };
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
@@ -53,6 +56,8 @@ enum Command {
     Vae(VaeArgs),
     /// Measure VAE encode and decode throughput (images/s) at a given size.
     VaeBench(VaeBenchArgs),
+    /// Redraw a run's loss plot from its metrics.jsonl (Transfusion or VAE run).
+    Plot(PlotArgs),
     /// The main job: train the tiny preset on synthetic shapes, then score text-to-image
     /// and image-to-text on held-out samples and write grids and a report.
     Demo(DemoArgs),
@@ -291,6 +296,15 @@ struct VaeArgs {
     /// Device: auto, cpu, wgpu, cuda[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+}
+
+#[derive(Args, Debug)]
+struct PlotArgs {
+    /// Run directory (holds metrics.jsonl; a VAE run also holds vae_train.json).
+    run: PathBuf,
+    /// Output PNG (default: RUN/loss.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -716,6 +730,17 @@ fn main() -> anyhow::Result<()> {
             let mut opts = VaeRunOptions::new(&a.out);
             opts.resume = a.resume;
             dispatch(a.device, VaeTask { cfg, opts })?
+        }
+        Command::Plot(a) => {
+            let metrics = a.run.join("metrics.jsonl");
+            let out = a.out.unwrap_or_else(|| a.run.join("loss.png"));
+            if a.run.join(VAE_TRAIN_FILE).is_file() {
+                plot_vae(&MetricsLog::<VaeMetricsLine>::read(&metrics)?, &out)?;
+            } else {
+                plot_losses(&MetricsLog::<MetricsLine>::read(&metrics)?, &out)?;
+            }
+            println!("{}", out.display());
+            Ok(())
         }
         Command::VaeBench(a) => {
             let config = VaeTrainConfig::preset_vae(&a.preset).with_context(|| {

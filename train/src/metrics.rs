@@ -136,10 +136,13 @@ impl<L: LogLine> MetricsLog<L> {
 
     /// Reads every line of a metrics file.
     pub fn read(path: &Path) -> anyhow::Result<Vec<L>> {
-        let f = File::open(path)?;
+        let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         let mut v = vec![];
-        for l in BufReader::new(f).lines() {
-            v.push(serde_json::from_str(&l?)?);
+        for (i, l) in BufReader::new(f).lines().enumerate() {
+            let l = l.map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            v.push(serde_json::from_str(&l).map_err(|e| {
+                anyhow::anyhow!("{} line {}: not a metrics line: {e}", path.display(), i + 1)
+            })?);
         }
         Ok(v)
     }

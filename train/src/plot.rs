@@ -1,9 +1,9 @@
 //! The loss-curve PNG (`loss.png` in the run directory), refreshed at each evaluation.
 //!
-//! Drawn with plotters' bitmap backend without any font (none ships with the project):
-//! the y axis is logarithmic with a light line at every decade labelled by a small built-in
-//! pixel font (digits and `.` only); the x axis spans step 0 to the last step, with a tick
-//! every tenth of the run. Colours (also in the legend bars at the top right, in order):
+//! Drawn with plotters' bitmap backend and a built-in 3x5 pixel font (no font file ships
+//! with the project, and none is needed at run time): the y axis is logarithmic with a
+//! light line at every decade, labelled; the x axis spans step 0 to the last step, with a
+//! tick every tenth of the run. A legend at the top left names every curve:
 //! - grey: training total loss, blue: training LM loss, red: training diffusion loss
 //!   (all smoothed with an exponential moving average, factor 0.9);
 //! - dark blue dots joined: held-out LM NLL; dark red: held-out diffusion loss (mean over
@@ -28,9 +28,10 @@ const RED_: RGBColor = RGBColor(225, 70, 60);
 const DBLUE: RGBColor = RGBColor(10, 30, 140);
 const DRED: RGBColor = RGBColor(140, 10, 10);
 
-/// 3x5 glyphs for `0-9` and `.` (rows top to bottom, bit 2 = left column).
+/// 3x5 glyphs for digits, upper-case letters and a little punctuation (rows top to
+/// bottom, bit 2 = left column); lower-case letters are drawn upper-case.
 fn glyph(c: char) -> [u8; 5] {
-    match c {
+    match c.to_ascii_uppercase() {
         '0' => [7, 5, 5, 5, 7],
         '1' => [2, 6, 2, 2, 7],
         '2' => [7, 1, 7, 4, 7],
@@ -41,9 +42,57 @@ fn glyph(c: char) -> [u8; 5] {
         '7' => [7, 1, 1, 1, 1],
         '8' => [7, 5, 7, 5, 7],
         '9' => [7, 5, 7, 1, 7],
+        'A' => [2, 5, 7, 5, 5],
+        'B' => [6, 5, 6, 5, 6],
+        'C' => [3, 4, 4, 4, 3],
+        'D' => [6, 5, 5, 5, 6],
+        'E' => [7, 4, 6, 4, 7],
+        'F' => [7, 4, 6, 4, 4],
+        'G' => [3, 4, 5, 5, 3],
+        'H' => [5, 5, 7, 5, 5],
+        'I' => [7, 2, 2, 2, 7],
+        'J' => [1, 1, 1, 5, 2],
+        'K' => [5, 5, 6, 5, 5],
+        'L' => [4, 4, 4, 4, 7],
+        'M' => [5, 7, 7, 5, 5],
+        'N' => [6, 5, 5, 5, 5],
+        'O' => [2, 5, 5, 5, 2],
+        'P' => [6, 5, 6, 4, 4],
+        'Q' => [2, 5, 5, 6, 3],
+        'R' => [6, 5, 6, 5, 5],
+        'S' => [3, 4, 2, 1, 6],
+        'T' => [7, 2, 2, 2, 2],
+        'U' => [5, 5, 5, 5, 7],
+        'V' => [5, 5, 5, 5, 2],
+        'W' => [5, 5, 7, 7, 5],
+        'X' => [5, 5, 2, 5, 5],
+        'Y' => [5, 5, 2, 2, 2],
+        'Z' => [7, 1, 2, 4, 7],
         '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        ':' => [0, 2, 0, 2, 0],
+        '=' => [0, 7, 0, 7, 0],
+        '/' => [1, 1, 2, 4, 4],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
         _ => [0; 5],
     }
+}
+
+/// Top-left corner of the legend's first entry: the colour bar at `x`, the label at
+/// `x + 32`; entries are 16 pixels apart.
+fn legend_origin(series: &[Series]) -> (i32, i32) {
+    let widest = series
+        .iter()
+        .map(|s| text_width(&s.label, 2))
+        .max()
+        .unwrap_or(0);
+    (W - R - 14 - 32 - widest, T + 12)
+}
+
+/// Width in pixels of `text` drawn at `scale`.
+fn text_width(text: &str, scale: i32) -> i32 {
+    4 * scale * text.chars().count() as i32
 }
 
 fn draw_text<DB: DrawingBackend>(
@@ -62,7 +111,7 @@ fn draw_text<DB: DrawingBackend>(
                     let px = cx + col * scale;
                     let py = y + row as i32 * scale;
                     let _ = area.draw(&Rectangle::new(
-                        [(px, py), (px + scale - 1, py + scale - 1)],
+                        [(px, py), (px + scale, py + scale)],
                         BLACK.filled(),
                     ));
                 }
@@ -97,9 +146,38 @@ fn ema(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
     out
 }
 
-/// One curve of [`plot_series`]: `(step, value)` points, colour, and whether the points
-/// are drawn as dots (evaluations) besides the line.
-pub type Series = (Vec<(u64, f64)>, RGBColor, bool);
+/// One curve of [`plot_series`].
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// `(step, value)` points.
+    pub points: Vec<(u64, f64)>,
+    /// Line colour.
+    pub color: RGBColor,
+    /// Whether the points are also drawn as dots (evaluations).
+    pub dots: bool,
+    /// Legend text.
+    pub label: String,
+}
+
+impl Series {
+    /// A line of `points` named `label`.
+    pub fn line(label: &str, points: Vec<(u64, f64)>, color: RGBColor) -> Self {
+        Self {
+            points,
+            color,
+            dots: false,
+            label: label.into(),
+        }
+    }
+
+    /// Evaluation points (dots joined by a line) named `label`.
+    pub fn dots(label: &str, points: Vec<(u64, f64)>, color: RGBColor) -> Self {
+        Self {
+            dots: true,
+            ..Self::line(label, points, color)
+        }
+    }
+}
 
 /// Exponential moving average (factor 0.9) of a training curve, non-finite points dropped.
 pub fn smooth(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
@@ -129,21 +207,22 @@ pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
         }
     }
     let series: Vec<Series> = vec![
-        (ema(&total), GREY, false),
-        (ema(&lm), BLUE, false),
-        (ema(&diff), RED_, false),
-        (elm, DBLUE, true),
-        (ediff, DRED, true),
+        Series::line("train total", ema(&total), GREY),
+        Series::line("train LM", ema(&lm), BLUE),
+        Series::line("train diffusion", ema(&diff), RED_),
+        Series::dots("held-out LM NLL", elm, DBLUE),
+        Series::dots("held-out diffusion", ediff, DRED),
     ];
     plot_series(&series, path)
 }
 
-/// Draws `series` on one log-scale chart into `path` (PNG), with a legend bar per series
-/// (in order) at the top right. The layout of [`plot_losses`], for any run's curves.
+/// Draws `series` on one log-scale chart into `path` (PNG), with a legend (colour and
+/// label per series, in order) at the top right. The layout of [`plot_losses`], for any
+/// run's curves.
 pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
     let all: Vec<(u64, f64)> = series
         .iter()
-        .flat_map(|(s, _, _)| s.iter().copied())
+        .flat_map(|s| s.points.iter().copied())
         .filter(|(_, v)| v.is_finite() && *v > 0.0)
         .collect();
     let root = BitMapBackend::new(path, (W as u32, H as u32)).into_drawing_area();
@@ -197,8 +276,12 @@ pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
         2,
     );
     draw_text(&root, "0", L - 2, H - B + 10, 2);
-    for (i, (pts, color, dots)) in series.iter().enumerate() {
-        let path: Vec<(i32, i32)> = pts
+    draw_text(&root, "step", (L + W - R) / 2 - text_width("step", 2) / 2, H - B + 10, 2);
+    draw_text(&root, "loss (log scale)", L, T - 16, 2);
+    for s in series {
+        let (color, dots) = (&s.color, &s.dots);
+        let path: Vec<(i32, i32)> = s
+            .points
             .iter()
             .filter(|(_, v)| v.is_finite() && *v > 0.0)
             .map(|&(s, v)| (px(s as f64), py(v)))
@@ -211,13 +294,78 @@ pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
                 let _ = root.draw(&Circle::new((x, y), 3, color.filled()));
             }
         }
-        // Legend bar.
-        let lx = W - R - series.len() as i32 * 34 + i as i32 * 34;
+    }
+    // The legend, over a white box at the top right (where falling curves are lowest).
+    let (lx, ly0) = legend_origin(series);
+    let _ = root.draw(&Rectangle::new(
+        [(lx - 8, ly0 - 6), (W - R - 6, ly0 + series.len() as i32 * 16 + 2)],
+        WHITE.filled(),
+    ));
+    let _ = root.draw(&Rectangle::new(
+        [(lx - 8, ly0 - 6), (W - R - 6, ly0 + series.len() as i32 * 16 + 2)],
+        RGBColor(200, 200, 200),
+    ));
+    for (i, s) in series.iter().enumerate() {
+        let ly = ly0 + i as i32 * 16;
         let _ = root.draw(&Rectangle::new(
-            [(lx, T - 18), (lx + 28, T - 8)],
-            color.filled(),
+            [(lx, ly + 2), (lx + 24, ly + 7)],
+            s.color.filled(),
         ));
+        draw_text(&root, &s.label, lx + 32, ly, 2);
     }
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_letter_and_digit_has_its_own_glyph() {
+        let chars: Vec<char> = ('A'..='Z').chain('0'..='9').collect();
+        for (i, a) in chars.iter().enumerate() {
+            assert_ne!(glyph(*a), [0; 5], "{a} has no glyph");
+            assert_eq!(glyph(a.to_ascii_lowercase()), glyph(*a));
+            for b in &chars[i + 1..] {
+                assert_ne!(glyph(*a), glyph(*b), "{a} and {b} look the same");
+            }
+        }
+    }
+
+    #[test]
+    fn the_legend_shows_each_colour_and_its_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.png");
+        let pts = |k: f64| (0..50).map(|s| (s, k / (1.0 + s as f64))).collect();
+        let series = vec![
+            Series::line("first curve", pts(4.0), BLUE),
+            Series::dots("second", pts(2.0), DRED),
+        ];
+        plot_series(&series, &path).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (W as u32, H as u32));
+        let (lx, ly0) = legend_origin(&series);
+        for (i, s) in series.iter().enumerate() {
+            let ly = ly0 + i as i32 * 16;
+            // The colour bar.
+            let p = img.get_pixel((lx + 12) as u32, (ly + 4) as u32).0;
+            assert_eq!(p, [s.color.0, s.color.1, s.color.2], "bar of {}", s.label);
+            // The label: black pixels in its box, as many columns wide as its text.
+            let w = text_width(&s.label, 2);
+            let black_cols = (0..w)
+                .filter(|dx| {
+                    (0..10).any(|dy| {
+                        img.get_pixel((lx + 32 + dx) as u32, (ly + dy) as u32).0 == [0, 0, 0]
+                    })
+                })
+                .count() as i32;
+            assert!(black_cols > w / 2, "label {} drew {black_cols} of {w} columns", s.label);
+            // Nothing black right of the label's end, inside the legend box.
+            let right = W - R - 8 - (lx + 32);
+            assert!((w + 1..right).all(|dx| (0..10).all(|dy| {
+                img.get_pixel((lx + 32 + dx) as u32, (ly + dy) as u32).0 != [0, 0, 0]
+            })));
+        }
+    }
 }

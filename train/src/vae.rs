@@ -549,7 +549,8 @@ pub fn recon_grid(originals: &[RgbImage], recons: &[RgbImage]) -> RgbImage {
     image_grid(&all, cols, 2)
 }
 
-fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> anyhow::Result<()> {
+/// Draws a VAE run's loss curves (train loss and reconstruction, held-out reconstruction).
+pub fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> anyhow::Result<()> {
     use plotters::style::RGBColor;
     let (mut loss, mut recon, mut erecon) = (vec![], vec![], vec![]);
     for l in lines {
@@ -563,9 +564,9 @@ fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> anyhow::Result<()> {
         }
     }
     let series: Vec<Series> = vec![
-        (smooth(&loss), RGBColor(130, 130, 130), false),
-        (smooth(&recon), RGBColor(60, 110, 230), false),
-        (erecon, RGBColor(140, 10, 10), true),
+        Series::line("train loss", smooth(&loss), RGBColor(130, 130, 130)),
+        Series::line("train reconstruction", smooth(&recon), RGBColor(60, 110, 230)),
+        Series::dots("held-out reconstruction", erecon, RGBColor(140, 10, 10)),
     ];
     plot_series(&series, path)
 }

@@ -8,15 +8,12 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use burn::module::{Module, Param};
-use burn::optim::GradientsParams;
-use burn::prelude::*;
 use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
 use transfusion_train::checkpoint::read_state;
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::ddp::{run_training_ddp, CollectiveSync};
 use transfusion_train::TrainHooks;
-use transfusion_train::{accumulate_grads, run_training, LocalStep, RunOptions, StepSync};
+use transfusion_train::{accumulate_grads, run_training, LocalStep, StepSync};
 
 /// Burn's local collective server is one per backend type and process: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

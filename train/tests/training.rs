@@ -5,16 +5,13 @@ mod common;
 
 use std::sync::Arc;
 
-use burn::module::{Module, Param};
-use burn::optim::GradientsParams;
-use burn::prelude::*;
 use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
 use transfusion_data::packing::PackedRow;
 use transfusion_train::checkpoint::{latest_checkpoint, list_checkpoints, read_state};
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::metrics::MetricsLine;
 use transfusion_train::optim::{clip_global_norm, global_grad_norm, param_ids};
-use transfusion_train::{accumulate_grads, run_training, RunOptions, TrainHooks};
+use transfusion_train::{accumulate_grads, run_training, TrainHooks};
 
 fn rows_and_model(
     n: usize,

@@ -8,6 +8,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
+use burn::module::Module;
 use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
 use transfusion_train::checkpoint::read_state;
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};

@@ -154,7 +154,10 @@ fn the_shipped_tiny_vae_reconstructs_held_out_shapes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/vae-tiny");
     let device = Default::default();
     let vae = load_vae::<B>(&dir, &device).unwrap();
-    assert_eq!((vae.config.latent_channels, vae.config.down_factor()), (4, 2));
+    assert_eq!(
+        (vae.config.latent_channels, vae.config.down_factor()),
+        (4, 2)
+    );
     let g = ShapesGenerator::new(ShapesGenerator::HELD_OUT_SEED);
     let images: Vec<image::RgbImage> = (0..16u64).map(|i| g.sample(i).image).collect();
     // [16, 3, 32, 32] in [-1, 1]

@@ -55,7 +55,14 @@ fn measure<B: AutodiffBackend>(name: &str) {
         let post = vae.encode(img.clone());
         let rec = vae.decode(post.mean.clone());
         let g = (rec - img.clone()).abs().mean().backward();
-        let _ = vae.encoder.conv_in.weight.grad(&g).unwrap().sum().into_scalar();
+        let _ = vae
+            .encoder
+            .conv_in
+            .weight
+            .grad(&g)
+            .unwrap()
+            .sum()
+            .into_scalar();
     });
     println!("{name:<8} tiny VAE encode+decode fwd+bwd 4x32px: {step:7.1} ms");
 }

@@ -73,7 +73,11 @@ impl Precision {
         }
         let weight = self.to_compute(layer.weight.val());
         let bias = layer.bias.as_ref().map(|b| self.to_compute(b.val()));
-        self.to_f32(burn::tensor::module::linear(self.to_compute(x), weight, bias))
+        self.to_f32(burn::tensor::module::linear(
+            self.to_compute(x),
+            weight,
+            bias,
+        ))
     }
 
     /// An error naming the backend when it cannot compute in this precision (f32 always
@@ -142,7 +146,9 @@ impl FromStr for Precision {
             "f32" | "fp32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "fp16" | "float16" => Ok(Self::F16),
-            other => Err(format!("unknown precision `{other}` (expected f32, bf16 or f16)")),
+            other => Err(format!(
+                "unknown precision `{other}` (expected f32, bf16 or f16)"
+            )),
         }
     }
 }

@@ -26,7 +26,11 @@ fn loss_and_grad(model: &Transfusion<B>) -> (f32, Vec<f32>, DType) {
     let grads = loss.backward();
     let g = model.blocks[0].attn.wq.weight.grad(&grads).unwrap();
     let dtype = g.dtype();
-    (value, g.into_data().convert::<f32>().to_vec().unwrap(), dtype)
+    (
+        value,
+        g.into_data().convert::<f32>().to_vec().unwrap(),
+        dtype,
+    )
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -46,8 +50,15 @@ fn half_precision_products_match_f32_closely_but_not_exactly() {
         // bf16 keeps 8 significant bits (relative step 2^-8 = 0.4%); the loss averages
         // many products, so it lands well inside 2%.
         assert!(rel < 0.02, "{p}: loss {l} vs f32 {l32} (relative {rel})");
-        assert!(l != l32, "{p}: the loss equals the f32 loss exactly: no cast happened");
-        assert_eq!(dtype, DType::F32, "{p}: weight gradients must arrive in f32");
+        assert!(
+            l != l32,
+            "{p}: the loss equals the f32 loss exactly: no cast happened"
+        );
+        assert_eq!(
+            dtype,
+            DType::F32,
+            "{p}: weight gradients must arrive in f32"
+        );
         let c = cosine(&g, &g32);
         assert!(c > 0.99, "{p}: gradient cosine similarity to f32 is {c}");
     }
@@ -66,9 +77,16 @@ fn weights_stay_f32_and_bf16_training_lowers_the_loss() {
         m = optim.step(3e-3, m, grads);
     }
     assert_eq!(m.blocks[0].mlp.w1.weight.val().dtype(), DType::F32);
-    assert_eq!(m.precision, Precision::Bf16, "the optimizer step keeps the precision");
+    assert_eq!(
+        m.precision,
+        Precision::Bf16,
+        "the optimizer step keeps the precision"
+    );
     let (first, last) = (losses[0], *losses.last().unwrap());
-    assert!(last.is_finite() && last < 0.5 * first, "loss {first} -> {last}");
+    assert!(
+        last.is_finite() && last < 0.5 * first,
+        "loss {first} -> {last}"
+    );
 }
 
 #[test]
@@ -76,7 +94,10 @@ fn backends_without_the_compute_type_are_refused_by_name() {
     let dev = Default::default();
     assert!(Precision::F32.check_backend::<NdArray>(&dev).is_ok());
     let err = Precision::Bf16.check_backend::<NdArray>(&dev).unwrap_err();
-    assert!(err.contains("bf16") && err.contains("not supported"), "{err}");
+    assert!(
+        err.contains("bf16") && err.contains("not supported"),
+        "{err}"
+    );
     // The backend's own panic message is captured into the error.
     assert!(err.contains("Unsupported dtype"), "{err}");
     let flex = Default::default();

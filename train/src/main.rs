@@ -22,8 +22,8 @@ use transfusion_train::data::resolve_tokenizer;
 use transfusion_train::metrics::{MetricsLine, MetricsLog};
 use transfusion_train::plot::plot_losses;
 use transfusion_train::vae::{
-    bench_vae, plot_vae, read_vae_train_config, run_vae_training, VaeMetricsLine,
-    VaeRunOptions, VaeTrainConfig, VAE_TRAIN_FILE,
+    bench_vae, plot_vae, read_vae_train_config, run_vae_training, VaeMetricsLine, VaeRunOptions,
+    VaeTrainConfig, VAE_TRAIN_FILE,
 };
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 

@@ -61,6 +61,17 @@ pub struct EvalMetrics {
     pub loss: f64,
 }
 
+impl EvalMetrics {
+    /// The held-out diffusion losses as `t=100: 0.0123, t=500: ...`.
+    pub fn diffusion_summary(&self) -> String {
+        self.diffusion
+            .iter()
+            .map(|(t, v)| format!("t={t}: {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// A line of the metrics file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -136,7 +147,8 @@ impl<L: LogLine> MetricsLog<L> {
 
     /// Reads every line of a metrics file.
     pub fn read(path: &Path) -> anyhow::Result<Vec<L>> {
-        let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        let f =
+            File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         let mut v = vec![];
         for (i, l) in BufReader::new(f).lines().enumerate() {
             let l = l.map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;

@@ -276,7 +276,13 @@ pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
         2,
     );
     draw_text(&root, "0", L - 2, H - B + 10, 2);
-    draw_text(&root, "step", (L + W - R) / 2 - text_width("step", 2) / 2, H - B + 10, 2);
+    draw_text(
+        &root,
+        "step",
+        (L + W - R) / 2 - text_width("step", 2) / 2,
+        H - B + 10,
+        2,
+    );
     draw_text(&root, "loss (log scale)", L, T - 16, 2);
     for s in series {
         let (color, dots) = (&s.color, &s.dots);
@@ -298,11 +304,17 @@ pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
     // The legend, over a white box at the top right (where falling curves are lowest).
     let (lx, ly0) = legend_origin(series);
     let _ = root.draw(&Rectangle::new(
-        [(lx - 8, ly0 - 6), (W - R - 6, ly0 + series.len() as i32 * 16 + 2)],
+        [
+            (lx - 8, ly0 - 6),
+            (W - R - 6, ly0 + series.len() as i32 * 16 + 2),
+        ],
         WHITE.filled(),
     ));
     let _ = root.draw(&Rectangle::new(
-        [(lx - 8, ly0 - 6), (W - R - 6, ly0 + series.len() as i32 * 16 + 2)],
+        [
+            (lx - 8, ly0 - 6),
+            (W - R - 6, ly0 + series.len() as i32 * 16 + 2),
+        ],
         RGBColor(200, 200, 200),
     ));
     for (i, s) in series.iter().enumerate() {
@@ -360,7 +372,11 @@ mod tests {
                     })
                 })
                 .count() as i32;
-            assert!(black_cols > w / 2, "label {} drew {black_cols} of {w} columns", s.label);
+            assert!(
+                black_cols > w / 2,
+                "label {} drew {black_cols} of {w} columns",
+                s.label
+            );
             // Nothing black right of the label's end, inside the legend box.
             let right = W - R - 8 - (lx + 32);
             assert!((w + 1..right).all(|dx| (0..10).all(|dy| {

@@ -124,11 +124,7 @@ impl RunSummary {
             println!(
                 "held-out: perplexity {:.3}, diffusion {}",
                 e.perplexity,
-                e.diffusion
-                    .iter()
-                    .map(|(t, v)| format!("t={t}: {v:.4}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                e.diffusion_summary()
             );
         }
         if let Some(c) = &self.last_checkpoint {
@@ -804,11 +800,7 @@ pub(crate) fn train_loop<B: AutodiffBackend, S: StepSync<B> + ?Sized>(
                 "eval @ {}: ppl {:.3}, diffusion {}",
                 state.step,
                 e.perplexity,
-                e.diffusion
-                    .iter()
-                    .map(|(t, v)| format!("t={t}: {v:.4}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                e.diffusion_summary()
             ));
             log.push(MetricsLine::Eval(e.clone()))?;
             plot_losses(&log.lines, &out.join("loss.png"))?;

@@ -565,7 +565,11 @@ pub fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> anyhow::Result<()> {
     }
     let series: Vec<Series> = vec![
         Series::line("train loss", smooth(&loss), RGBColor(130, 130, 130)),
-        Series::line("train reconstruction", smooth(&recon), RGBColor(60, 110, 230)),
+        Series::line(
+            "train reconstruction",
+            smooth(&recon),
+            RGBColor(60, 110, 230),
+        ),
         Series::dots("held-out reconstruction", erecon, RGBColor(140, 10, 10)),
     ];
     plot_series(&series, path)

@@ -343,10 +343,18 @@ fn bf16_trains_on_flex_with_f32_weights_and_is_refused_on_ndarray_before_any_wor
     cfg.eval.at_end = false;
 
     let nd_out = dir.path().join("ndarray");
-    let err = run_training::<B>(&cfg, &quiet(&nd_out), &mut TrainHooks::default(), &Default::default())
-        .unwrap_err();
+    let err = run_training::<B>(
+        &cfg,
+        &quiet(&nd_out),
+        &mut TrainHooks::default(),
+        &Default::default(),
+    )
+    .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("training.precision") && msg.contains("bf16"), "{msg}");
+    assert!(
+        msg.contains("training.precision") && msg.contains("bf16"),
+        "{msg}"
+    );
     assert!(!nd_out.exists(), "nothing may be written before the check");
 
     let flex_out = dir.path().join("flex");
@@ -362,7 +370,11 @@ fn bf16_trains_on_flex_with_f32_weights_and_is_refused_on_ndarray_before_any_wor
     let bytes = std::fs::read(last.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for (name, t) in st.tensors() {
-        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name} should be saved in f32");
+        assert_eq!(
+            t.dtype(),
+            safetensors::Dtype::F32,
+            "{name} should be saved in f32"
+        );
     }
     let saved = std::fs::read_to_string(flex_out.join("config.json")).unwrap();
     assert!(saved.contains("\"precision\": \"bf16\""), "{saved}");

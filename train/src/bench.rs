@@ -152,7 +152,8 @@ pub fn run_bench<B: AutodiffBackend>(
     cfg.precision
         .check_backend::<B>(device)
         .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
-    let mut model = crate::trainer::seeded_init::<B>(m, device, 0).with_precision(cfg.precision);
+    let mut model =
+        crate::transfusion::seeded_init::<B>(m, device, 0).with_precision(cfg.precision);
     let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();
     let mut times = vec![];
     let (mut tokens, mut images) = (0u64, 0u64);

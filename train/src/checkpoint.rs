@@ -10,6 +10,9 @@
 //!   training_state.json  step, skipped steps, data pipeline position, seed, best eval loss
 //! OUT/checkpoints/best/  the same, for the lowest eval loss (optional)
 //! ```
+//! Every task of the training engine writes the same frame (`optimizer.mpk`, then
+//! `training_state.json` last) around its own model files; a VAE checkpoint holds
+//! `vae.safetensors`, `vae.json` and `vae_train.json` instead of the first four.
 //! A checkpoint is written into `.tmp-step-...` and renamed into place, so a crash at any
 //! moment leaves either the complete directory or a `.tmp-*` leftover that resume ignores
 //! (and deletes). A step directory counts as complete only with all six files.
@@ -30,11 +33,7 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use transfusion_data::pipeline::PipelineState;
-use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_infer::checkpoint::{
-    save_model, ModelMeta, META_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
-};
-use transfusion_model::Transfusion;
+use transfusion_infer::checkpoint::{META_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 
 use crate::config::ExperimentConfig;
 use crate::optim::param_ids;
@@ -44,12 +43,6 @@ pub type AdamWOptimizer<M, B> = OptimizerAdaptor<AdamW, M, B>;
 
 /// The record type of [`AdamWOptimizer`] (a map from parameter id to AdamW state).
 pub type AdamWRecord<M, B> = <AdamWOptimizer<M, B> as Optimizer<M, B>>::Record;
-
-/// The optimizer type of training.
-pub type TrainOptimizer<B> = AdamWOptimizer<Transfusion<B>, B>;
-
-/// The optimizer's record type (a map from parameter id to AdamW state).
-pub type OptimRecord<B> = AdamWRecord<Transfusion<B>, B>;
 
 /// Files a complete Transfusion training checkpoint holds.
 pub const REQUIRED_FILES: &[&str] = &[
@@ -70,16 +63,18 @@ pub const STATE_FILE: &str = "training_state.json";
 /// Name of the best-checkpoint directory.
 pub const BEST_DIR: &str = "best";
 
-/// Everything besides weights and optimizer moments needed to continue exactly.
+/// Everything besides weights and optimizer moments needed to continue exactly, for a
+/// data stream whose position is `D`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainingState {
+pub struct TrainingState<D> {
     /// Optimizer steps done (the next step has this index).
     pub step: u64,
     /// Steps skipped for a non-finite loss or gradient, in the whole run.
     pub skipped_steps: u64,
-    /// The data pipeline after the last batch used (the data order and every random choice
+    /// The data stream after the last batch used (the data order and every random choice
     /// of layouts, timesteps and noise derive from it and the seed).
-    pub pipeline: PipelineState,
+    #[serde(alias = "pipeline")]
+    pub data: D,
     /// The run's seed. All randomness is derived from it and positions in the data stream
     /// (`transfusion_data::rng::derive_seed`); no other RNG state exists.
     pub seed: u64,
@@ -88,6 +83,23 @@ pub struct TrainingState {
     /// Eval loss of this checkpoint's step, if one was measured there.
     pub eval_loss: Option<f64>,
 }
+
+impl<D: Default> TrainingState<D> {
+    /// The state before the first step of a run seeded with `seed`.
+    pub fn fresh(seed: u64) -> Self {
+        Self {
+            step: 0,
+            skipped_steps: 0,
+            data: D::default(),
+            seed,
+            best_eval_loss: None,
+            eval_loss: None,
+        }
+    }
+}
+
+/// A Transfusion run's training state (the data position is the pipeline's).
+pub type TransfusionState = TrainingState<PipelineState>;
 
 /// Name of the directory of step `step`.
 pub fn step_dir_name(step: u64) -> String {
@@ -149,22 +161,6 @@ pub fn remove_leftovers(root: &Path) -> usize {
     n
 }
 
-/// What a checkpoint is made of.
-pub struct CheckpointParts<'a, B: AutodiffBackend> {
-    /// The model.
-    pub model: &'a Transfusion<B>,
-    /// The optimizer.
-    pub optim: &'a TrainOptimizer<B>,
-    /// Inference metadata.
-    pub meta: &'a ModelMeta,
-    /// The tokenizer.
-    pub tokenizer: &'a TextTokenizer,
-    /// The experiment config.
-    pub config: &'a ExperimentConfig,
-    /// The training state.
-    pub state: &'a TrainingState,
-}
-
 /// Writes the AdamW state of `optim` for `model` to `dir/optimizer.mpk`, keyed by parameter
 /// index (see the module docs).
 pub fn save_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
@@ -190,28 +186,6 @@ pub fn save_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
         .record(by_index, dir.join(OPTIMIZER_FILE))
         .map_err(|e| anyhow::anyhow!("cannot write optimizer state: {e}"))?;
     Ok(())
-}
-
-fn write_into<B: AutodiffBackend>(dir: &Path, p: &CheckpointParts<B>) -> anyhow::Result<()> {
-    save_model(dir, p.model, p.meta, p.tokenizer)?;
-    save_optimizer(dir, p.model, p.optim)?;
-    fs::write(
-        dir.join(CONFIG_FILE),
-        serde_json::to_string_pretty(p.config)?,
-    )?;
-    // Last: its presence marks the directory complete.
-    fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(p.state)?)?;
-    Ok(())
-}
-
-/// Writes `parts` to `root/name` atomically (temp dir + rename; an existing directory of
-/// that name is replaced only after the new one is complete).
-pub fn write_checkpoint<B: AutodiffBackend>(
-    root: &Path,
-    name: &str,
-    parts: &CheckpointParts<B>,
-) -> anyhow::Result<PathBuf> {
-    write_dir_atomically(root, name, |tmp| write_into(tmp, parts))
 }
 
 /// Creates `root/name` atomically: `fill` writes the files into `root/.tmp-NAME`, which is
@@ -245,11 +219,6 @@ pub fn write_dir_atomically(
     Ok(dest)
 }
 
-/// Deletes all but the newest `keep` step checkpoints.
-pub fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
-    prune_with(root, keep, REQUIRED_FILES)
-}
-
 /// Deletes all but the newest `keep` step checkpoints holding every file of `required`.
 pub fn prune_with(root: &Path, keep: usize, required: &[&str]) -> anyhow::Result<()> {
     let list = list_checkpoints_with(root, required);
@@ -261,8 +230,15 @@ pub fn prune_with(root: &Path, keep: usize, required: &[&str]) -> anyhow::Result
     Ok(())
 }
 
-/// Reads a checkpoint's training state.
-pub fn read_state(dir: &Path) -> anyhow::Result<TrainingState> {
+/// Reads a Transfusion checkpoint's training state.
+pub fn read_state(dir: &Path) -> anyhow::Result<TransfusionState> {
+    read_training_state(dir)
+}
+
+/// Reads any checkpoint's training state.
+pub fn read_training_state<D: serde::de::DeserializeOwned>(
+    dir: &Path,
+) -> anyhow::Result<TrainingState<D>> {
     let path = dir.join(STATE_FILE);
     let text =
         fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;

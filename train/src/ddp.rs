@@ -36,17 +36,16 @@ use burn::collective::{
     all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId,
     ReduceOperation,
 };
+use burn::module::AutodiffModule;
 use burn::module::{ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorPrimitive;
-use transfusion_model::Transfusion;
 
 use crate::config::ExperimentConfig;
-use crate::trainer::{
-    prepare, train_loop, LocalStep, RunOptions, RunSummary, StepSync, TrainHooks,
-};
+use crate::engine::{prepare, train_loop, EngineHooks, LocalStep, RunOptions, StepSync};
+use crate::transfusion::{RunSummary, TrainHooks, TransfusionTask};
 
 /// The multi-node part of a data-parallel run (Burn's global collective). Every node must
 /// use the same number of local devices and the same `num_nodes` and orchestrator.
@@ -113,7 +112,9 @@ pub fn run_training_ddp<B: AutodiffBackend>(
     };
     // Only global rank 0 writes to the run directory; other nodes still need the
     // checkpoint to resume from (a shared filesystem, or a copy of OUT/checkpoints).
-    let prepared = prepare::<B>(cfg, opts, &devices[0], true)?;
+    let (preview, mut engine_hooks) = hooks.split();
+    let mut lead_task = TransfusionTask::<B>::new(cfg, opts, &devices[0], preview)?;
+    let prepared = prepare(&mut lead_task, opts, &devices[0], true)?;
     let replicas: Vec<_> = devices[1..]
         .iter()
         .map(|d| prepared.replica_on(d))
@@ -131,11 +132,12 @@ pub fn run_training_ddp<B: AutodiffBackend>(
                 opts.progress = false;
                 s.spawn(move || {
                     let run = || {
+                        let mut task = TransfusionTask::<B>::new(cfg, &opts, device, None)?;
                         let mut sync = CollectiveSync::<B>::register(rank, world, device, config)?;
                         let r = train_loop(
-                            cfg,
+                            &mut task,
                             &opts,
-                            &mut TrainHooks::default(),
+                            &mut EngineHooks::default(),
                             device,
                             p,
                             &mut sync,
@@ -155,11 +157,22 @@ pub fn run_training_ddp<B: AutodiffBackend>(
             .collect();
         let mut own_opts = opts.clone();
         own_opts.progress &= lead;
-        let mut no_hooks = TrainHooks::default();
-        let own_hooks = if lead { hooks } else { &mut no_hooks };
+        let mut no_hooks = EngineHooks::default();
+        let own_hooks = if lead {
+            &mut engine_hooks
+        } else {
+            &mut no_hooks
+        };
         let r0 = (|| {
             let mut sync = CollectiveSync::<B>::register(first_rank, world, &devices[0], config)?;
-            let r = train_loop(cfg, &own_opts, own_hooks, &devices[0], prepared, &mut sync);
+            let r = train_loop(
+                &mut lead_task,
+                &own_opts,
+                own_hooks,
+                &devices[0],
+                prepared,
+                &mut sync,
+            );
             sync.finish(r.is_ok());
             r
         })();
@@ -263,9 +276,9 @@ impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
     fn world(&self) -> usize {
         self.world
     }
-    fn sync(
+    fn sync<M: AutodiffModule<B>>(
         &mut self,
-        model: &Transfusion<B>,
+        model: &M,
         mut grads: GradientsParams,
         local: LocalStep,
     ) -> anyhow::Result<(GradientsParams, LocalStep)> {

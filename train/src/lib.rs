@@ -1,11 +1,13 @@
-//! Transfusion training: the experiment config, AdamW with the paper's values and global
-//! gradient clipping, the warmup + cosine schedule, the loop with held-out evaluation,
-//! metrics and loss plots, and atomic, exactly resumable checkpoints.
+//! Training: the experiment config, AdamW with the paper's values and global gradient
+//! clipping, the warmup + cosine schedule, and one training engine ([`engine`]) that owns
+//! the loop (accumulation, the replicas' sync, the non-finite policy, atomic and exactly
+//! resumable checkpoints, evaluation cadence, metrics and loss plots) for every task:
+//! Transfusion pretraining ([`transfusion`]) and VAE training ([`vae`]).
 //!
-//! The entry point is [`run_training`] (generic over `B: AutodiffBackend`; the binary picks
-//! the backend with `transfusion_infer::device::dispatch`). A run directory holds
-//! `config.json`, `metrics.jsonl`, `loss.png` and `checkpoints/step-N/` (see
-//! [`checkpoint`]).
+//! The entry points are [`run_training`] and [`vae::run_vae_training`] (generic over
+//! `B: AutodiffBackend`; the binary picks the backend with
+//! `transfusion_infer::device::dispatch`). A run directory holds the run config,
+//! `metrics.jsonl`, `loss.png` and `checkpoints/step-N/` (see [`checkpoint`]).
 //!
 //! Loop, per optimizer step: `grad_accum` micro-batches (loss scaled by `1/grad_accum`,
 //! gradients summed with Burn's `GradientsAccumulator`), global-norm clipping, a
@@ -16,12 +18,14 @@
 //!
 //! Several devices (feature `collective`): `ddp::run_training_ddp` runs the same loop
 //! once per device, on one thread each, with the gradients all-reduced by Burn's collective
-//! between the backward passes and clipping ([`trainer::StepSync`]).
+//! between the backward passes and clipping ([`engine::StepSync`]).
 //!
 //! Precision: weights, gradients and AdamW state are f32 on every backend;
 //! `training.precision = "bf16"` (or `"f16"`) computes the decoder's matrix products and
 //! attention in that type (`transfusion_model::precision`), checked against the backend
 //! before any work (CUDA and `flex`: yes; `ndarray`: no).
+
+#![warn(missing_docs)]
 
 pub mod bench;
 pub mod checkpoint;
@@ -30,15 +34,16 @@ pub mod data;
 #[cfg(feature = "collective")]
 pub mod ddp;
 pub mod demo;
+pub mod engine;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
-pub mod trainer;
+pub mod transfusion;
 pub mod vae;
 
 pub use config::{ConfigError, ExperimentConfig};
-pub use trainer::{
-    accumulate_grads, evaluate, run_training, train_step, LocalStep, PreviewHook, RunOptions,
-    RunSummary, SingleDevice, StepSync, TrainHooks,
+pub use engine::{LocalStep, RunOptions, SingleDevice, StepSync};
+pub use transfusion::{
+    accumulate_grads, evaluate, run_training, PreviewHook, RunSummary, TrainHooks,
 };

@@ -15,6 +15,41 @@ pub trait LogLine: Serialize + DeserializeOwned {
     fn step(&self) -> u64;
 }
 
+/// A training-step or evaluation record of one kind of run: it knows its step and says
+/// itself in one line (the progress bar, the console).
+pub trait Record: Clone + std::fmt::Debug + Serialize + DeserializeOwned {
+    /// The step the record belongs to.
+    fn step(&self) -> u64;
+    /// One human-readable line (`lm 2.31 diff 0.041 | ...`, `perplexity 3.2, ...`).
+    fn summary(&self) -> String;
+}
+
+/// A line of a metrics file: a training step `S` or an evaluation `E`, tagged by `kind`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Line<S, E> {
+    /// A training step.
+    Train(S),
+    /// An evaluation.
+    Eval(E),
+}
+
+impl<S: Record, E: Record> Line<S, E> {
+    /// The step of the line.
+    pub fn step(&self) -> u64 {
+        match self {
+            Line::Train(m) => m.step(),
+            Line::Eval(m) => m.step(),
+        }
+    }
+}
+
+impl<S: Record, E: Record> LogLine for Line<S, E> {
+    fn step(&self) -> u64 {
+        Line::step(self)
+    }
+}
+
 /// One logged training step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
@@ -72,29 +107,39 @@ impl EvalMetrics {
     }
 }
 
-/// A line of the metrics file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum MetricsLine {
-    /// A training step.
-    Train(StepMetrics),
-    /// An evaluation.
-    Eval(EvalMetrics),
-}
+/// A line of a Transfusion run's metrics file.
+pub type MetricsLine = Line<StepMetrics, EvalMetrics>;
 
-impl MetricsLine {
-    /// The step of the line.
-    pub fn step(&self) -> u64 {
-        match self {
-            MetricsLine::Train(m) => m.step,
-            MetricsLine::Eval(m) => m.step,
-        }
+impl Record for StepMetrics {
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!(
+            "lm {:.3} diff {:.4} | {:.0} tok/s | lr {:.2e}{}",
+            self.lm,
+            self.diffusion,
+            self.tokens_per_s,
+            self.lr,
+            if self.skipped > 0 {
+                format!(" | skipped {}", self.skipped)
+            } else {
+                String::new()
+            }
+        )
     }
 }
 
-impl LogLine for MetricsLine {
+impl Record for EvalMetrics {
     fn step(&self) -> u64 {
-        MetricsLine::step(self)
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!(
+            "perplexity {:.3}, diffusion {}",
+            self.perplexity,
+            self.diffusion_summary()
+        )
     }
 }
 

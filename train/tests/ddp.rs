@@ -50,7 +50,7 @@ fn all_reduced_gradients_are_the_replicas_mean_and_identical() {
     let m = tiny_model();
     let mut pipe = build_pipeline(&cfg, &m, &tok, Split::Train, 2).unwrap();
     let device: burn::tensor::Device<B> = Default::default();
-    let model = transfusion_train::trainer::seeded_init::<B>(&m, &device, 7);
+    let model = transfusion_train::transfusion::seeded_init::<B>(&m, &device, 7);
     let rows = [pipe.next_rows().unwrap(), pipe.next_rows().unwrap()];
 
     // Each replica's own gradients, computed without the collective.
@@ -190,8 +190,8 @@ fn two_replicas_train_like_one_device_with_twice_the_accumulation_and_resume() {
     eprintln!("max |w_ddp - w_single| after {steps} steps: {d:e}");
     assert!(d <= 1e-5, "data-parallel weights differ by {d}");
     assert_eq!(
-        read_state(&a).unwrap().pipeline,
-        read_state(&b).unwrap().pipeline,
+        read_state(&a).unwrap().data,
+        read_state(&b).unwrap().data,
         "both runs must have consumed the same data"
     );
 

@@ -2,6 +2,7 @@
 //! exact resume, and an end-to-end run where both losses fall.
 
 mod common;
+mod engine;
 
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ fn rows_and_model(
     let rows = (0..n).flat_map(|_| pipe.next_rows().unwrap()).collect();
     let device = Default::default();
     (
-        transfusion_train::trainer::seeded_init::<B>(&m, &device, 7),
+        transfusion_train::transfusion::seeded_init::<B>(&m, &device, 7),
         rows,
         pipe,
     )
@@ -245,20 +246,19 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
                 .zip(&fb)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
-            // Often bitwise equal, but NdArray's multi-threaded kernels may split f32 sums
-            // differently between the two runs, and AdamW's normalisation amplifies those
-            // last-bit differences over a few steps (seen: 3e-8 to 2e-6). A wrong resume
-            // (lr position, data order, RNG) moves weights by orders of magnitude more.
+            // Often bitwise equal, but two fresh runs in one process already differ in the
+            // last bits (NdArray's kernels), and AdamW's normalisation amplifies that over a
+            // few steps, most in lm_head's rows of unseen tokens (gradients near eps):
+            // measured 1.3e-5 there between the two runs' step-3 checkpoints, before any
+            // resume; 3e-8 to 2e-7 elsewhere. A wrong resume (lr position, data order, RNG)
+            // moves weights by about the learning rate (3e-3), 60x this bound.
             assert!(
-                m <= 1e-5,
+                m <= 5e-5,
                 "tensor {na} differs after resume: max abs diff {m}"
             );
         }
     }
-    assert_eq!(
-        read_state(&a).unwrap().pipeline,
-        read_state(&b).unwrap().pipeline
-    );
+    assert_eq!(read_state(&a).unwrap().data, read_state(&b).unwrap().data);
     // The resumed metrics continue the first session's: one train line per step.
     let train_steps: Vec<u64> = second
         .metrics

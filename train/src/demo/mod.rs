@@ -35,7 +35,8 @@ use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
 use transfusion_model::Prediction;
 
-use crate::trainer::{run_training, RunOptions, TrainHooks};
+use crate::engine::RunOptions;
+use crate::transfusion::{run_training, TrainHooks};
 use crate::ExperimentConfig;
 use score::{score_captions, score_generated_images, AttributeAccuracy};
 

@@ -148,7 +148,8 @@ pub fn run(a: &DdpArgs, cfg: ExperimentConfig, opts: RunOptions) -> anyhow::Resu
 mod tests {
     use clap::Parser;
 
-    use crate::{build_run_config, Cli, Command};
+    use crate::cli::run::build_run_config;
+    use crate::{Cli, Command};
     use transfusion_train::RunOptions;
 
     /// `run --devices cpu,cpu` end to end through the command line: two CPU replicas of the

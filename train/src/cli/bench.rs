@@ -1,0 +1,141 @@
+//! `transfusion-train bench`: training throughput (step time, tokens/s, images/s, MFU).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Args;
+use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_model::{Precision, TransfusionConfig};
+use transfusion_train::bench::{run_bench, BenchConfig};
+use transfusion_train::data::resolve_tokenizer;
+
+/// Flags of `bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Row length.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Device: auto, cpu, wgpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Peak dense FLOP/s of the device in TFLOP/s (e.g. 989 for H100 SXM bf16), for MFU.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Type of the decoder's matrix products: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Tokenizer (its vocabulary sizes the model).
+    #[arg(long, default_value = "assets/tokenizer.json")]
+    pub tokenizer: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct BenchTask {
+    cfg: BenchConfig,
+    tokenizer: Arc<transfusion_data::tokenizer::TextTokenizer>,
+    json: bool,
+}
+
+impl BackendTask for BenchTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
+        let r = run_bench::<B>(&self.cfg, &self.tokenizer, &device, label)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!(
+            "{}: {} params, batch {}x{}, {} products",
+            r.device, r.params, self.cfg.batch_size, self.cfg.seq_len, r.precision
+        );
+        println!(
+            "step time: median {:.1} ms, mean {:.1} ms",
+            r.step_ms_median, r.step_ms_mean
+        );
+        println!(
+            "throughput: {:.0} positions/s, {:.0} tokens/s (non-padding), {:.1} images/s",
+            r.positions_per_s, r.tokens_per_s, r.images_per_s
+        );
+        match r.mfu {
+            Some(m) => println!(
+                "model FLOP/s: {:.3} TFLOP/s (6 x params x positions / time), MFU {:.1}%",
+                r.model_tflops,
+                100.0 * m
+            ),
+            None => println!(
+                "model FLOP/s: {:.4} TFLOP/s (6 x params x positions / time); give --peak-tflops for MFU",
+                r.model_tflops
+            ),
+        }
+        match r.peak_host_memory {
+            Some(b) => println!(
+                "peak host memory (process resident): {:.1} MiB{}",
+                b as f64 / (1024.0 * 1024.0),
+                if r.device.starts_with("cpu") {
+                    ""
+                } else {
+                    "; device memory not measured (no portable statistic in Burn 0.21)"
+                }
+            ),
+            None => println!("peak memory: not readable on this system"),
+        }
+        Ok(())
+    }
+}
+
+/// Runs the benchmark and prints the report.
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let tok_path = resolve_tokenizer(&a.tokenizer, None);
+    let tokenizer = Arc::new(
+        transfusion_data::tokenizer::TextTokenizer::from_file(&tok_path)
+            .with_context(|| format!("tokenizer {}", tok_path.display()))?,
+    );
+    let model =
+        TransfusionConfig::preset(&a.preset, tokenizer.vocab_size()).with_context(|| {
+            format!(
+                "unknown preset `{}` (one of {})",
+                a.preset,
+                TransfusionConfig::PRESETS.join(", ")
+            )
+        })?;
+    let need = model.patches_per_image() + 4;
+    anyhow::ensure!(
+        a.seq_len >= need,
+        "--seq-len {} cannot hold one image of {} ({need} positions)",
+        a.seq_len,
+        a.preset
+    );
+    let cfg = BenchConfig {
+        model,
+        batch_size: a.batch,
+        seq_len: a.seq_len,
+        steps: a.steps.max(1),
+        warmup: a.warmup,
+        peak_tflops: a.peak_tflops,
+        precision: a.precision,
+    };
+    dispatch(
+        a.device,
+        BenchTask {
+            cfg,
+            tokenizer,
+            json: a.json,
+        },
+    )?
+}

@@ -1,0 +1,64 @@
+//! `transfusion-train demo`: the main job on its embedded default.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use burn::tensor::backend::AutodiffBackend;
+use clap::Args;
+use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_infer::sampler::SamplerKind;
+use transfusion_train::demo::{run_demo, DemoOptions};
+
+/// Flags of `demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Output directory (report.json, grids, loss curves, checkpoints).
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Training budget in minutes (evaluation comes after it).
+    #[arg(long, default_value_t = 8.0)]
+    pub minutes: f64,
+    /// Optimizer steps planned; training stops at the budget or here.
+    #[arg(long, default_value_t = 1500)]
+    pub steps: u64,
+    /// Held-out prompts and images to score.
+    #[arg(long, default_value_t = 64)]
+    pub eval_samples: usize,
+    /// DDIM steps for the text-to-image evaluation.
+    #[arg(long, default_value_t = 50)]
+    pub sampling_steps: usize,
+    /// Classifier-free guidance scale of the evaluation.
+    #[arg(long, default_value_t = 3.0)]
+    pub cfg: f64,
+    /// Sampler of the text-to-image evaluation: ddim or ddpm.
+    #[arg(long, default_value = "ddim")]
+    pub sampler: SamplerKind,
+    /// Score this checkpoint (e.g. assets/demo-checkpoint) instead of training one.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Device: auto, cpu, wgpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+struct DemoTask(DemoOptions);
+
+impl BackendTask for DemoTask {
+    type Output = anyhow::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
+        run_demo::<B>(&self.0, &device, label).map(|_| ())
+    }
+}
+
+/// Trains and scores the demo.
+pub fn run(a: DemoArgs) -> anyhow::Result<()> {
+    let mut opts = DemoOptions::new(&a.out);
+    opts.train_budget = Duration::from_secs_f64(a.minutes * 60.0);
+    opts.steps = a.steps;
+    opts.eval_samples = a.eval_samples;
+    opts.sampling_steps = a.sampling_steps;
+    opts.cfg_scale = a.cfg;
+    opts.sampler = a.sampler;
+    opts.checkpoint = a.checkpoint;
+    dispatch(a.device, DemoTask(opts))?
+}

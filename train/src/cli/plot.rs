@@ -1,0 +1,31 @@
+//! `transfusion-train plot`: redraw a run's loss plot from its metrics.jsonl.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use transfusion_train::metrics::{MetricsLine, MetricsLog};
+use transfusion_train::plot::plot_losses;
+use transfusion_train::vae::{plot_vae, VaeMetricsLine, VAE_TRAIN_FILE};
+
+/// Flags of `plot`.
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// Run directory (holds metrics.jsonl; a VAE run also holds vae_train.json).
+    pub run: PathBuf,
+    /// Output PNG (default: RUN/loss.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Draws the plot and prints its path.
+pub fn run(a: PlotArgs) -> anyhow::Result<()> {
+    let metrics = a.run.join("metrics.jsonl");
+    let out = a.out.unwrap_or_else(|| a.run.join("loss.png"));
+    if a.run.join(VAE_TRAIN_FILE).is_file() {
+        plot_vae(&MetricsLog::<VaeMetricsLine>::read(&metrics)?, &out)?;
+    } else {
+        plot_losses(&MetricsLog::<MetricsLine>::read(&metrics)?, &out)?;
+    }
+    println!("{}", out.display());
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! `transfusion-train tokenizer`: train a byte-level BPE tokenizer on text files.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Flags of `tokenizer`.
+#[derive(Args, Debug)]
+pub struct TokenizerArgs {
+    /// Text files or directories (.txt, .jsonl), searched recursively.
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// Vocabulary size (256 bytes + 5 special tokens + merges).
+    #[arg(long, default_value_t = 512)]
+    pub vocab_size: usize,
+    /// Output file.
+    #[arg(long, default_value = "tokenizer.json")]
+    pub out: PathBuf,
+}
+
+/// Trains and writes the tokenizer.
+pub fn run(a: TokenizerArgs) -> anyhow::Result<()> {
+    let tok = transfusion_data::tokenizer::train_bpe(&a.input, a.vocab_size)?;
+    tok.save(&a.out)?;
+    println!("wrote {} ({} ids)", a.out.display(), tok.vocab_size());
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! Seeded, reproducible module initialisation.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Builds a module with `init` right after seeding the backend's RNG with `seed`, under a
+/// process-wide lock: Burn's backend RNG is global, so two runs initialising at the same
+/// time (tests, the demo) would otherwise interleave their draws and get different weights.
+///
+/// Burn creates parameters lazily: their random values are drawn at first use. With
+/// `materialize`, every parameter is drawn before the lock is released, which is what a
+/// module needs before it is copied (a copy of a lazy parameter draws its own values, so
+/// data-parallel replicas are copies of a materialised model). A materialised module's
+/// values differ from a lazy one's with the same seed (the draws happen in another order).
+pub fn seeded_module<B: Backend, M: Module<B>>(
+    device: &B::Device,
+    seed: u64,
+    materialize: bool,
+    init: impl FnOnce() -> M,
+) -> M {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    B::seed(device, seed);
+    let module = init();
+    if materialize {
+        module.visit(&mut Touch);
+    }
+    module
+}

@@ -1,0 +1,24 @@
+//! The training engine: one loop for every kind of training run.
+//!
+//! The loop ([`run_task`], [`train_loop`]) is written once: micro-batch gradients with
+//! accumulation and the replicas' sync ([`step`]), global-norm clipping, AdamW with the
+//! warmup + cosine schedule, the non-finite-loss policy, atomic checkpoints with
+//! keep-last/keep-best and exact resume ([`prepare`], [`crate::checkpoint`]), the evaluation
+//! cadence, `metrics.jsonl`, the loss plot and the progress bar.
+//!
+//! A [`TrainTask`] supplies what differs between runs: the model and its init, the batch
+//! stream, the loss with its named parts, the evaluation, the checkpoint's own files and
+//! the plot. Transfusion pretraining ([`crate::transfusion::TransfusionTask`]) and VAE
+//! training ([`crate::vae::VaeTask`]) are the two tasks today.
+
+pub mod init;
+pub mod prepare;
+pub mod run;
+pub mod step;
+pub mod task;
+
+pub use init::seeded_module;
+pub use prepare::{prepare, Prepared};
+pub use run::{run_task, step_progress_bar, train_loop, EngineHooks, RunOptions, RunOutcome};
+pub use step::{accumulate, optimizer_step, LocalStep, SingleDevice, StepSync};
+pub use task::{EngineSettings, StepFigures, TaskLoss, TrainTask, Work};

@@ -1,0 +1,139 @@
+//! What a training task supplies to the engine: [`TrainTask`].
+
+use std::path::Path;
+
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::{OptimizerSection, ScheduleSection};
+use crate::metrics::{Line, Record};
+
+/// The loop's settings, taken from the task's own config.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// Optimizer steps of the schedule.
+    pub steps: u64,
+    /// Micro-batches per optimizer step on each replica.
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (0 disables).
+    pub grad_clip: f64,
+    /// AdamW betas, epsilon, weight decay.
+    pub optimizer: OptimizerSection,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleSection,
+    /// Log a train line every this many steps.
+    pub log_every: u64,
+    /// Evaluate every this many steps (0: never during the run).
+    pub eval_every: u64,
+    /// Evaluate at the end of the run.
+    pub eval_at_end: bool,
+    /// Checkpoint every this many steps (0: at the end only).
+    pub checkpoint_every: u64,
+    /// Step checkpoints kept.
+    pub keep_last: usize,
+    /// Also keep `checkpoints/best/`, the checkpoint of the lowest evaluation loss.
+    pub keep_best: bool,
+    /// Stop the run after this many consecutive steps with a non-finite loss or gradient.
+    pub max_consecutive_nonfinite: u32,
+    /// The run's seed (recorded in the training state).
+    pub seed: u64,
+}
+
+/// One micro-batch's loss: the scalar to differentiate and its two named parts (for the
+/// metrics; e.g. LM and diffusion loss, or reconstruction and KL).
+pub struct TaskLoss<B: Backend> {
+    /// The loss the gradients are taken of, `[1]`.
+    pub total: Tensor<B, 1>,
+    /// Its two named parts, `[1]` each.
+    pub parts: [Tensor<B, 1>; 2],
+}
+
+/// The figures of one logged optimizer step, from which a task builds its step record.
+#[derive(Clone, Copy, Debug)]
+pub struct StepFigures {
+    /// Steps done after this one.
+    pub step: u64,
+    /// Mean `[total, part 0, part 1]` of the step's micro-batches (over every replica).
+    pub losses: [f64; 3],
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Non-padding positions per second since the last logged step.
+    pub tokens_per_s: f64,
+    /// Images per second since the last logged step.
+    pub images_per_s: f64,
+    /// Steps skipped so far.
+    pub skipped: u64,
+    /// Whether this step was skipped.
+    pub skipped_this: bool,
+    /// Seconds since the run (or resume) started.
+    pub elapsed_s: f64,
+}
+
+/// How much one micro-batch holds (for the throughput figures).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Work {
+    /// Non-padding positions (text tokens and image patches; pixels' images count 0).
+    pub tokens: u64,
+    /// Images.
+    pub images: u64,
+}
+
+/// A kind of training run: what the engine's loop does not own. Reads like burn-train's
+/// `TrainStep` (a batch in, a loss out) plus what our loop needs for exact resume.
+pub trait TrainTask<B: AutodiffBackend> {
+    /// The trained module.
+    type Model: AutodiffModule<B>;
+    /// One micro-batch, on the device.
+    type Batch;
+    /// The data stream's position, saved in every checkpoint.
+    type DataState: Clone + std::fmt::Debug + PartialEq + Serialize + DeserializeOwned + Default;
+    /// A logged training step.
+    type Step: Record;
+    /// An evaluation.
+    type Eval: Record;
+
+    /// The loop's settings.
+    fn settings(&self) -> EngineSettings;
+    /// Files that make one of this task's checkpoint directories complete (its own files
+    /// and the engine's `optimizer.mpk` and `training_state.json`).
+    fn checkpoint_files(&self) -> &'static [&'static str];
+    /// Writes the run's own files into the fresh or resumed run directory (its config).
+    fn write_run_files(&self, out: &Path) -> anyhow::Result<()>;
+    /// A fresh model from the seed (`materialize`: see [`super::seeded_module`]).
+    fn init_model(&self, device: &B::Device, materialize: bool) -> Self::Model;
+    /// The model of checkpoint `dir`; errors when it does not fit this run's config.
+    fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<Self::Model>;
+    /// Writes the model (and whatever inference needs beside it) into checkpoint `dir`.
+    fn save_model(&self, dir: &Path, model: &Self::Model, step: u64) -> anyhow::Result<()>;
+    /// Opens the data stream, at `resume` when continuing a run.
+    fn start_data(&mut self, resume: Option<&Self::DataState>) -> anyhow::Result<()>;
+    /// Where the data stream stands after the last micro-batch taken.
+    fn data_state(&self) -> Self::DataState;
+    /// The next micro-batch of the stream. Replicas read the same stream; with `keep`
+    /// false the micro-batch belongs to another replica and only the stream advances.
+    fn next_batch(
+        &mut self,
+        keep: bool,
+        device: &B::Device,
+    ) -> anyhow::Result<Option<(Self::Batch, Work)>>;
+    /// The loss of one micro-batch at optimizer step `step` (0-based).
+    fn loss(&self, model: &Self::Model, batch: Self::Batch, step: u64) -> TaskLoss<B>;
+    /// The record of one logged step.
+    fn step_record(&self, f: &StepFigures) -> Self::Step;
+    /// Evaluates the current weights (no autodiff graph) after `step` steps; may write
+    /// previews into the run directory.
+    fn evaluate(
+        &mut self,
+        model: &<Self::Model as AutodiffModule<B>>::InnerModule,
+        step: u64,
+    ) -> anyhow::Result<Self::Eval>;
+    /// The evaluation's loss for keep-best (lower is better; `None`: not comparable).
+    fn eval_loss(&self, eval: &Self::Eval) -> Option<f64>;
+    /// Draws the run's loss plot from every metrics line so far.
+    fn plot(&self, lines: &[Line<Self::Step, Self::Eval>], path: &Path) -> anyhow::Result<()>;
+}

@@ -1,0 +1,382 @@
+//! Transfusion pretraining as a task of the training engine: [`TransfusionTask`], and the
+//! entry point [`run_training`].
+//!
+//! A run directory holds `config.json`, `metrics.jsonl`, `loss.png` and
+//! `checkpoints/step-N/` (see [`crate::checkpoint`]). Each micro-batch is a packed batch of
+//! mixed-modal rows; its loss is `L_LM + lambda * L_DDPM` with the two parts logged.
+
+mod eval;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use transfusion_data::batcher::TransfusionBatcher;
+use transfusion_data::packing::PackedRow;
+use transfusion_data::pipeline::{DataPipeline, PipelineState};
+use transfusion_data::prefetch::Prefetcher;
+use transfusion_data::tokenizer::TextTokenizer;
+use transfusion_infer::checkpoint::{load_model, save_model, ModelMeta};
+use transfusion_model::{Transfusion, TransfusionBatch, TransfusionConfig};
+
+pub use eval::evaluate;
+
+use crate::checkpoint::{CONFIG_FILE, REQUIRED_FILES};
+use crate::config::ExperimentConfig;
+use crate::data::{autoencoder_for, build_pipeline, load_tokenizer, Split};
+use crate::engine::{
+    accumulate, run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, RunOutcome,
+    StepFigures, TaskLoss, TrainTask, Work,
+};
+use crate::metrics::{EvalMetrics, Line, StepMetrics};
+use crate::plot::plot_losses;
+
+/// What a Transfusion run did.
+pub type RunSummary = RunOutcome<StepMetrics, EvalMetrics>;
+
+/// Called at each evaluation with the current weights (no autodiff graph), the step and
+/// the run directory: the inference crate plugs image and caption previews in here.
+pub trait PreviewHook<B: Backend> {
+    /// Writes previews for `step` (e.g. `out/previews/step-N.png`).
+    fn preview(&mut self, model: &Transfusion<B>, step: u64, out: &Path) -> anyhow::Result<()>;
+}
+
+impl<B: Backend, F> PreviewHook<B> for F
+where
+    F: FnMut(&Transfusion<B>, u64, &Path) -> anyhow::Result<()>,
+{
+    fn preview(&mut self, model: &Transfusion<B>, step: u64, out: &Path) -> anyhow::Result<()> {
+        self(model, step, out)
+    }
+}
+
+/// Optional callbacks of a run.
+pub struct TrainHooks<B: AutodiffBackend> {
+    /// Previews at evaluation time.
+    pub preview: Option<Box<dyn PreviewHook<B::InnerBackend>>>,
+    /// Fault injection for tests: when it returns true for a step (0-based index), that
+    /// step's loss is multiplied by NaN before the backward pass.
+    pub poison_step: Option<Box<dyn FnMut(u64) -> bool>>,
+    /// Called after every logged step with its metrics (the demo's own reporting).
+    pub on_step: Option<Box<dyn FnMut(&StepMetrics)>>,
+}
+
+impl<B: AutodiffBackend> Default for TrainHooks<B> {
+    fn default() -> Self {
+        Self {
+            preview: None,
+            poison_step: None,
+            on_step: None,
+        }
+    }
+}
+
+impl<B: AutodiffBackend> TrainHooks<B> {
+    /// Splits the hooks into the preview (for the task) and the engine's hooks.
+    pub fn split(
+        &mut self,
+    ) -> (
+        Option<&mut (dyn PreviewHook<B::InnerBackend> + 'static)>,
+        EngineHooks<'_, StepMetrics>,
+    ) {
+        let engine = EngineHooks {
+            poison_step: self
+                .poison_step
+                .as_deref_mut()
+                .map(|f| f as &mut dyn FnMut(u64) -> bool),
+            on_step: self
+                .on_step
+                .as_deref_mut()
+                .map(|f| f as &mut dyn FnMut(&StepMetrics)),
+        };
+        (self.preview.as_deref_mut(), engine)
+    }
+}
+
+/// A fresh Transfusion model of `m` from `seed` (see [`seeded_module`]; lazily drawn
+/// parameters).
+pub fn seeded_init<B: Backend>(
+    m: &TransfusionConfig,
+    device: &B::Device,
+    seed: u64,
+) -> Transfusion<B> {
+    seeded_module(device, seed, false, || m.init::<B>(device))
+}
+
+/// The training loss of one packed batch: `L_LM + lambda * L_DDPM`, parts `[lm, diffusion]`.
+pub fn transfusion_loss<B: AutodiffBackend>(
+    model: &Transfusion<B>,
+    batch: TransfusionBatch<B>,
+) -> TaskLoss<B> {
+    let loss = model.forward_loss(batch);
+    TaskLoss {
+        total: loss.total,
+        parts: [loss.lm, loss.diffusion],
+    }
+}
+
+/// [`crate::engine::accumulate`] with the Transfusion loss: the gradients of the mean
+/// micro-batch loss, the mean `[total, lm, diffusion]`, and whether every loss was finite.
+pub fn accumulate_grads<B: AutodiffBackend>(
+    model: &Transfusion<B>,
+    batches: Vec<TransfusionBatch<B>>,
+    poison: bool,
+) -> (GradientsParams, [f64; 3], bool) {
+    accumulate(model, batches, poison, transfusion_loss)
+}
+
+/// The training batches: read directly, or by a background thread.
+enum Feed {
+    Direct(DataPipeline),
+    Prefetch(Prefetcher),
+}
+
+impl Feed {
+    fn next_rows(&mut self) -> anyhow::Result<Vec<PackedRow>> {
+        Ok(match self {
+            Feed::Direct(p) => p.next_rows()?,
+            Feed::Prefetch(p) => p.next_rows()?,
+        })
+    }
+    fn batcher(&self) -> &TransfusionBatcher {
+        match self {
+            Feed::Direct(p) => p.batcher(),
+            Feed::Prefetch(p) => p.batcher(),
+        }
+    }
+    fn state(&self) -> PipelineState {
+        match self {
+            Feed::Direct(p) => p.state(),
+            Feed::Prefetch(p) => p.state(),
+        }
+    }
+}
+
+/// Transfusion pretraining on the experiment config's data.
+pub struct TransfusionTask<'h, B: AutodiffBackend> {
+    cfg: ExperimentConfig,
+    m: TransfusionConfig,
+    tokenizer: Arc<TextTokenizer>,
+    meta: ModelMeta,
+    out: PathBuf,
+    device: B::Device,
+    feed: Option<Feed>,
+    preview: Option<&'h mut (dyn PreviewHook<B::InnerBackend> + 'static)>,
+}
+
+impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
+    /// Loads the tokenizer, validates the config and checks the precision against the
+    /// backend, all before anything is written.
+    pub fn new(
+        cfg: &ExperimentConfig,
+        opts: &RunOptions,
+        device: &B::Device,
+        preview: Option<&'h mut (dyn PreviewHook<B::InnerBackend> + 'static)>,
+    ) -> anyhow::Result<Self> {
+        let tokenizer = Arc::new(load_tokenizer(cfg, opts.config_dir.as_deref())?);
+        let m = cfg.validate(tokenizer.vocab_size())?;
+        cfg.training
+            .precision
+            .check_backend::<B>(device)
+            .map_err(|e| anyhow::anyhow!("training.precision: {e}"))?;
+        let meta = ModelMeta {
+            model: m.clone(),
+            special_tokens: *tokenizer.special(),
+            image_size: cfg.data.image_size,
+            autoencoder: autoencoder_for(cfg)?,
+            step: 0,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            m,
+            tokenizer,
+            meta,
+            out: opts.out.clone(),
+            device: device.clone(),
+            feed: None,
+            preview,
+        })
+    }
+}
+
+impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
+    type Model = Transfusion<B>;
+    type Batch = TransfusionBatch<B>;
+    type DataState = PipelineState;
+    type Step = StepMetrics;
+    type Eval = EvalMetrics;
+
+    fn settings(&self) -> EngineSettings {
+        let c = &self.cfg;
+        EngineSettings {
+            steps: c.training.steps,
+            grad_accum: c.training.grad_accum,
+            grad_clip: c.training.grad_clip,
+            optimizer: c.optimizer.clone(),
+            schedule: c.schedule.clone(),
+            log_every: c.training.log_every,
+            eval_every: c.eval.every,
+            eval_at_end: c.eval.at_end,
+            checkpoint_every: c.checkpoint.every,
+            keep_last: c.checkpoint.keep_last,
+            keep_best: c.checkpoint.keep_best,
+            max_consecutive_nonfinite: c.training.max_consecutive_nonfinite,
+            seed: c.seed,
+        }
+    }
+
+    fn checkpoint_files(&self) -> &'static [&'static str] {
+        REQUIRED_FILES
+    }
+
+    fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
+        let path = out.join(CONFIG_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&self.cfg)?)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn init_model(&self, device: &B::Device, materialize: bool) -> Transfusion<B> {
+        seeded_module(device, self.cfg.seed, materialize, || {
+            self.m.init::<B>(device)
+        })
+        .with_precision(self.cfg.training.precision)
+    }
+
+    fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<Transfusion<B>> {
+        let (model, saved, _) = load_model::<B>(dir, device)?;
+        if saved.model != self.m {
+            bail!(
+                "{}: the checkpoint's model config differs from this run's; resume with the \
+                 same config (or without --config to use the checkpoint's)",
+                dir.display()
+            );
+        }
+        Ok(model.with_precision(self.cfg.training.precision))
+    }
+
+    fn save_model(&self, dir: &Path, model: &Transfusion<B>, step: u64) -> anyhow::Result<()> {
+        let mut meta = self.meta.clone();
+        meta.step = step;
+        save_model(dir, model, &meta, &self.tokenizer)?;
+        std::fs::write(
+            dir.join(CONFIG_FILE),
+            serde_json::to_string_pretty(&self.cfg)?,
+        )?;
+        Ok(())
+    }
+
+    fn start_data(&mut self, resume: Option<&PipelineState>) -> anyhow::Result<()> {
+        let c = &self.cfg;
+        let mut pipeline = build_pipeline(
+            c,
+            &self.m,
+            &self.tokenizer,
+            Split::Train,
+            c.training.batch_size,
+        )?;
+        if let Some(state) = resume {
+            pipeline.restore(state)?;
+        }
+        self.feed = Some(if c.data.prefetch > 0 {
+            Feed::Prefetch(Prefetcher::spawn(pipeline, c.data.prefetch)?)
+        } else {
+            Feed::Direct(pipeline)
+        });
+        Ok(())
+    }
+
+    fn data_state(&self) -> PipelineState {
+        self.feed.as_ref().map(Feed::state).unwrap_or_default()
+    }
+
+    fn next_batch(
+        &mut self,
+        keep: bool,
+        device: &B::Device,
+    ) -> anyhow::Result<Option<(TransfusionBatch<B>, Work)>> {
+        let feed = self
+            .feed
+            .as_mut()
+            .context("the data stream was not started")?;
+        let rows = feed.next_rows()?;
+        if !keep {
+            return Ok(None);
+        }
+        let work = Work {
+            tokens: rows.iter().map(|r| r.used() as u64).sum(),
+            images: rows.iter().map(|r| r.images.len() as u64).sum(),
+        };
+        Ok(Some((feed.batcher().batch::<B>(rows, device)?, work)))
+    }
+
+    fn loss(&self, model: &Transfusion<B>, batch: TransfusionBatch<B>, _step: u64) -> TaskLoss<B> {
+        transfusion_loss(model, batch)
+    }
+
+    fn step_record(&self, f: &StepFigures) -> StepMetrics {
+        StepMetrics {
+            step: f.step,
+            total: f.losses[0],
+            lm: f.losses[1],
+            diffusion: f.losses[2],
+            grad_norm: f.grad_norm,
+            lr: f.lr,
+            tokens_per_s: f.tokens_per_s,
+            images_per_s: f.images_per_s,
+            skipped: f.skipped,
+            skipped_this: f.skipped_this,
+            elapsed_s: f.elapsed_s,
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        model: &Transfusion<B::InnerBackend>,
+        step: u64,
+    ) -> anyhow::Result<EvalMetrics> {
+        let c = &self.cfg;
+        let mut pipe = build_pipeline(
+            c,
+            &self.m,
+            &self.tokenizer,
+            Split::HeldOut,
+            c.training.batch_size,
+        )?;
+        let e = evaluate::<B::InnerBackend>(
+            model,
+            &mut pipe,
+            c.eval.batches,
+            &c.eval.timesteps,
+            self.m.diffusion_loss_weight,
+            &self.device,
+            step,
+        )?;
+        if let Some(p) = self.preview.as_mut() {
+            p.preview(model, step, &self.out).context("preview hook")?;
+        }
+        Ok(e)
+    }
+
+    fn eval_loss(&self, eval: &EvalMetrics) -> Option<f64> {
+        Some(eval.loss)
+    }
+
+    fn plot(&self, lines: &[Line<StepMetrics, EvalMetrics>], path: &Path) -> anyhow::Result<()> {
+        plot_losses(lines, path)
+    }
+}
+
+/// Trains `cfg` on `device` (see the crate docs for the loop and the files it writes).
+pub fn run_training<B: AutodiffBackend>(
+    cfg: &ExperimentConfig,
+    opts: &RunOptions,
+    hooks: &mut TrainHooks<B>,
+    device: &B::Device,
+) -> anyhow::Result<RunSummary> {
+    let (preview, mut engine_hooks) = hooks.split();
+    let mut task = TransfusionTask::<B>::new(cfg, opts, device, preview)?;
+    run_task(&mut task, opts, &mut engine_hooks, device)
+}

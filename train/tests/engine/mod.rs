@@ -1,0 +1,329 @@
+//! The training engine with a toy task (a 1-in 1-out linear model fitting y = 3x + 1):
+//! evaluation and checkpoint cadence, keep-best, exact resume and the non-finite policy
+//! are the engine's, whatever the task.
+
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use serde::{Deserialize, Serialize};
+use transfusion_train::checkpoint::{list_checkpoints_with, read_training_state, BEST_DIR};
+use transfusion_train::config::{OptimizerSection, ScheduleSection};
+use transfusion_train::engine::{
+    run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, StepFigures, TaskLoss,
+    TrainTask, Work,
+};
+use transfusion_train::metrics::{Line, Record};
+
+use super::common::B;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct ToyStep {
+    step: u64,
+    loss: f64,
+}
+
+impl Record for ToyStep {
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!("loss {:.4}", self.loss)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct ToyEval {
+    step: u64,
+    loss: f64,
+}
+
+impl Record for ToyEval {
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!("eval {:.4}", self.loss)
+    }
+}
+
+const FILES: &[&str] = &["toy.json", "optimizer.mpk", "training_state.json"];
+
+/// Fits y = 3x + 1 on x = (n mod 7) / 7 for the n-th sample of the stream; evaluation
+/// losses are scripted (one per evaluation, in order) so keep-best is predictable.
+struct Toy {
+    settings: EngineSettings,
+    next: u64,
+    scripted_evals: Vec<f64>,
+    evals_done: usize,
+}
+
+impl Toy {
+    fn new(steps: u64) -> Self {
+        Self {
+            settings: EngineSettings {
+                steps,
+                grad_accum: 2,
+                grad_clip: 1.0,
+                optimizer: OptimizerSection::default(),
+                schedule: ScheduleSection {
+                    lr: 0.3,
+                    min_lr: 0.03,
+                    warmup_steps: 1,
+                },
+                log_every: 1,
+                eval_every: 2,
+                eval_at_end: true,
+                checkpoint_every: 2,
+                keep_last: 2,
+                keep_best: true,
+                max_consecutive_nonfinite: 2,
+                seed: 5,
+            },
+            next: 0,
+            scripted_evals: vec![3.0, 1.0, 2.0, 4.0],
+            evals_done: 0,
+        }
+    }
+}
+
+impl TrainTask<B> for Toy {
+    type Model = Linear<B>;
+    type Batch = (Tensor<B, 2>, Tensor<B, 2>);
+    type DataState = u64;
+    type Step = ToyStep;
+    type Eval = ToyEval;
+
+    fn settings(&self) -> EngineSettings {
+        self.settings.clone()
+    }
+    fn checkpoint_files(&self) -> &'static [&'static str] {
+        FILES
+    }
+    fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(out)?;
+        Ok(())
+    }
+    fn init_model(&self, device: &burn::tensor::Device<B>, materialize: bool) -> Linear<B> {
+        seeded_module(device, self.settings.seed, materialize, || {
+            LinearConfig::new(1, 1).init(device)
+        })
+    }
+    fn load_model(
+        &mut self,
+        dir: &Path,
+        device: &burn::tensor::Device<B>,
+    ) -> anyhow::Result<Linear<B>> {
+        let wb: Vec<f32> = serde_json::from_str(&std::fs::read_to_string(dir.join("toy.json"))?)?;
+        let w = Tensor::<B, 2>::from_data(TensorData::new(vec![wb[0]], [1, 1]), device);
+        let b = Tensor::<B, 1>::from_data(TensorData::new(vec![wb[1]], [1]), device);
+        Ok(Linear {
+            weight: Param::from_tensor(w),
+            bias: Some(Param::from_tensor(b)),
+        })
+    }
+    fn save_model(&self, dir: &Path, model: &Linear<B>, _step: u64) -> anyhow::Result<()> {
+        let w: Vec<f32> = model.weight.val().into_data().to_vec().unwrap();
+        let b: Vec<f32> = model
+            .bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        std::fs::write(dir.join("toy.json"), serde_json::to_string(&[w[0], b[0]])?)?;
+        Ok(())
+    }
+    fn start_data(&mut self, resume: Option<&u64>) -> anyhow::Result<()> {
+        self.next = resume.copied().unwrap_or(0);
+        Ok(())
+    }
+    fn data_state(&self) -> u64 {
+        self.next
+    }
+    fn next_batch(
+        &mut self,
+        keep: bool,
+        device: &burn::tensor::Device<B>,
+    ) -> anyhow::Result<Option<(Self::Batch, Work)>> {
+        let xs: Vec<f32> = (0..4).map(|i| ((self.next + i) % 7) as f32 / 7.0).collect();
+        self.next += 4;
+        let ys: Vec<f32> = xs.iter().map(|x| 3.0 * x + 1.0).collect();
+        let t = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [4, 1]), device);
+        Ok(keep.then(|| {
+            (
+                (t(xs), t(ys)),
+                Work {
+                    tokens: 4,
+                    images: 0,
+                },
+            )
+        }))
+    }
+    fn loss(&self, model: &Linear<B>, (x, y): Self::Batch, _step: u64) -> TaskLoss<B> {
+        let err = model.forward(x) - y;
+        let mse = err.clone().powi_scalar(2).mean();
+        let mae = err.abs().mean();
+        TaskLoss {
+            total: mse.clone(),
+            parts: [mse, mae],
+        }
+    }
+    fn step_record(&self, f: &StepFigures) -> ToyStep {
+        ToyStep {
+            step: f.step,
+            loss: f.losses[0],
+        }
+    }
+    fn evaluate(
+        &mut self,
+        _model: &<Linear<B> as AutodiffModule<B>>::InnerModule,
+        step: u64,
+    ) -> anyhow::Result<ToyEval> {
+        let loss = self.scripted_evals[self.evals_done % self.scripted_evals.len()];
+        self.evals_done += 1;
+        Ok(ToyEval { step, loss })
+    }
+    fn eval_loss(&self, eval: &ToyEval) -> Option<f64> {
+        Some(eval.loss)
+    }
+    fn plot(&self, _lines: &[Line<ToyStep, ToyEval>], path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, b"plot")?;
+        Ok(())
+    }
+}
+
+fn quiet(out: &Path) -> RunOptions {
+    let mut o = RunOptions::new(out);
+    o.progress = false;
+    o
+}
+
+fn weights(dir: &Path) -> Vec<f32> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("toy.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn engine_evaluates_checkpoints_and_keeps_the_best_on_its_cadence() {
+    let out = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let s = run_task(
+        &mut Toy::new(8),
+        &quiet(out.path()),
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    assert_eq!((s.steps, s.skipped_steps, s.started_at), (8, 0, 0));
+    let evals: Vec<(u64, f64)> = s
+        .metrics
+        .iter()
+        .filter_map(|l| match l {
+            Line::Eval(e) => Some((e.step, e.loss)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(evals, vec![(2, 3.0), (4, 1.0), (6, 2.0), (8, 4.0)]);
+    let root = out.path().join("checkpoints");
+    let kept: Vec<u64> = list_checkpoints_with(&root, FILES)
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(kept, vec![6, 8], "keep_last = 2");
+    // best/ is the step-4 checkpoint (eval loss 1.0), not the newest.
+    let best = read_training_state::<u64>(&root.join(BEST_DIR)).unwrap();
+    assert_eq!(
+        (best.step, best.eval_loss, best.best_eval_loss),
+        (4, Some(1.0), Some(1.0))
+    );
+    assert_eq!(
+        best.data,
+        4 * 2 * 4,
+        "4 steps x 2 micro-batches x 4 samples"
+    );
+    let last = read_training_state::<u64>(&root.join("step-00000008")).unwrap();
+    assert_eq!(
+        (last.eval_loss, last.best_eval_loss),
+        (Some(4.0), Some(1.0))
+    );
+    // The toy model learned: its loss fell.
+    let train: Vec<f64> = s
+        .metrics
+        .iter()
+        .filter_map(|l| match l {
+            Line::Train(m) => Some(m.loss),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(train.len(), 8);
+    assert!(train[7] < train[0] / 2.0, "{train:?}");
+    assert!(out.path().join("loss.png").is_file());
+}
+
+#[test]
+fn engine_resume_continues_exactly() {
+    let device = Default::default();
+    let straight = tempfile::tempdir().unwrap();
+    run_task(
+        &mut Toy::new(8),
+        &quiet(straight.path()),
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    let split = tempfile::tempdir().unwrap();
+    let mut first = quiet(split.path());
+    first.stop_at_step = Some(3);
+    let a = run_task(
+        &mut Toy::new(8),
+        &first,
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    assert_eq!(a.steps, 3);
+    let mut second = quiet(split.path());
+    second.resume = true;
+    let b = run_task(
+        &mut Toy::new(8),
+        &second,
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    assert_eq!((b.started_at, b.steps), (3, 8));
+    let name = "checkpoints/step-00000008";
+    assert_eq!(
+        weights(&straight.path().join(name)),
+        weights(&split.path().join(name))
+    );
+}
+
+#[test]
+fn engine_skips_non_finite_steps_and_stops_at_the_limit() {
+    let device = Default::default();
+    let out = tempfile::tempdir().unwrap();
+    let mut poison = |s: u64| s >= 4;
+    let mut hooks = EngineHooks {
+        poison_step: Some(&mut poison),
+        on_step: None,
+    };
+    let err = run_task(&mut Toy::new(8), &quiet(out.path()), &mut hooks, &device).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("2 consecutive steps had a non-finite"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("step-00000004"),
+        "names the last good checkpoint: {msg}"
+    );
+    let kept: Vec<u64> = list_checkpoints_with(&out.path().join("checkpoints"), FILES)
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(kept, vec![2, 4]);
+}

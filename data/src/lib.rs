@@ -3,6 +3,8 @@
 //! synthetic shapes set of the demo, mixed-modal sequence building, packing, batching and
 //! the latent cache.
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod image;
 pub mod shapes;

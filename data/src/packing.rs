@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::sequence::{ImageSlot, MixedSequence};
+use crate::sequence::{span_ids, ImageSlot, MixedSequence};
 
 /// What to do with a text-only document longer than a row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,11 +129,7 @@ impl PackedRow {
 
     /// `span[i]` = 0 for text and padding, `k >= 1` at the patches of the row's k-th image.
     pub fn span_ids(&self) -> Vec<u32> {
-        let mut span = vec![0u32; self.tokens.len()];
-        for (k, img) in self.images.iter().enumerate() {
-            span[img.offset..img.offset + img.n_patches].fill(k as u32 + 1);
-        }
-        span
+        span_ids(self.tokens.len(), &self.images)
     }
 
     /// The documents of the row, as they were pushed (the inverse of packing).

@@ -53,6 +53,35 @@ struct Carry {
     placed: usize,
 }
 
+/// A stream of packed rows with the batcher that turns them into batches: a
+/// [`DataPipeline`] in the foreground or a [`crate::prefetch::Prefetcher`] on a thread.
+pub trait BatchStream {
+    /// The rows of the next batch.
+    fn next_rows(&mut self) -> Result<Vec<PackedRow>, DataError>;
+
+    /// The batcher (latent shape, patch size, pad id, noise seed).
+    fn batcher(&self) -> &TransfusionBatcher;
+
+    /// The next batch on `device`.
+    fn next_batch<B: Backend>(
+        &mut self,
+        device: &B::Device,
+    ) -> Result<TransfusionBatch<B>, DataError> {
+        let rows = self.next_rows()?;
+        self.batcher().batch(rows, device)
+    }
+}
+
+impl BatchStream for DataPipeline {
+    fn next_rows(&mut self) -> Result<Vec<PackedRow>, DataError> {
+        DataPipeline::next_rows(self)
+    }
+
+    fn batcher(&self) -> &TransfusionBatcher {
+        &self.batcher
+    }
+}
+
 /// Mixture -> [`SequenceBuilder`] -> packing -> [`TransfusionBatcher`].
 pub struct DataPipeline {
     mixture: Mixture,
@@ -173,15 +202,6 @@ impl DataPipeline {
                 }
             }
         }
-    }
-
-    /// The next batch on `device`.
-    pub fn next_batch<B: Backend>(
-        &mut self,
-        device: &B::Device,
-    ) -> Result<TransfusionBatch<B>, DataError> {
-        let rows = self.next_rows()?;
-        self.batcher.batch(rows, device)
     }
 
     /// Where the pipeline stands (store it with a checkpoint).

@@ -2,17 +2,15 @@
 //!
 //! The batches and their order are exactly those of the pipeline run in the foreground;
 //! [`Prefetcher::state`] is the resume point after the batches the caller has taken (not
-//! after the ones waiting in the queue), so checkpoints stay exact.
+//! after the ones waiting in the queue), so checkpoints stay exact. Batches come through
+//! [`BatchStream::next_batch`].
 
 use std::sync::mpsc::{sync_channel, Receiver};
-
-use burn::prelude::Backend;
-use transfusion_model::batch::TransfusionBatch;
 
 use crate::batcher::TransfusionBatcher;
 use crate::error::DataError;
 use crate::packing::PackedRow;
-use crate::pipeline::{DataPipeline, PipelineState};
+use crate::pipeline::{BatchStream, DataPipeline, PipelineState};
 
 type Item = Result<(Vec<PackedRow>, PipelineState), DataError>;
 
@@ -78,15 +76,6 @@ impl Prefetcher {
         }
     }
 
-    /// The next batch on `device`.
-    pub fn next_batch<B: Backend>(
-        &mut self,
-        device: &B::Device,
-    ) -> Result<TransfusionBatch<B>, DataError> {
-        let rows = self.next_rows()?;
-        self.batcher.batch(rows, device)
-    }
-
     /// The resume point after the batches taken so far (restore it into a fresh
     /// [`DataPipeline`] with [`DataPipeline::restore`]).
     pub fn state(&self) -> PipelineState {
@@ -95,6 +84,16 @@ impl Prefetcher {
 
     /// The batcher the pipeline uses (shapes, pad id, noise seed).
     pub fn batcher(&self) -> &TransfusionBatcher {
+        &self.batcher
+    }
+}
+
+impl BatchStream for Prefetcher {
+    fn next_rows(&mut self) -> Result<Vec<PackedRow>, DataError> {
+        Prefetcher::next_rows(self)
+    }
+
+    fn batcher(&self) -> &TransfusionBatcher {
         &self.batcher
     }
 }

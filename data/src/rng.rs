@@ -62,6 +62,12 @@ impl Rng64 {
         }
     }
 
+    /// Integer in `0..n` (n > 0) by widening multiplication, without rejection (bias below
+    /// `n / 2^64`): one draw per call. The shapes set uses it, so its samples never change.
+    pub fn below_widening(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
     /// `true` with probability `p`.
     pub fn bernoulli(&mut self, p: f64) -> bool {
         self.next_f64() < p

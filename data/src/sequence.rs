@@ -59,12 +59,18 @@ impl MixedSequence {
 
     /// `span[i]` = 0 for text, `k >= 1` when position `i` is a patch of the k-th image.
     pub fn span_ids(&self) -> Vec<u32> {
-        let mut span = vec![0u32; self.tokens.len()];
-        for (k, img) in self.images.iter().enumerate() {
-            span[img.offset..img.offset + img.n_patches].fill(k as u32 + 1);
-        }
-        span
+        span_ids(self.tokens.len(), &self.images)
     }
+}
+
+/// Image span ids of `len` positions holding `images` (in order): 0 for text (and
+/// padding), `k >= 1` at the patches of the k-th image.
+pub fn span_ids(len: usize, images: &[ImageSlot]) -> Vec<u32> {
+    let mut span = vec![0u32; len];
+    for (k, img) in images.iter().enumerate() {
+        span[img.offset..img.offset + img.n_patches].fill(k as u32 + 1);
+    }
+    span
 }
 
 /// Settings of sequence building.
@@ -175,7 +181,7 @@ pub fn num_patches(shape: [usize; 3], patch_size: usize) -> Result<usize, DataEr
             message: format!("patch size {patch_size} does not divide latent shape {shape:?}"),
         });
     }
-    Ok((h / patch_size) * (w / patch_size))
+    Ok(transfusion_model::patch::num_patches(h, w, patch_size))
 }
 
 /// `BOS text EOS`.

@@ -13,7 +13,7 @@ use transfusion_data::datasets::SampleSource;
 use transfusion_data::encoder::PixelEncoder;
 use transfusion_data::mixture::{Mixture, MixtureConfig};
 use transfusion_data::packing::{OverlongText, PackConfig};
-use transfusion_data::pipeline::{DataPipeline, PipelineConfig};
+use transfusion_data::pipeline::{BatchStream, DataPipeline, PipelineConfig};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::sequence::SequenceConfig;
 use transfusion_data::shapes::ShapesGenerator;

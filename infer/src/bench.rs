@@ -141,6 +141,15 @@ fn image_secs<B: Backend>(pipe: &Pipeline<B>, prompt: &str, opts: &ImageOptions)
     }
 }
 
+/// `"with CFG"` when the scale turns guidance on, `"no CFG"` otherwise.
+fn cfg_label(cfg: f64) -> &'static str {
+    if cfg > 0.0 && cfg != 1.0 {
+        "with CFG"
+    } else {
+        "no CFG"
+    }
+}
+
 /// Tokens/s of decoding `n` tokens after a prompt (argmax, no early stop).
 fn text_rate<B: Backend>(pipe: &Pipeline<B>, prompt: &str, n: usize) -> Result<f64> {
     let ids = pipe.encode_prompt(prompt)?;
@@ -219,11 +228,7 @@ pub fn run_bench<B: Backend>(
             CachePolicy::Cached => "kv cache",
             CachePolicy::Recompute => "full recompute",
         };
-        let g = if cfg > 0.0 && cfg != 1.0 {
-            "with CFG"
-        } else {
-            "no CFG"
-        };
+        let g = cfg_label(cfg);
         report.push(format!("ms per diffusion step ({label}, {g})"), ms, "ms");
         anyhow::Ok(ms)
     };
@@ -256,11 +261,7 @@ pub fn run_bench<B: Backend>(
                 ..base.clone()
             };
             let s = image_secs(pipe, &prompt, &o)?;
-            let g = if cfg > 0.0 && cfg != 1.0 {
-                "with CFG"
-            } else {
-                "no CFG"
-            };
+            let g = cfg_label(cfg);
             report.push(
                 format!("s per image ({sampler} {steps} steps, {g}, batch 1)"),
                 s,
@@ -276,15 +277,12 @@ pub fn run_bench<B: Backend>(
             ..base.clone()
         };
         let s = image_secs(pipe, &prompt, &o)?;
-        let g = if cfg > 0.0 && cfg != 1.0 {
-            "with CFG"
-        } else {
-            "no CFG"
-        };
         report.push(
             format!(
-                "images/s at batch {} (ddim {} steps, {g})",
-                opts.batch, opts.ddim_steps
+                "images/s at batch {} (ddim {} steps, {})",
+                opts.batch,
+                opts.ddim_steps,
+                cfg_label(cfg)
             ),
             opts.batch as f64 / s,
             "img/s",

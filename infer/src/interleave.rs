@@ -7,9 +7,12 @@
 //! unconditional branch of each image is `BOS BOI` with its own cache, run in the same
 //! batch as the conditional document.
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 use burn::prelude::*;
 use image::RgbImage;
+use transfusion_data::image::save_png;
 use transfusion_data::rng::derive_seed;
 
 use crate::context::Rows;
@@ -133,4 +136,33 @@ impl<B: Backend> Pipeline<B> {
         }
         Ok(doc)
     }
+}
+
+/// Writes a generated document to the directory `out` (created if needed): each image as
+/// `image-K.png` (K from 1) and `transcript.md`, the prompt followed by the segments with
+/// the images linked in place. Returns the transcript's path and the number of images.
+pub fn write_transcript(
+    prompt: &str,
+    segments: &[Segment],
+    out: &Path,
+) -> Result<(PathBuf, usize)> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut md = format!("# Transfusion\n\n**Prompt:** {prompt}\n\n---\n\n");
+    md.push_str(prompt);
+    let mut k = 0;
+    for seg in segments {
+        match seg {
+            Segment::Text(t) => md.push_str(t),
+            Segment::Image(img) => {
+                k += 1;
+                let name = format!("image-{k}.png");
+                save_png(img, &out.join(&name)).map_err(|e| anyhow::anyhow!("{e}"))?;
+                md.push_str(&format!("\n\n![image {k}]({name})\n\n"));
+            }
+        }
+    }
+    md.push('\n');
+    let path = out.join("transcript.md");
+    std::fs::write(&path, md).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok((path, k))
 }

@@ -7,13 +7,17 @@
 //!
 //! Files: [`context`] (the batch of sequences over a KV cache or recomputed: the only place
 //! the transformer runs), [`sampler`] (DDPM/DDIM, seeded noise), [`guidance`] (CFG),
-//! [`text`] (token sampling, streaming), [`pipeline`] (the API), [`interleave`]
+//! [`text`] (token sampling, streaming), [`pipeline`] (the API; its text and caption
+//! decoding in `decode.rs`), [`interleave`]
 //! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`].
+
+#![warn(missing_docs)]
 
 pub mod autoencoder;
 pub mod bench;
 pub mod checkpoint;
 pub mod context;
+mod decode;
 pub mod device;
 pub mod guidance;
 pub mod image_tensor;
@@ -24,7 +28,7 @@ pub mod text;
 
 pub use context::{CachePolicy, ForwardKind, ForwardRecord};
 pub use device::{dispatch, BackendTask, DeviceChoice};
-pub use interleave::{GenerateOptions, Segment};
+pub use interleave::{write_transcript, GenerateOptions, Segment};
 pub use pipeline::{ImageOptions, InferError, Pipeline};
 pub use sampler::SamplerKind;
 pub use text::TextOptions;

@@ -12,8 +12,8 @@ use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::bench::{run_bench, BenchOptions};
 use transfusion_infer::checkpoint::{AutoencoderRef, ModelMeta};
 use transfusion_infer::{
-    dispatch, BackendTask, DeviceChoice, GenerateOptions, ImageOptions, Pipeline, SamplerKind,
-    Segment, TextOptions,
+    dispatch, write_transcript, BackendTask, DeviceChoice, GenerateOptions, ImageOptions, Pipeline,
+    SamplerKind, TextOptions,
 };
 use transfusion_model::{Precision, TransfusionConfig};
 
@@ -56,6 +56,9 @@ struct Sampling {
     /// Nucleus sampling: keep the most likely tokens up to probability P (1: no limit).
     #[arg(long, default_value_t = 0.95)]
     top_p: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -84,9 +87,6 @@ struct TextCmd {
     max_tokens: usize,
     #[command(flatten)]
     sampling: Sampling,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -126,9 +126,6 @@ struct CaptionCmd {
     max_tokens: usize,
     #[command(flatten)]
     sampling: Sampling,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -149,9 +146,6 @@ struct GenerateCmd {
     sampling: Sampling,
     #[command(flatten)]
     diffusion: Diffusion,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Output directory (transcript.md and image-K.png).
     #[arg(long)]
     out: PathBuf,
@@ -196,13 +190,13 @@ struct BenchCmd {
 
 const DEMO_TOKENIZER: &[u8] = include_bytes!("../../assets/tokenizer.json");
 
-fn text_opts(max_tokens: usize, s: &Sampling, seed: u64) -> TextOptions {
+fn text_opts(max_tokens: usize, s: &Sampling) -> TextOptions {
     TextOptions {
         max_tokens,
         temperature: s.temperature,
         top_k: s.top_k,
         top_p: s.top_p,
-        seed,
+        seed: s.seed,
         logit_bias: vec![],
     }
 }
@@ -257,7 +251,7 @@ impl BackendTask for Task {
         match self.0 {
             Command::Text(c) => {
                 let pipe = load(&c.checkpoint)?;
-                let opts = text_opts(c.max_tokens, &c.sampling, c.seed);
+                let opts = text_opts(c.max_tokens, &c.sampling);
                 let mut out = std::io::stdout();
                 write!(out, "{}", c.prompt)?;
                 pipe.text_stream(&c.prompt, &opts, |piece| {
@@ -300,7 +294,7 @@ impl BackendTask for Task {
                     .map(|p| load_image(p).map_err(|e| anyhow::anyhow!("{e}")))
                     .collect::<Result<Vec<_>>>()?;
                 let pipe = load(&c.checkpoint)?;
-                let opts = text_opts(c.max_tokens, &c.sampling, c.seed);
+                let opts = text_opts(c.max_tokens, &c.sampling);
                 for (path, caption) in c.image.iter().zip(pipe.caption(&images, &opts)?) {
                     println!("{}\t{}", path.display(), one_line(&caption));
                 }
@@ -308,31 +302,12 @@ impl BackendTask for Task {
             Command::Generate(c) => {
                 let pipe = load(&c.checkpoint)?;
                 let opts = GenerateOptions {
-                    text: text_opts(c.max_tokens, &c.sampling, c.seed),
-                    image: image_opts(1, &c.diffusion, c.seed),
+                    text: text_opts(c.max_tokens, &c.sampling),
+                    image: image_opts(1, &c.diffusion, c.sampling.seed),
                     max_images: c.max_images,
                 };
                 let segments = pipe.generate(&c.prompt, &opts)?;
-                std::fs::create_dir_all(&c.out)
-                    .with_context(|| format!("cannot create {}", c.out.display()))?;
-                let mut md = format!("# Transfusion\n\n**Prompt:** {}\n\n---\n\n", c.prompt);
-                md.push_str(&c.prompt);
-                let mut k = 0;
-                for seg in &segments {
-                    match seg {
-                        Segment::Text(t) => md.push_str(t),
-                        Segment::Image(img) => {
-                            k += 1;
-                            let name = format!("image-{k}.png");
-                            save(img, &c.out.join(&name))?;
-                            md.push_str(&format!("\n\n![image {k}]({name})\n\n"));
-                        }
-                    }
-                }
-                md.push('\n');
-                let path = c.out.join("transcript.md");
-                std::fs::write(&path, md)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                let (path, k) = write_transcript(&c.prompt, &segments, &c.out)?;
                 println!(
                     "{} ({} segments, {k} images)",
                     path.display(),

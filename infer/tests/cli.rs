@@ -37,26 +37,19 @@ fn s(p: &Path) -> &str {
 fn text_streams_and_is_reproducible() {
     let dir = common::checkpoint();
     let ck = s(dir.path());
-    let args = [
-        "text",
-        "--checkpoint",
-        ck,
-        "--prompt",
-        "a red",
-        "--max-tokens",
-        "12",
-        "--seed",
-        "4",
-    ];
+    // `text --checkpoint CK --prompt "a red"`, then `rest`.
+    let text = |rest: &[&'static str]| {
+        [
+            vec!["text", "--checkpoint", ck, "--prompt", "a red"],
+            rest.to_vec(),
+        ]
+        .concat()
+    };
+    let args = text(&["--max-tokens", "12", "--seed", "4"]);
     let a = ok(&args);
     assert!(a.starts_with("a red"), "{a}");
     assert_eq!(a, ok(&args));
-    let greedy = ok(&[
-        "text",
-        "--checkpoint",
-        ck,
-        "--prompt",
-        "a red",
+    let greedy = ok(&text(&[
         "--max-tokens",
         "5",
         "--temperature",
@@ -65,7 +58,7 @@ fn text_streams_and_is_reproducible() {
         "3",
         "--top-p",
         "0.5",
-    ]);
+    ]));
     assert!(greedy.starts_with("a red"));
 }
 

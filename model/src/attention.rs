@@ -57,36 +57,43 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
+/// What a decoder layer needs besides its input `x`: built once per layer of a forward
+/// pass and handed down from the block to its attention.
+#[derive(Debug)]
+pub struct LayerContext<'a, B: Backend> {
+    /// RoPE tables for the `s` new positions.
+    pub rope: &'a RopeTables<B>,
+    /// `[b, s, past + s]`, `true` = masked.
+    pub mask: &'a Tensor<B, 3, Bool>,
+    /// This layer's cached keys/values (`past` positions), if any.
+    pub past: Option<&'a LayerKv<B>>,
+    /// The type of the matrix products.
+    pub precision: Precision,
+}
+
 impl<B: Backend> Attention<B> {
-    /// Attends the new positions `x` to `past` (cached keys) followed by themselves.
+    /// Attends the new positions `x` to `ctx.past` (cached keys) followed by themselves.
     ///
     /// Returns the output and the new positions' keys/values (for the caller to cache).
     ///
     /// # Shapes
-    /// - `x`: `[b, s, d]`; `rope`: tables for the `s` new positions
-    /// - `mask`: `[b, s, past + s]`, `true` = masked
+    /// - `x`: `[b, s, d]`; `ctx.mask`: `[b, s, past + s]`
     /// - output: `[b, s, d]`; returned keys/values `[b, h_kv, s, hd]`
     ///
-    /// The projections and the attention run in `precision`; keys/values are returned
+    /// The projections and the attention run in `ctx.precision`; keys/values are returned
     /// (and cached) in f32.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: Tensor<B, 3, Bool>,
-        past: Option<&LayerKv<B>>,
-        precision: Precision,
-    ) -> (Tensor<B, 3>, LayerKv<B>) {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> (Tensor<B, 3>, LayerKv<B>) {
         let [b, s, _] = x.dims();
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let precision = ctx.precision;
         // [b, s, h*hd] -> [b, s, h, hd] -> [b, h, s, hd]
         let split = |t: Tensor<B, 3>, heads| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
         let proj = |w: &Linear<B>, x| precision.linear(w, x);
-        let q = apply_rope(split(proj(&self.wq, x.clone()), h), rope);
-        let k = apply_rope(split(proj(&self.wk, x.clone()), hkv), rope);
+        let q = apply_rope(split(proj(&self.wq, x.clone()), h), ctx.rope);
+        let k = apply_rope(split(proj(&self.wk, x.clone()), hkv), ctx.rope);
         let v = split(proj(&self.wv, x), hkv);
         let new = LayerKv { key: k, value: v };
-        let all = match past {
+        let all = match ctx.past {
             Some(p) => p.clone().append(new.clone()),
             None => new.clone(),
         };
@@ -94,7 +101,11 @@ impl<B: Backend> Attention<B> {
         let k = repeat_kv(all.key, h / hkv);
         let v = repeat_kv(all.value, h / hkv);
         // [b, s, lk] -> [b, h, s, lk]
-        let mask = mask.reshape([b, 1, s, lk]).expand([b, h, s, lk]);
+        let mask = ctx
+            .mask
+            .clone()
+            .reshape([b, 1, s, lk])
+            .expand([b, h, s, lk]);
         let [q, k, v] = [q, k, v].map(|t| precision.to_compute(t));
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
         let out = precision.to_f32(out);

@@ -3,11 +3,9 @@
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
-use crate::attention::{Attention, AttentionConfig};
+use crate::attention::{Attention, AttentionConfig, LayerContext};
 use crate::kv_cache::LayerKv;
 use crate::mlp::{SwiGluMlp, SwiGluMlpConfig};
-use crate::precision::Precision;
-use crate::rope::RopeTables;
 
 /// Configuration of [`DecoderBlock`].
 #[derive(Config, Debug)]
@@ -57,22 +55,16 @@ pub struct DecoderBlock<B: Backend> {
 
 impl<B: Backend> DecoderBlock<B> {
     /// # Shapes
-    /// - `x`: `[b, s, d]`, `mask`: `[b, s, past + s]`; output `[b, s, d]`
+    /// - `x`: `[b, s, d]`, `ctx.mask`: `[b, s, past + s]`; output `[b, s, d]`
     ///
     /// Norms and the residual stream stay in f32; attention and MLP products run in
-    /// `precision`.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: Tensor<B, 3, Bool>,
-        past: Option<&LayerKv<B>>,
-        precision: Precision,
-    ) -> (Tensor<B, 3>, LayerKv<B>) {
+    /// `ctx.precision`. Also returns the new positions' keys/values (see
+    /// [`Attention::forward`]).
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> (Tensor<B, 3>, LayerKv<B>) {
         let normed = self.attn_norm.forward(x.clone());
-        let (a, kv) = self.attn.forward(normed, rope, mask, past, precision);
+        let (a, kv) = self.attn.forward(normed, ctx);
         let x = x + a;
-        let x = x.clone() + self.mlp.forward(self.mlp_norm.forward(x), precision);
+        let x = x.clone() + self.mlp.forward(self.mlp_norm.forward(x), ctx.precision);
         (x, kv)
     }
 }

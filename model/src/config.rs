@@ -183,9 +183,9 @@ impl TransfusionConfig {
         self.d_model / self.n_heads
     }
 
-    /// Patches per image `n`.
+    /// Patches per image `n = (H/k)^2` of the square `latent_size` latent.
     pub fn patches_per_image(&self) -> usize {
-        (self.latent_size / self.patch_size).pow(2)
+        crate::patch::num_patches(self.latent_size, self.latent_size, self.patch_size)
     }
 
     /// Length of one patch vector, `c * k * k`.

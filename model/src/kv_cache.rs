@@ -23,7 +23,18 @@ pub struct LayerKv<B: Backend> {
 }
 
 impl<B: Backend> LayerKv<B> {
+    /// Applies `f` to the keys and to the values.
+    pub fn map(self, f: impl Fn(Tensor<B, 4>) -> Tensor<B, 4>) -> Self {
+        Self {
+            key: f(self.key),
+            value: f(self.value),
+        }
+    }
+
     /// Appends new positions along the sequence axis.
+    ///
+    /// # Shapes
+    /// `[b, h_kv, l1, hd]` and `[b, h_kv, l2, hd]` -> `[b, h_kv, l1 + l2, hd]`
     pub fn append(self, other: LayerKv<B>) -> Self {
         Self {
             key: Tensor::cat(vec![self.key, other.key], 2),
@@ -32,10 +43,23 @@ impl<B: Backend> LayerKv<B> {
     }
 
     /// Keeps the first `len` positions.
+    ///
+    /// # Shapes
+    /// `[b, h_kv, l, hd] -> [b, h_kv, len, hd]`
     pub fn truncate(self, len: usize) -> Self {
+        self.map(|t| t.narrow(2, 0, len))
+    }
+
+    /// Stacks the caches of several batches of the same length row-wise.
+    ///
+    /// # Shapes
+    /// `[b_i, h_kv, l, hd]` each -> `[sum b_i, h_kv, l, hd]`
+    pub fn cat_rows(parts: Vec<Self>) -> Self {
+        let (keys, values): (Vec<_>, Vec<_>) =
+            parts.into_iter().map(|kv| (kv.key, kv.value)).unzip();
         Self {
-            key: self.key.narrow(2, 0, len),
-            value: self.value.narrow(2, 0, len),
+            key: Tensor::cat(keys, 0),
+            value: Tensor::cat(values, 0),
         }
     }
 }
@@ -95,6 +119,74 @@ impl<B: Backend> KvCache<B> {
     /// The next free absolute index (the length of the cached row).
     pub fn next_index(&self) -> usize {
         self.len()
+    }
+
+    /// Applies `layer` to every cached layer and `meta` to the metadata.
+    fn map(
+        &self,
+        layer: impl Fn(LayerKv<B>) -> LayerKv<B>,
+        meta: impl FnOnce(SpanMeta<B>) -> SpanMeta<B>,
+    ) -> Self {
+        Self {
+            layers: self.layers.iter().map(|l| l.clone().map(&layer)).collect(),
+            meta: self.meta.clone().map(meta),
+        }
+    }
+
+    /// The rows `idx` (repeats allowed), e.g. one prompt's cache repeated for N images.
+    /// Cheap: one `select` per cached tensor.
+    ///
+    /// # Shapes
+    /// every `[b, ..]` tensor -> `[idx.len(), ..]`
+    pub fn select(&self, idx: Tensor<B, 1, Int>) -> Self {
+        let rows = |t: Tensor<B, 4>| t.select(0, idx.clone());
+        self.map(|kv| kv.map(rows), |m| m.select(idx.clone()))
+    }
+
+    /// The cache left-padded to `len` positions with masked padding (zero keys and values,
+    /// document id 0). `len` must be at least [`KvCache::len`].
+    ///
+    /// # Shapes
+    /// `[b, .., l, ..]` -> `[b, .., len, ..]`
+    pub fn pad_left(&self, len: usize) -> Self {
+        let n = len - self.len();
+        if n == 0 {
+            return self.clone();
+        }
+        // [b, h_kv, l, hd] -> [b, h_kv, n + l, hd]
+        let pad = |t: Tensor<B, 4>| {
+            let [b, h, _, hd] = t.dims();
+            Tensor::cat(vec![Tensor::zeros([b, h, n, hd], &t.device()), t], 2)
+        };
+        self.map(|kv| kv.map(pad), |m| m.pad_left(n))
+    }
+
+    /// Stacks the caches of several batches into one, left-padding the shorter ones to the
+    /// longest (see [`KvCache::pad_left`]). Every part must be non-empty.
+    ///
+    /// # Shapes
+    /// `[b_i, .., l_i, ..]` each -> `[sum b_i, .., max l_i, ..]`
+    pub fn cat_rows(parts: &[&Self]) -> Self {
+        let len = parts.iter().map(|c| c.len()).max().unwrap_or(0);
+        let padded: Vec<Self> = parts.iter().map(|c| c.pad_left(len)).collect();
+        let n_layers = padded.first().map_or(0, |c| c.layers.len());
+        let layers = (0..n_layers)
+            .map(|l| {
+                let kvs = padded
+                    .iter()
+                    .map(|c| c.layers[l].clone().expect("a started cache is full"))
+                    .collect();
+                Some(LayerKv::cat_rows(kvs))
+            })
+            .collect();
+        let metas = padded
+            .into_iter()
+            .map(|c| c.meta.expect("a started cache has metadata"))
+            .collect();
+        Self {
+            layers,
+            meta: Some(SpanMeta::cat_rows(metas)),
+        }
     }
 }
 

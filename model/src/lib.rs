@@ -6,6 +6,8 @@
 //! [`Transfusion`] with `config.init(&device)`, and train with
 //! [`Transfusion::forward_loss`] on a [`TransfusionBatch`].
 
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod batch;
 pub mod block;

@@ -32,22 +32,72 @@ impl<B: Backend> SpanMeta<B> {
         Self { index, span, doc }
     }
 
-    /// Concatenates two metadata blocks along the sequence (keys of a cache, then new keys).
-    pub fn cat(self, other: Self) -> Self {
+    /// Applies `f` to each of the three `[b, l]` tensors (index, span, doc).
+    pub fn map(self, f: impl Fn(Tensor<B, 2, Int>) -> Tensor<B, 2, Int>) -> Self {
         Self {
-            index: Tensor::cat(vec![self.index, other.index], 1),
-            span: Tensor::cat(vec![self.span, other.span], 1),
-            doc: Tensor::cat(vec![self.doc, other.doc], 1),
+            index: f(self.index),
+            span: f(self.span),
+            doc: f(self.doc),
         }
     }
 
-    /// Keeps the first `len` positions.
-    pub fn truncate(self, len: usize) -> Self {
+    /// Concatenates blocks along `dim` (0: rows, 1: the sequence), field by field.
+    fn cat_along(parts: Vec<Self>, dim: usize) -> Self {
+        let field = |f: fn(&Self) -> &Tensor<B, 2, Int>| {
+            Tensor::cat(parts.iter().map(|m| f(m).clone()).collect(), dim)
+        };
         Self {
-            index: self.index.narrow(1, 0, len),
-            span: self.span.narrow(1, 0, len),
-            doc: self.doc.narrow(1, 0, len),
+            index: field(|m| &m.index),
+            span: field(|m| &m.span),
+            doc: field(|m| &m.doc),
         }
+    }
+
+    /// Concatenates two metadata blocks along the sequence (keys of a cache, then new keys).
+    ///
+    /// # Shapes
+    /// `[b, l1]` and `[b, l2]` -> `[b, l1 + l2]`
+    pub fn cat(self, other: Self) -> Self {
+        Self::cat_along(vec![self, other], 1)
+    }
+
+    /// Stacks blocks of the same length row-wise (one batch made of several).
+    ///
+    /// # Shapes
+    /// `[b_i, l]` each -> `[sum b_i, l]`
+    pub fn cat_rows(parts: Vec<Self>) -> Self {
+        Self::cat_along(parts, 0)
+    }
+
+    /// Keeps the first `len` positions.
+    ///
+    /// # Shapes
+    /// `[b, l] -> [b, len]`
+    pub fn truncate(self, len: usize) -> Self {
+        self.map(|t| t.narrow(1, 0, len))
+    }
+
+    /// The rows `idx` (repeats allowed).
+    ///
+    /// # Shapes
+    /// `[b, l]`, `idx`: `[b']` -> `[b', l]`
+    pub fn select(self, idx: Tensor<B, 1, Int>) -> Self {
+        self.map(|t| t.select(0, idx.clone()))
+    }
+
+    /// Prepends `n` padding positions to every row: index, span and document id 0, so the
+    /// mask keeps real positions from seeing them.
+    ///
+    /// # Shapes
+    /// `[b, l] -> [b, n + l]`
+    pub fn pad_left(self, n: usize) -> Self {
+        if n == 0 {
+            return self;
+        }
+        self.map(|t| {
+            let b = t.dims()[0];
+            Tensor::cat(vec![Tensor::zeros([b, n], &t.device()), t], 1)
+        })
     }
 
     /// Number of positions `l`.

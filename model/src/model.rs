@@ -6,6 +6,7 @@ use burn::nn::{
 };
 use burn::prelude::*;
 
+use crate::attention::LayerContext;
 use crate::batch::TransfusionBatch;
 use crate::block::{DecoderBlock, DecoderBlockConfig};
 use crate::config::TransfusionConfig;
@@ -13,6 +14,7 @@ use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::{CacheMode, KvCache};
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
 use crate::mask::{transfusion_mask, SpanMeta};
+use crate::patch::num_patches;
 use crate::precision::Precision;
 use crate::prediction::Prediction;
 use crate::rope::rope_tables;
@@ -107,6 +109,11 @@ impl<B: Backend> Transfusion<B> {
         self.blocks.len()
     }
 
+    /// Patches per image `n` (see [`TransfusionConfig::patches_per_image`]).
+    pub fn patches_per_image(&self) -> usize {
+        num_patches(self.latent_size, self.latent_size, self.image.patch_size)
+    }
+
     /// Embeds token ids.
     ///
     /// # Shapes
@@ -178,7 +185,13 @@ impl<B: Backend> Transfusion<B> {
         let mut x = x;
         for (l, block) in self.blocks.iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
-            let (out, kv) = block.forward(x, &rope, mask.clone(), past.as_ref(), self.precision);
+            let ctx = LayerContext {
+                rope: &rope,
+                mask: &mask,
+                past: past.as_ref(),
+                precision: self.precision,
+            };
+            let (out, kv) = block.forward(x, &ctx);
             x = out;
             if let (Some(c), CacheMode::Append) = (cache.as_mut(), mode) {
                 c.layers[l] = Some(match past {

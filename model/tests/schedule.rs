@@ -18,6 +18,14 @@ fn floats(v: &Value) -> Vec<f64> {
         .collect()
 }
 
+fn indices(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
 fn close(a: f64, b: f64, what: &str) {
     let tol = 1e-9 * b.abs().max(1e-3);
     assert!((a - b).abs() <= tol, "{what}: got {a}, expected {b}");
@@ -28,12 +36,7 @@ fn cosine_schedule_matches_reference() {
     let f = fixture();
     let s = NoiseSchedule::cosine(1000);
     assert_eq!(s.len(), 1000);
-    let probe: Vec<usize> = f["probe_t"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
+    let probe = indices(&f["probe_t"]);
     for (key, ours) in [
         ("betas", &s.betas),
         ("alphas_cumprod", &s.alphas_cumprod),
@@ -58,19 +61,9 @@ fn respaced_schedules_match_reference() {
     for steps in [250usize, 50] {
         let r = &f[format!("respaced_{steps}")];
         let s = full.respaced(steps);
-        let want_t: Vec<usize> = r["timesteps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let want_t = indices(&r["timesteps"]);
         assert_eq!(s.timestep_map, want_t);
-        let idx: Vec<usize> = r["probe_index"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let idx = indices(&r["probe_index"]);
         for (key, ours) in [
             ("betas", &s.betas),
             ("posterior_variance", &s.posterior_variance),
@@ -88,21 +81,23 @@ fn respaced_schedules_match_reference() {
     }
 }
 
+type B = NdArray;
+
+/// Random latents in `[-1, 1]` and standard normal noise of `shape`.
+fn latents_and_noise(
+    shape: [usize; 4],
+    dev: &burn::backend::ndarray::NdArrayDevice,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let x0 = Tensor::random(shape, burn::tensor::Distribution::Uniform(-1.0, 1.0), dev);
+    let eps = Tensor::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), dev);
+    (x0, eps)
+}
+
 #[test]
 fn q_sample_and_x0_prediction_invert_each_other() {
-    type B = NdArray;
     let dev = Default::default();
     let s = NoiseSchedule::cosine(1000);
-    let x0 = Tensor::<B, 4>::random(
-        [3, 2, 4, 4],
-        burn::tensor::Distribution::Uniform(-1.0, 1.0),
-        &dev,
-    );
-    let eps = Tensor::<B, 4>::random(
-        [3, 2, 4, 4],
-        burn::tensor::Distribution::Normal(0.0, 1.0),
-        &dev,
-    );
+    let (x0, eps) = latents_and_noise([3, 2, 4, 4], &dev);
     let t = [10i64, 500, 900];
     let xt = s.q_sample(x0.clone(), eps.clone(), Tensor::from_ints(t, &dev));
     for (i, &ti) in t.iter().enumerate() {
@@ -124,19 +119,9 @@ fn q_sample_and_x0_prediction_invert_each_other() {
 
 #[test]
 fn ddim_with_the_true_noise_recovers_x0_in_one_jump() {
-    type B = NdArray;
     let dev = Default::default();
     let s = NoiseSchedule::cosine(1000);
-    let x0 = Tensor::<B, 4>::random(
-        [1, 1, 4, 4],
-        burn::tensor::Distribution::Uniform(-1.0, 1.0),
-        &dev,
-    );
-    let eps = Tensor::<B, 4>::random(
-        [1, 1, 4, 4],
-        burn::tensor::Distribution::Normal(0.0, 1.0),
-        &dev,
-    );
+    let (x0, eps) = latents_and_noise([1, 1, 4, 4], &dev);
     // Respaced to 2 steps: [0, 999]. From 999 with the true noise, DDIM lands on x at t=0
     // and from 0 on x0.
     let r = s.respaced(2);

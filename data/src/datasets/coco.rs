@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::imagefolder::read_image_or_skip;
-use super::{indexed_iter, is_safe_relative, ImageData, RecordIter, Sample, SampleSource};
+use super::{is_safe_relative, ImageData, IndexedSource, Sample};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
 use crate::rng::Rng64;
@@ -135,7 +135,7 @@ impl CocoSource {
     }
 }
 
-impl SampleSource for CocoSource {
+impl IndexedSource for CocoSource {
     fn describe(&self) -> String {
         let n_caps: usize = self.inner.captions.iter().map(Vec::len).sum();
         let mode = match self.inner.mode {
@@ -150,15 +150,11 @@ impl SampleSource for CocoSource {
         )
     }
 
-    fn num_records(&self) -> Option<usize> {
-        Some(match self.inner.mode {
+    fn record_count(&self) -> usize {
+        match self.inner.mode {
             CocoCaptions::AllPairs => self.inner.pairs.len(),
             CocoCaptions::OnePerEpoch => self.inner.images.len(),
-        })
-    }
-
-    fn is_indexed(&self) -> bool {
-        true
+        }
     }
 
     fn get(&self, epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
@@ -183,10 +179,6 @@ impl SampleSource for CocoSource {
                 caption,
             }),
         )
-    }
-
-    fn iter_epoch(&self, epoch: u64, start: usize) -> Result<RecordIter, DataError> {
-        Ok(indexed_iter(self, epoch, start))
     }
 
     fn skips(&self) -> SkipReport {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::skip::reason_of;
-use super::{indexed_iter, is_safe_relative, ImageData, RecordIter, Sample, SampleSource};
+use super::{is_safe_relative, ImageData, IndexedSource, Sample};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
 
@@ -113,7 +113,7 @@ pub(crate) fn read_image_or_skip(
     }
 }
 
-impl SampleSource for ImageFolderSource {
+impl IndexedSource for ImageFolderSource {
     fn describe(&self) -> String {
         format!(
             "imagefolder {} ({}): {} pairs",
@@ -127,12 +127,8 @@ impl SampleSource for ImageFolderSource {
         )
     }
 
-    fn num_records(&self) -> Option<usize> {
-        Some(self.inner.records.len())
-    }
-
-    fn is_indexed(&self) -> bool {
-        true
+    fn record_count(&self) -> usize {
+        self.inner.records.len()
     }
 
     fn get(&self, _epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
@@ -145,10 +141,6 @@ impl SampleSource for ImageFolderSource {
                 caption: caption.clone(),
             }),
         )
-    }
-
-    fn iter_epoch(&self, epoch: u64, start: usize) -> Result<RecordIter, DataError> {
-        Ok(indexed_iter(self, epoch, start))
     }
 
     fn skips(&self) -> SkipReport {

@@ -9,6 +9,8 @@
 //! | `shapes`      | [`synthetic`]     | indexed   |
 //! | `latents`     | [`crate::latent_cache`] | indexed |
 //!
+//! Indexed sources implement [`IndexedSource`], which gives their [`SampleSource`].
+//!
 //! A source is a sequence of *records* per epoch. Reading a record gives `Some(sample)`
 //! or `None` when the record is bad and was skipped (see [`SkipPolicy`]); in strict mode a
 //! bad record is an error instead. Positions count records, good or bad, so a
@@ -88,7 +90,7 @@ pub trait SampleSource: Send + Sync {
     fn get(&self, epoch: u64, index: usize) -> Result<Option<Sample>, DataError>;
 
     /// Records of epoch `epoch` in order, starting at record `start`. Indexed sources get
-    /// this for free (unshuffled); streaming sources must implement it.
+    /// it from [`IndexedSource`] (unshuffled); streaming sources must implement it.
     fn iter_epoch(&self, epoch: u64, start: usize) -> Result<RecordIter, DataError>;
 
     /// What was skipped so far.
@@ -141,16 +143,53 @@ pub(crate) fn collect_files(root: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, 
     Ok(out)
 }
 
-/// Default [`SampleSource::iter_epoch`] for indexed sources: `get(epoch, i)` for
-/// `i in start..len`.
-pub(crate) fn indexed_iter<S: SampleSource + Clone + 'static>(
-    source: &S,
-    epoch: u64,
-    start: usize,
-) -> RecordIter {
-    let len = source.num_records().unwrap_or(0);
-    let src = source.clone();
-    Box::new((start..len).map(move |i| src.get(epoch, i)))
+/// A source with random access to a known number of records (a list). Implementing it
+/// gives the [`SampleSource`] that every indexed source shares: `is_indexed` is true and
+/// `iter_epoch` reads `get(epoch, i)` for `i` in order (unshuffled).
+pub trait IndexedSource: Clone + Send + Sync + 'static {
+    /// See [`SampleSource::describe`].
+    fn describe(&self) -> String;
+
+    /// Number of records per epoch.
+    fn record_count(&self) -> usize;
+
+    /// See [`SampleSource::get`].
+    fn get(&self, epoch: u64, index: usize) -> Result<Option<Sample>, DataError>;
+
+    /// See [`SampleSource::skips`]; by default nothing (sources that never skip).
+    fn skips(&self) -> SkipReport {
+        SkipReport::default()
+    }
+}
+
+impl<S: IndexedSource> SampleSource for S {
+    fn describe(&self) -> String {
+        IndexedSource::describe(self)
+    }
+
+    fn num_records(&self) -> Option<usize> {
+        Some(self.record_count())
+    }
+
+    fn is_indexed(&self) -> bool {
+        true
+    }
+
+    fn get(&self, epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
+        IndexedSource::get(self, epoch, index)
+    }
+
+    fn iter_epoch(&self, epoch: u64, start: usize) -> Result<RecordIter, DataError> {
+        let src = self.clone();
+        let len = src.record_count();
+        Ok(Box::new(
+            (start..len).map(move |i| IndexedSource::get(&src, epoch, i)),
+        ))
+    }
+
+    fn skips(&self) -> SkipReport {
+        IndexedSource::skips(self)
+    }
 }
 
 /// Whether a relative path from a data file is safe to join to its base directory:

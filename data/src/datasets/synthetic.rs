@@ -1,6 +1,6 @@
 //! `shapes:N`: N generated image-caption pairs of the synthetic shapes set.
 
-use super::{indexed_iter, ImageData, RecordIter, Sample, SampleSource, SkipReport};
+use super::{ImageData, IndexedSource, Sample};
 use crate::error::DataError;
 use crate::shapes::ShapesGenerator;
 
@@ -20,7 +20,7 @@ impl ShapesSource {
     }
 }
 
-impl SampleSource for ShapesSource {
+impl IndexedSource for ShapesSource {
     fn describe(&self) -> String {
         format!(
             "shapes: {} generated pairs ({}x{} px, up to {} shapes, seed {:#x})",
@@ -32,12 +32,8 @@ impl SampleSource for ShapesSource {
         )
     }
 
-    fn num_records(&self) -> Option<usize> {
-        Some(self.count)
-    }
-
-    fn is_indexed(&self) -> bool {
-        true
+    fn record_count(&self) -> usize {
+        self.count
     }
 
     fn get(&self, _epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
@@ -52,13 +48,5 @@ impl SampleSource for ShapesSource {
             image: ImageData::Pixels(s.image),
             caption: s.caption,
         }))
-    }
-
-    fn iter_epoch(&self, epoch: u64, start: usize) -> Result<RecordIter, DataError> {
-        Ok(indexed_iter(self, epoch, start))
-    }
-
-    fn skips(&self) -> SkipReport {
-        SkipReport::default()
     }
 }

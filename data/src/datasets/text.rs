@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{collect_files, has_ext, indexed_iter, RecordIter, Sample, SampleSource};
+use super::{collect_files, has_ext, IndexedSource, Sample};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
 
@@ -162,7 +162,7 @@ struct JsonText {
     text: Option<serde_json::Value>,
 }
 
-impl SampleSource for TextSource {
+impl IndexedSource for TextSource {
     fn describe(&self) -> String {
         let unit = match self.inner.split {
             TextSplit::File => "documents",
@@ -176,12 +176,8 @@ impl SampleSource for TextSource {
         )
     }
 
-    fn num_records(&self) -> Option<usize> {
-        Some(self.inner.records.len())
-    }
-
-    fn is_indexed(&self) -> bool {
-        true
+    fn record_count(&self) -> usize {
+        self.inner.records.len()
     }
 
     fn get(&self, _epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
@@ -214,10 +210,6 @@ impl SampleSource for TextSource {
             Ok(_) => inner.policy.bad(&name, "no non-empty `text` string field"),
             Err(e) => inner.policy.bad(&name, format!("invalid JSON: {e}")),
         }
-    }
-
-    fn iter_epoch(&self, epoch: u64, start: usize) -> Result<RecordIter, DataError> {
-        Ok(indexed_iter(self, epoch, start))
     }
 
     fn skips(&self) -> SkipReport {

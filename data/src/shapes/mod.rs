@@ -21,6 +21,7 @@
 //! [`analyze`] reads an image back into attributes, so generated images can be scored.
 
 mod analyze;
+mod generator;
 
 use std::fmt;
 
@@ -28,6 +29,7 @@ use ::image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
 pub use analyze::{analyze, analyze_components, score, AttributeScore, Component};
+pub use generator::{ShapeSample, ShapesGenerator};
 
 /// Defines a word-valued attribute enum with `ALL`, `word`, `from_word`, `index` and
 /// `Display`.
@@ -297,127 +299,4 @@ pub fn render(attrs: &[ShapeAttributes], size: u32) -> RgbImage {
         draw_shape(&mut image, a);
     }
     image
-}
-
-/// One generated image with its attributes and caption.
-#[derive(Clone, Debug)]
-pub struct ShapeSample {
-    /// The rendered image.
-    pub image: RgbImage,
-    /// The shapes in it, in grid order.
-    pub attributes: Vec<ShapeAttributes>,
-    /// The caption ([`caption`] of `attributes`).
-    pub caption: String,
-}
-
-/// Deterministic, index-addressable generator of shapes samples.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShapesGenerator {
-    /// Seed of the split: samples of different seeds are independent.
-    pub seed: u64,
-    /// Image side in pixels (at least 24 for [`analyze`] to read images back reliably).
-    pub image_size: u32,
-    /// Most shapes per image (1 to 9): each image gets between 1 and `max_shapes` shapes,
-    /// uniformly, in distinct grid cells.
-    pub max_shapes: usize,
-}
-
-impl Default for ShapesGenerator {
-    fn default() -> Self {
-        Self::train()
-    }
-}
-
-impl ShapesGenerator {
-    /// Seed of the training split.
-    pub const TRAIN_SEED: u64 = 0x5EED_7A1E;
-    /// Seed of the held-out (evaluation) split.
-    pub const HELD_OUT_SEED: u64 = 0x0E7A_1ED5;
-
-    /// A generator with the given seed, 32x32 images and one shape per image.
-    pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            image_size: 32,
-            max_shapes: 1,
-        }
-    }
-
-    /// The training split: [`Self::TRAIN_SEED`], 32x32, one shape.
-    pub fn train() -> Self {
-        Self::new(Self::TRAIN_SEED)
-    }
-
-    /// The held-out split: [`Self::HELD_OUT_SEED`], 32x32, one shape.
-    pub fn held_out() -> Self {
-        Self::new(Self::HELD_OUT_SEED)
-    }
-
-    /// Sets the image side in pixels.
-    pub fn with_image_size(mut self, image_size: u32) -> Self {
-        self.image_size = image_size;
-        self
-    }
-
-    /// Sets the most shapes per image (clamped to 1..=9 when sampling).
-    pub fn with_max_shapes(mut self, max_shapes: usize) -> Self {
-        self.max_shapes = max_shapes;
-        self
-    }
-
-    /// The attributes of sample `index`, in grid order, without rendering.
-    pub fn attributes(&self, index: u64) -> Vec<ShapeAttributes> {
-        let mut rng = SplitMix64::new(self.seed, index);
-        let max = self.max_shapes.clamp(1, 9) as u64;
-        let count = 1 + rng.below(max) as usize;
-        let mut free: Vec<usize> = (0..9).collect();
-        let mut attrs = Vec::with_capacity(count);
-        for _ in 0..count {
-            let cell = free.swap_remove(rng.below(free.len() as u64) as usize);
-            attrs.push(ShapeAttributes {
-                shape: Shape::ALL[rng.below(Shape::ALL.len() as u64) as usize],
-                color: Color::ALL[rng.below(Color::ALL.len() as u64) as usize],
-                position: (Column::ALL[cell % 3], Row::ALL[cell / 3]),
-                size: Size::ALL[rng.below(Size::ALL.len() as u64) as usize],
-            });
-        }
-        attrs.sort_by_key(ShapeAttributes::cell);
-        attrs
-    }
-
-    /// Sample `index`: image, attributes and caption.
-    pub fn sample(&self, index: u64) -> ShapeSample {
-        let attributes = self.attributes(index);
-        ShapeSample {
-            image: render(&attributes, self.image_size),
-            caption: caption(&attributes),
-            attributes,
-        }
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and fixed forever, so samples never
-/// change between builds.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A stream for `(seed, index)`.
-    fn new(seed: u64, index: u64) -> Self {
-        let mut s = Self(seed ^ 0x243F_6A88_85A3_08D3);
-        let mixed = s.next_u64() ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        Self(mixed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform integer in `0..n` (n > 0), by widening multiplication.
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
 }

@@ -12,106 +12,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use burn::config::Config;
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
-    KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
-    SafetensorsStore, TensorSnapshot,
+    ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, SafetensorsStore,
+    TensorSnapshot,
 };
-use serde::{Deserialize, Serialize};
 
 use super::{AutoencoderKl, VaeConfig};
 
-/// One rename between a diffusers key and a Burn parameter path.
-#[derive(Clone, Copy, Debug)]
-pub struct KeyRule {
-    /// Text in the diffusers key.
-    pub diffusers: &'static str,
-    /// Its replacement in the Burn path.
-    pub burn: &'static str,
-    /// Only at the end of the key (parameter names); otherwise anywhere.
-    pub suffix: bool,
-    /// A legacy alias (old diffusers attention names): diffusers -> Burn only.
-    pub legacy: bool,
-}
+mod config;
+mod keys;
 
-const fn rule(diffusers: &'static str, burn: &'static str, suffix: bool, legacy: bool) -> KeyRule {
-    KeyRule {
-        diffusers,
-        burn,
-        suffix,
-        legacy,
-    }
-}
-
-/// The whole diffusers -> Burn key mapping, applied in order. Every other part of a key
-/// is the same on both sides (`encoder.down_blocks.1.resnets.0.conv1.weight`,
-/// `decoder.up_blocks.0.resnets.2.norm2...`, `mid_block.attentions.0.to_q...`,
-/// `quant_conv`, `post_quant_conv`, `conv_in`, `conv_out`, `conv_norm_out`).
-pub const DIFFUSERS_KEY_MAP: &[KeyRule] = &[
-    // ResNet 1x1 shortcut: diffusers `conv_shortcut`, ours `shortcut`.
-    rule(".conv_shortcut.", ".shortcut.", false, false),
-    // The single sampler of a level: a ModuleList in diffusers, an Option here.
-    rule(".downsamplers.0.", ".downsampler.", false, false),
-    rule(".upsamplers.0.", ".upsampler.", false, false),
-    // Attention output: `to_out` is a ModuleList [Linear, Dropout] in diffusers.
-    rule(".to_out.0.", ".to_out.", false, false),
-    // GroupNorm parameters: PyTorch weight/bias, Burn gamma/beta.
-    rule(".norm1.weight", ".norm1.gamma", true, false),
-    rule(".norm1.bias", ".norm1.beta", true, false),
-    rule(".norm2.weight", ".norm2.gamma", true, false),
-    rule(".norm2.bias", ".norm2.beta", true, false),
-    rule(".group_norm.weight", ".group_norm.gamma", true, false),
-    rule(".group_norm.bias", ".group_norm.beta", true, false),
-    rule(".conv_norm_out.weight", ".conv_norm_out.gamma", true, false),
-    rule(".conv_norm_out.bias", ".conv_norm_out.beta", true, false),
-    // Diffusers < 0.14 attention names (Linear, or 1x1 conv in converted LDM files).
-    rule(".query.", ".to_q.", false, true),
-    rule(".key.", ".to_k.", false, true),
-    rule(".value.", ".to_v.", false, true),
-    rule(".proj_attn.", ".to_out.", false, true),
-];
-
-/// The Burn parameter path of a diffusers key.
-pub fn burn_path(diffusers_key: &str) -> String {
-    let mut key = diffusers_key.to_string();
-    for r in DIFFUSERS_KEY_MAP {
-        key = apply_rule(&key, r.diffusers, r.burn, r.suffix);
-    }
-    key
-}
-
-/// The (current, non-legacy) diffusers key of a Burn parameter path.
-pub fn diffusers_key(burn_path: &str) -> String {
-    let mut key = burn_path.to_string();
-    for r in DIFFUSERS_KEY_MAP.iter().rev().filter(|r| !r.legacy) {
-        key = apply_rule(&key, r.burn, r.diffusers, r.suffix);
-    }
-    key
-}
-
-fn apply_rule(key: &str, from: &str, to: &str, suffix: bool) -> String {
-    if suffix {
-        match key.strip_suffix(from) {
-            Some(stem) => format!("{stem}{to}"),
-            None => key.to_string(),
-        }
-    } else {
-        key.replace(from, to)
-    }
-}
-
-/// [`DIFFUSERS_KEY_MAP`] as burn-store's regex remapper.
-pub fn key_remapper() -> KeyRemapper {
-    let patterns = DIFFUSERS_KEY_MAP.iter().map(|r| {
-        let from = r.diffusers.replace('.', r"\.");
-        let from = if r.suffix { format!("{from}$") } else { from };
-        (from, r.burn.to_string())
-    });
-    KeyRemapper::from_pattern_iter(patterns)
-        .expect("DIFFUSERS_KEY_MAP should hold valid regular expressions")
-}
+pub use config::DiffusersVaeConfig;
+pub use keys::{burn_path, diffusers_key, key_remapper, KeyRule, DIFFUSERS_KEY_MAP};
 
 /// Errors of [`load_diffusers_vae`].
 #[derive(Debug, thiserror::Error)]
@@ -167,130 +81,6 @@ fn format_problems(
         lines.push(format!("  unknown key `{key}`"));
     }
     lines.join("\n")
-}
-
-/// The fields of a diffusers `AutoencoderKL` `config.json` this loader reads (others,
-/// like `_class_name` or `sample_size`, are ignored). Defaults are diffusers' defaults.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-#[serde(default)]
-pub struct DiffusersVaeConfig {
-    /// Image channels in.
-    pub in_channels: usize,
-    /// Image channels out.
-    pub out_channels: usize,
-    /// Encoder block types (all `DownEncoderBlock2D`).
-    pub down_block_types: Vec<String>,
-    /// Decoder block types (all `UpDecoderBlock2D`).
-    pub up_block_types: Vec<String>,
-    /// Channels per level.
-    pub block_out_channels: Vec<usize>,
-    /// ResNet blocks per encoder level.
-    pub layers_per_block: usize,
-    /// Activation (only `silu`).
-    pub act_fn: String,
-    /// Latent channels.
-    pub latent_channels: usize,
-    /// GroupNorm groups.
-    pub norm_num_groups: usize,
-    /// Latent scale.
-    pub scaling_factor: f64,
-    /// Latent shift (SD3 / Flux), `null` for none.
-    pub shift_factor: Option<f64>,
-    /// Whether `quant_conv` exists.
-    pub use_quant_conv: bool,
-    /// Whether `post_quant_conv` exists.
-    pub use_post_quant_conv: bool,
-    /// Whether the mid blocks have attention.
-    pub mid_block_add_attention: bool,
-}
-
-impl Default for DiffusersVaeConfig {
-    fn default() -> Self {
-        Self {
-            in_channels: 3,
-            out_channels: 3,
-            down_block_types: vec!["DownEncoderBlock2D".into()],
-            up_block_types: vec!["UpDecoderBlock2D".into()],
-            block_out_channels: vec![64],
-            layers_per_block: 1,
-            act_fn: "silu".into(),
-            latent_channels: 4,
-            norm_num_groups: 32,
-            scaling_factor: 0.18215,
-            shift_factor: None,
-            use_quant_conv: true,
-            use_post_quant_conv: true,
-            mid_block_add_attention: true,
-        }
-    }
-}
-
-impl Config for DiffusersVaeConfig {}
-
-impl DiffusersVaeConfig {
-    /// Reads a `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self, VaeLoadError> {
-        let bytes = std::fs::read(path).map_err(|e| VaeLoadError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Self::load_binary(&bytes).map_err(|e| VaeLoadError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
-    }
-
-    /// The equivalent [`VaeConfig`]. Channels must be multiples of the first level's.
-    pub fn to_vae_config(&self) -> Result<VaeConfig, VaeLoadError> {
-        let unsupported = |m: String| Err(VaeLoadError::Unsupported(m));
-        if self.act_fn != "silu" {
-            return unsupported(format!("act_fn `{}` (only `silu`)", self.act_fn));
-        }
-        if self.in_channels != self.out_channels {
-            return unsupported(format!(
-                "in_channels {} != out_channels {}",
-                self.in_channels, self.out_channels
-            ));
-        }
-        let levels = self.block_out_channels.len();
-        if levels == 0 {
-            return unsupported("empty block_out_channels".into());
-        }
-        let check_types = |types: &[String], want: &str, name: &str| {
-            if types.len() != levels || types.iter().any(|t| t != want) {
-                Err(VaeLoadError::Unsupported(format!(
-                    "{name} {types:?} (expected {levels} x `{want}`)"
-                )))
-            } else {
-                Ok(())
-            }
-        };
-        check_types(
-            &self.down_block_types,
-            "DownEncoderBlock2D",
-            "down_block_types",
-        )?;
-        check_types(&self.up_block_types, "UpDecoderBlock2D", "up_block_types")?;
-        let base = self.block_out_channels[0];
-        if base == 0 || self.block_out_channels.iter().any(|c| c % base != 0) {
-            return unsupported(format!(
-                "block_out_channels {:?} are not multiples of the first",
-                self.block_out_channels
-            ));
-        }
-        let mults = self.block_out_channels.iter().map(|c| c / base).collect();
-        Ok(
-            VaeConfig::new(base, mults, self.layers_per_block, self.latent_channels)
-                .with_image_channels(self.in_channels)
-                .with_norm_groups(self.norm_num_groups)
-                .with_norm_eps(1e-6)
-                .with_mid_attention(self.mid_block_add_attention)
-                .with_use_quant_conv(self.use_quant_conv)
-                .with_use_post_quant_conv(self.use_post_quant_conv)
-                .with_scaling_factor(self.scaling_factor)
-                .with_shift_factor(self.shift_factor.unwrap_or(0.0)),
-        )
-    }
 }
 
 /// Adapts diffusers tensors before burn-store applies them: floats are cast to f32

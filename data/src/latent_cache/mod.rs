@@ -10,18 +10,19 @@
 //!
 //! The files open in Python with `safetensors.safe_open(path, "np")`.
 
-use std::collections::HashMap;
+mod write;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::datasets::{indexed_iter, ImageData, RecordIter, Sample, SampleSource, SkipReport};
-use crate::encoder::ImageEncoder;
+use crate::datasets::{ImageData, IndexedSource, Sample};
 use crate::error::DataError;
+
+pub use write::cache_latents;
 
 /// Name of the index file in a cache directory.
 pub const INDEX_FILE: &str = "index.json";
@@ -54,7 +55,7 @@ pub struct LatentIndex {
     pub shards: Vec<ShardEntry>,
     /// The encoder that produced the latents ([`ImageEncoder::describe`]).
     pub encoder: String,
-    /// What was encoded ([`SampleSource::describe`]).
+    /// What was encoded ([`crate::datasets::SampleSource::describe`]).
     pub source: String,
     /// Text-only samples of the source that were left out.
     pub text_skipped: usize,
@@ -62,175 +63,6 @@ pub struct LatentIndex {
     /// absent for pixel-space caches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<PathBuf>,
-}
-
-fn write_shard(
-    dir: &Path,
-    idx: usize,
-    shape: [usize; 3],
-    latents: &[f32],
-    captions: &[String],
-) -> Result<ShardEntry, DataError> {
-    let file = format!("shard-{idx:05}.safetensors");
-    let path = dir.join(&file);
-    let count = captions.len();
-    let bytes: Vec<u8> = latents.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let dims = vec![count, shape[0], shape[1], shape[2]];
-    let view = TensorView::new(Dtype::F32, dims, &bytes)
-        .map_err(|e| DataError::invalid(&path, format!("cannot build tensor: {e}")))?;
-    let metadata = HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        (
-            "captions".to_string(),
-            serde_json::to_string(captions).expect("strings serialize"),
-        ),
-    ]);
-    safetensors::serialize_to_file([("latents", view)], Some(metadata), &path)
-        .map_err(|e| DataError::invalid(&path, format!("cannot write safetensors: {e}")))?;
-    Ok(ShardEntry { file, count })
-}
-
-/// Encodes every pair of one epoch of `source` (in order, epoch 0) with `encoder` and
-/// writes a cache to `out_dir` (created if needed) with `per_shard` latents per shard.
-/// Images are encoded in batches of [`ImageEncoder::batch_size`].
-/// Text-only samples are left out (counted in the index); pairs that already carry a
-/// latent are stored as they are (their shape must match the encoder's). `progress` is
-/// called with (pairs read, records per epoch if known) after each record.
-pub fn cache_latents(
-    source: &dyn SampleSource,
-    encoder: &dyn ImageEncoder,
-    out_dir: &Path,
-    per_shard: usize,
-    mut progress: impl FnMut(usize, Option<usize>),
-) -> Result<LatentIndex, DataError> {
-    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
-    let per_shard = per_shard.max(1);
-    let shape = encoder.latent_shape();
-    let total = source.num_records();
-    let mut index = LatentIndex {
-        format: FORMAT.into(),
-        version: 1,
-        shape,
-        count: 0,
-        shards: Vec::new(),
-        encoder: encoder.describe(),
-        source: source.describe(),
-        text_skipped: 0,
-        vae: encoder.autoencoder_path(),
-    };
-    let batch = encoder.batch_size().max(1);
-    let (mut latents, mut captions) = (Vec::new(), Vec::new());
-    // Images waiting to be encoded as one batch, with their captions.
-    let (mut pending, mut pending_captions): (Vec<image::RgbImage>, Vec<String>) =
-        (Vec::new(), Vec::new());
-    let add = |index: &mut LatentIndex,
-               latents: &mut Vec<f32>,
-               captions: &mut Vec<String>,
-               data: Vec<f32>,
-               caption: String|
-     -> Result<(), DataError> {
-        latents.extend_from_slice(&data);
-        captions.push(caption);
-        index.count += 1;
-        if captions.len() == per_shard {
-            index.shards.push(write_shard(
-                out_dir,
-                index.shards.len(),
-                shape,
-                latents,
-                captions,
-            )?);
-            latents.clear();
-            captions.clear();
-        }
-        Ok(())
-    };
-    let flush = |index: &mut LatentIndex,
-                 latents: &mut Vec<f32>,
-                 captions: &mut Vec<String>,
-                 pending: &mut Vec<image::RgbImage>,
-                 pending_captions: &mut Vec<String>|
-     -> Result<(), DataError> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let encoded = encoder.encode_batch(pending)?;
-        if encoded.len() != pending.len() {
-            return Err(DataError::invalid(
-                out_dir,
-                format!(
-                    "{} returned {} latents for {} images",
-                    encoder.describe(),
-                    encoded.len(),
-                    pending.len()
-                ),
-            ));
-        }
-        pending.clear();
-        for (data, caption) in encoded.into_iter().zip(pending_captions.drain(..)) {
-            add(index, latents, captions, data, caption)?;
-        }
-        Ok(())
-    };
-    for rec in source.iter_epoch(0, 0)? {
-        match rec? {
-            None => {}
-            Some(Sample::Text(_)) => index.text_skipped += 1,
-            Some(Sample::Pair { image, caption }) => match image {
-                ImageData::Pixels(img) => {
-                    pending.push(img);
-                    pending_captions.push(caption);
-                    if pending.len() == batch {
-                        flush(
-                            &mut index,
-                            &mut latents,
-                            &mut captions,
-                            &mut pending,
-                            &mut pending_captions,
-                        )?;
-                    }
-                }
-                ImageData::Latent { data, shape: s } if s == shape => {
-                    // Keep the source's order: encode what waits first.
-                    flush(
-                        &mut index,
-                        &mut latents,
-                        &mut captions,
-                        &mut pending,
-                        &mut pending_captions,
-                    )?;
-                    add(&mut index, &mut latents, &mut captions, data, caption)?;
-                }
-                ImageData::Latent { shape: s, .. } => {
-                    return Err(DataError::invalid(
-                        out_dir,
-                        format!("source latent shape {s:?} differs from the encoder's {shape:?}"),
-                    ));
-                }
-            },
-        }
-        progress(index.count + pending.len(), total);
-    }
-    flush(
-        &mut index,
-        &mut latents,
-        &mut captions,
-        &mut pending,
-        &mut pending_captions,
-    )?;
-    if !captions.is_empty() {
-        index.shards.push(write_shard(
-            out_dir,
-            index.shards.len(),
-            shape,
-            &latents,
-            &captions,
-        )?);
-    }
-    let path = out_dir.join(INDEX_FILE);
-    let json = serde_json::to_string_pretty(&index).expect("index serializes");
-    std::fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
-    Ok(index)
 }
 
 #[derive(Debug)]
@@ -355,7 +187,7 @@ impl LatentCacheSource {
     }
 }
 
-impl SampleSource for LatentCacheSource {
+impl IndexedSource for LatentCacheSource {
     fn describe(&self) -> String {
         let i = &self.inner.index;
         format!(
@@ -368,12 +200,8 @@ impl SampleSource for LatentCacheSource {
         )
     }
 
-    fn num_records(&self) -> Option<usize> {
-        Some(self.inner.index.count)
-    }
-
-    fn is_indexed(&self) -> bool {
-        true
+    fn record_count(&self) -> usize {
+        self.inner.index.count
     }
 
     fn get(&self, _epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
@@ -403,13 +231,5 @@ impl SampleSource for LatentCacheSource {
             image: ImageData::Latent { data, shape },
             caption: inner.captions[index].clone(),
         }))
-    }
-
-    fn iter_epoch(&self, epoch: u64, start: usize) -> Result<RecordIter, DataError> {
-        Ok(indexed_iter(self, epoch, start))
-    }
-
-    fn skips(&self) -> SkipReport {
-        SkipReport::default()
     }
 }

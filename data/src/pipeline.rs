@@ -92,7 +92,13 @@ pub struct DataPipeline {
     skip_pieces: usize,
     batches: u64,
     stats: PackStats,
+    dropped_in_a_row: usize,
 }
+
+/// Consecutive documents dropped by packing (each an image document longer than a row)
+/// after which the pipeline gives up: a source whose every document is dropped records no
+/// tokens, so a token-balanced mixture would otherwise draw from it forever.
+const MAX_DROPPED_IN_A_ROW: usize = 1000;
 
 impl DataPipeline {
     /// Assembles a pipeline. Errors when an image (n patches + BOS BOI EOI EOS) cannot fit
@@ -130,6 +136,7 @@ impl DataPipeline {
             skip_pieces: 0,
             batches: 0,
             stats: PackStats::default(),
+            dropped_in_a_row: 0,
         })
     }
 
@@ -163,8 +170,26 @@ impl DataPipeline {
         let mut rng =
             Rng64::from_parts(&[self.config.seed, drawn.source as u64, p.epoch, p.offset]);
         let seq = self.builder.build(drawn.sample, &mut rng)?;
-        self.mixture.record_tokens(drawn.source, seq.len() as u64);
         let pieces = self.config.pack.prepare(seq, &mut self.stats);
+        // The balance counts what is trained: the tokens packing keeps (the first seq_len
+        // of a truncated document, none of a dropped one), not the document's length.
+        let kept: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        self.mixture.record_tokens(drawn.source, kept);
+        self.dropped_in_a_row = if kept == 0 {
+            self.dropped_in_a_row + 1
+        } else {
+            0
+        };
+        if self.dropped_in_a_row >= MAX_DROPPED_IN_A_ROW {
+            return Err(DataError::Spec {
+                spec: self.mixture.source(drawn.source).describe(),
+                message: format!(
+                    "{MAX_DROPPED_IN_A_ROW} documents in a row were dropped as longer than a \
+                     row of seq_len {}: raise seq_len or use smaller images",
+                    self.config.pack.seq_len
+                ),
+            });
+        }
         let placed = std::mem::take(&mut self.skip_pieces).min(pieces.len());
         Ok(Carry {
             before,

@@ -248,6 +248,17 @@ pub trait TokenSource: Send + Sync {
     fn decode_text(&self, ids: &[u32]) -> String;
     /// The special token ids.
     fn special_tokens(&self) -> SpecialTokens;
+
+    /// Ids of `text` with every special id removed: a document, caption or prompt that
+    /// happens to contain the string `<|boi|>` (tokenizers recognise special token strings
+    /// in text) must not forge an image span or an end of sequence. Training data and
+    /// inference prompts both go through here.
+    fn encode_clean(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let special = self.special_tokens();
+        let mut ids = self.encode_text(text)?;
+        ids.retain(|&id| !special.contains(id));
+        Ok(ids)
+    }
 }
 
 impl TokenSource for TextTokenizer {
@@ -295,22 +306,14 @@ impl SequenceBuilder {
             .expect("SequenceBuilder::new checked the patch size")
     }
 
-    /// Token ids of `text` with every special id removed: a document that happens to
-    /// contain the string `<|boi|>` (tokenizers recognise special token strings in text)
-    /// must not forge an image span or an end of sequence.
-    pub fn encode_clean(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        let s = self.tokenizer.special_tokens();
-        let specials = [s.bos, s.eos, s.pad, s.boi, s.eoi];
-        let mut ids = self.tokenizer.encode_text(text)?;
-        ids.retain(|id| !specials.contains(id));
-        Ok(ids)
-    }
-
     /// One sequence from one sample; `rng` decides the pair layout and timestep.
     pub fn build(&self, sample: Sample, rng: &mut Rng64) -> Result<MixedSequence, DataError> {
         let special = self.tokenizer.special_tokens();
         match sample {
-            Sample::Text(text) => Ok(text_sequence(&self.encode_clean(&text)?, &special)),
+            Sample::Text(text) => Ok(text_sequence(
+                &self.tokenizer.encode_clean(&text)?,
+                &special,
+            )),
             Sample::Pair { image, caption } => {
                 let want = self.encoder.latent_shape();
                 let latent = match image {
@@ -329,7 +332,7 @@ impl SequenceBuilder {
                     }
                 };
                 let choice = sample_pair_choice(rng, &self.config);
-                let ids = self.encode_clean(&caption)?;
+                let ids = self.tokenizer.encode_clean(&caption)?;
                 pair_sequence(
                     &ids,
                     latent,

@@ -58,6 +58,11 @@ impl SpecialTokens {
             (EOI, self.eoi),
         ]
     }
+
+    /// Whether `id` is one of the special tokens.
+    pub fn contains(&self, id: u32) -> bool {
+        self.pairs().iter().any(|&(_, s)| s == id)
+    }
 }
 
 /// A HuggingFace tokenizer together with the ids of Transfusion's special tokens.
@@ -187,7 +192,7 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.try_decode(ids).unwrap_or_else(|_| {
             ids.iter()
-                .filter(|id| !self.special.pairs().iter().any(|(_, s)| s == *id))
+                .filter(|&&id| !self.special.contains(id))
                 .filter_map(|&id| self.inner.id_to_token(id))
                 .collect()
         })
@@ -222,6 +227,66 @@ impl TextTokenizer {
                  with the checkpoint",
                 problems.join("; ")
             )))
+        }
+    }
+
+    /// A fingerprint of what the ids mean: FNV-1a (64 bit, hex) over the vocabulary as
+    /// `(id, token)` pairs in id order, the BPE merges and the added tokens. Two tokenizers
+    /// with the same size and special ids but other contents (another BPE trained to the
+    /// same size) differ here; a file re-saved by another version does not.
+    pub fn fingerprint(&self) -> String {
+        let text = self.inner.to_string(false).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let mut vocab: Vec<(u64, &str)> = json["model"]["vocab"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(t, id)| (id.as_u64().unwrap_or(u64::MAX), t.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        vocab.sort();
+        let mut h = Fnv64::default();
+        for (id, token) in vocab {
+            h.write(&id.to_le_bytes());
+            h.write(token.as_bytes());
+        }
+        h.write(json["model"]["merges"].to_string().as_bytes());
+        for added in json["added_tokens"].as_array().into_iter().flatten() {
+            h.write(&added["id"].as_u64().unwrap_or(u64::MAX).to_le_bytes());
+            h.write(added["content"].as_str().unwrap_or_default().as_bytes());
+        }
+        format!("{:016x}", h.0)
+    }
+
+    /// Checks the [`TextTokenizer::fingerprint`] recorded with a checkpoint.
+    pub fn check_fingerprint(&self, expected: &str) -> Result<(), DataError> {
+        let got = self.fingerprint();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(DataError::Tokenizer(format!(
+                "tokenizer does not match the checkpoint (its vocabulary or merges differ: \
+                 fingerprint {got}, the checkpoint's {expected}); use the tokenizer.json saved \
+                 with the checkpoint"
+            )))
+        }
+    }
+}
+
+/// FNV-1a, 64 bit: a stable, dependency-free hash for fingerprints.
+struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
 }

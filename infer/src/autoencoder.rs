@@ -188,6 +188,16 @@ impl<B: Backend> Autoencoder<B> {
         }
     }
 
+    /// The bound the sampler clips the predicted `x_0` to: `Some(1.0)` in pixel space, where
+    /// images live in `[-1, 1]`; `None` for a VAE, whose scaled latents have unit variance
+    /// and routinely exceed 1, so clipping them would distort every image.
+    pub fn x0_bound(&self) -> Option<f64> {
+        match self {
+            Autoencoder::Pixel => Some(1.0),
+            Autoencoder::Vae(_) => None,
+        }
+    }
+
     /// Latents of images: center-cropped and resized to `size` pixels, then encoded.
     ///
     /// # Shapes

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use burn::prelude::*;
-use burn_store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::DType;
+use burn_store::{ModuleAdapter, ModuleSnapshot, SafetensorsStore, TensorSnapshot};
 use serde::{Deserialize, Serialize};
 use transfusion_data::tokenizer::{SpecialTokens, TextTokenizer};
 use transfusion_model::{Transfusion, TransfusionConfig};
@@ -40,8 +41,15 @@ pub enum AutoencoderRef {
     },
 }
 
+/// The version of `model.json` this build writes (key `format`). Version 1 files name
+/// every key of the model config and nothing else. Files without the key are version 0
+/// (written before it existed): a model-config key they lack takes the default documented
+/// on [`TransfusionConfig`], which is what those files meant when they were written.
+pub const META_FORMAT: u64 = 1;
+
 /// Everything inference needs besides the weights and the tokenizer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelMeta {
     /// The network's configuration.
     pub model: TransfusionConfig,
@@ -65,7 +73,10 @@ pub fn save_model<B: Backend>(
 ) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     save_weights(model, &dir.join(WEIGHTS_FILE))?;
-    let json = serde_json::to_string_pretty(meta)?;
+    let mut value = serde_json::to_value(meta)?;
+    value["format"] = META_FORMAT.into();
+    value["tokenizer_fingerprint"] = tokenizer.fingerprint().into();
+    let json = serde_json::to_string_pretty(&value)?;
     fs::write(dir.join(META_FILE), json)
         .with_context(|| format!("cannot write {}", dir.join(META_FILE).display()))?;
     tokenizer
@@ -76,6 +87,11 @@ pub fn save_model<B: Backend>(
 
 /// Reads `model.json` of a checkpoint.
 pub fn load_meta(dir: &Path) -> anyhow::Result<ModelMeta> {
+    Ok(load_meta_file(dir)?.meta)
+}
+
+/// Reads `model.json` of a checkpoint with the tokenizer fingerprint it records.
+pub fn load_meta_file(dir: &Path) -> anyhow::Result<MetaFile> {
     let path = dir.join(META_FILE);
     if !dir.is_dir() {
         bail!(
@@ -85,12 +101,76 @@ pub fn load_meta(dir: &Path) -> anyhow::Result<ModelMeta> {
     }
     let text = fs::read_to_string(&path)
         .with_context(|| format!("checkpoint {}: cannot read {META_FILE}", dir.display()))?;
-    let meta: ModelMeta = serde_json::from_str(&text)
+    let file = parse_meta(&text)
         .with_context(|| format!("{}: not a valid model description", path.display()))?;
-    meta.model
+    file.meta
+        .model
         .validate()
         .with_context(|| format!("{}: invalid model config", path.display()))?;
-    Ok(meta)
+    Ok(file)
+}
+
+/// Parses the text of a `model.json` of any known [`META_FORMAT`]: unknown keys are
+/// refused at every level (a misspelt key would otherwise be ignored and its default
+/// silently used), and from version 1 on every model-config key must be present.
+pub fn parse_meta(text: &str) -> anyhow::Result<MetaFile> {
+    let mut value: serde_json::Value = serde_json::from_str(text)?;
+    let tokenizer_fingerprint = match value
+        .as_object_mut()
+        .and_then(|o| o.remove("tokenizer_fingerprint"))
+    {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
+                .with_context(|| format!("`tokenizer_fingerprint` must be a string, got {v}"))?
+                .to_string(),
+        ),
+    };
+    let format = match value.as_object_mut().and_then(|o| o.remove("format")) {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .with_context(|| format!("`format` must be a version number, got {v}"))?,
+    };
+    if format > META_FORMAT {
+        bail!(
+            "format {format} was written by a newer version (this one reads up to \
+             {META_FORMAT}): update transfusion"
+        );
+    }
+    let written: Vec<String> = value
+        .get("model")
+        .and_then(|m| m.as_object())
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let meta: ModelMeta = serde_json::from_value(value)?;
+    let known = serde_json::to_value(&meta.model)?;
+    let known = known.as_object().expect("a config serialises to an object");
+    let unknown: Vec<&String> = written.iter().filter(|k| !known.contains_key(*k)).collect();
+    if !unknown.is_empty() {
+        bail!("unknown key(s) in `model`: {unknown:?}");
+    }
+    let missing: Vec<&String> = known.keys().filter(|k| !written.contains(k)).collect();
+    if format >= 1 && !missing.is_empty() {
+        bail!("`model` lacks key(s) {missing:?} (format {format} names every key)");
+    }
+    if format >= 1 && tokenizer_fingerprint.is_none() {
+        bail!("lacks `tokenizer_fingerprint` (format {format} records it)");
+    }
+    Ok(MetaFile {
+        meta,
+        tokenizer_fingerprint,
+    })
+}
+
+/// A parsed `model.json`: the metadata and what the file records beside it.
+#[derive(Clone, Debug)]
+pub struct MetaFile {
+    /// The metadata.
+    pub meta: ModelMeta,
+    /// [`TextTokenizer::fingerprint`] of the tokenizer saved with the weights (absent in
+    /// format 0 files).
+    pub tokenizer_fingerprint: Option<String>,
 }
 
 /// Loads a checkpoint's model, metadata and tokenizer onto `device`, checking that the
@@ -99,11 +179,18 @@ pub fn load_model<B: Backend>(
     dir: &Path,
     device: &B::Device,
 ) -> anyhow::Result<(Transfusion<B>, ModelMeta, TextTokenizer)> {
-    let meta = load_meta(dir)?;
+    let MetaFile {
+        meta,
+        tokenizer_fingerprint,
+    } = load_meta_file(dir)?;
     let tok_path = dir.join(TOKENIZER_FILE);
     let tokenizer = TextTokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     tokenizer
         .check_matches(&meta.special_tokens, meta.model.vocab_size)
+        .and_then(|()| match &tokenizer_fingerprint {
+            Some(f) => tokenizer.check_fingerprint(f),
+            None => Ok(()),
+        })
         .map_err(|e| {
             anyhow::anyhow!(
                 "{}: tokenizer does not match the model: {e}",
@@ -127,15 +214,43 @@ pub fn save_weights<B: Backend, M: Module<B>>(model: &M, weights: &Path) -> anyh
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", weights.display()))
 }
 
-/// Loads the safetensors file `weights` (written by burn-store) into `model`; a tensor
-/// that is missing or does not fit is an error naming the file and `config` (what the
-/// model was built from).
+/// Reads every floating-point tensor as f32, whatever type the file stores it in (f16,
+/// bf16 or f64, as other tools write them): the model's parameters are f32 (mixed
+/// precision casts per operation, see [`transfusion_model::Precision`]), and a parameter
+/// loaded in another type would make the first matmul panic.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FloatsAsF32;
+
+impl ModuleAdapter for FloatsAsF32 {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        if !matches!(snapshot.dtype, DType::F16 | DType::BF16 | DType::F64) {
+            return snapshot.clone();
+        }
+        let read = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            std::rc::Rc::new(move || Ok(read()?.convert_dtype(DType::F32))),
+            DType::F32,
+            snapshot.shape.clone(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
+}
+
+/// Loads the safetensors file `weights` (written by burn-store, or any tool: floats of any
+/// width are read as f32) into `model`; a tensor that is missing or does not fit is an
+/// error naming the file and `config` (what the model was built from).
 pub fn load_weights<B: Backend, M: Module<B>>(
     mut model: M,
     weights: &Path,
     config: &str,
 ) -> anyhow::Result<M> {
-    let mut store = SafetensorsStore::from_file(weights);
+    let mut store = SafetensorsStore::from_file(weights).with_from_adapter(FloatsAsF32);
     let result = model
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;

@@ -110,6 +110,7 @@ impl<B: Backend> Pipeline<B> {
         opts: &TextOptions,
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
+        opts.validate()?;
         let ids = self.encode_prompt(prompt)?;
         let (mut rows, hidden) = Rows::start(
             &self.model,
@@ -140,6 +141,7 @@ impl<B: Backend> Pipeline<B> {
 
     /// The token ids of [`Pipeline::caption`].
     pub fn caption_tokens(&self, images: &[RgbImage], opts: &TextOptions) -> Result<Vec<Vec<u32>>> {
+        opts.validate()?;
         if images.is_empty() {
             return Ok(vec![]);
         }

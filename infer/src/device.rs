@@ -79,18 +79,30 @@ pub fn compiled_backends() -> Vec<&'static str> {
     v
 }
 
+/// The wgpu adapters of this machine (hardware and software, e.g. Mesa's lavapipe).
+#[cfg(feature = "wgpu")]
+fn wgpu_adapters() -> Vec<wgpu::AdapterInfo> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .map(|a| a.get_info())
+        .collect()
+}
+
 /// Whether a hardware (non-software) wgpu adapter exists.
 #[cfg(feature = "wgpu")]
 pub fn wgpu_hardware_adapter() -> Option<String> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-    let adapters =
-        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-    adapters
+    wgpu_adapters()
         .into_iter()
-        .map(|a| a.get_info())
         .find(|info| info.device_type != wgpu::DeviceType::Cpu)
         .map(|info| format!("{} ({:?})", info.name, info.backend))
 }
+
+/// The error for `--device wgpu` on a machine where wgpu finds no adapter at all: decided
+/// before any work starts (creating a wgpu device there aborts the process).
+pub const NO_WGPU_ADAPTER: &str = "no wgpu adapter: install a Vulkan/Metal/DX12 driver, or \
+     Mesa's software Vulkan (lavapipe): apt-get install mesa-vulkan-drivers; or use \
+     --device cpu";
 
 #[cfg(feature = "cuda")]
 fn cuda_usable(index: usize) -> bool {
@@ -137,9 +149,13 @@ pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> anyhow::Result
             {
                 use burn::backend::wgpu::{Wgpu, WgpuDevice};
                 use burn::backend::Autodiff;
+                let adapters = wgpu_adapters();
+                if adapters.is_empty() {
+                    anyhow::bail!(NO_WGPU_ADAPTER);
+                }
                 let label = match wgpu_hardware_adapter() {
                     Some(name) => format!("wgpu: {name}"),
-                    None => "wgpu (software adapter)".to_string(),
+                    None => format!("wgpu (software adapter: {})", adapters[0].name),
                 };
                 eprintln!("device: {label}");
                 return Ok(task.run::<Autodiff<Wgpu>>(WgpuDevice::default(), &label));

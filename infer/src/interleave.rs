@@ -84,6 +84,8 @@ impl<B: Backend> Pipeline<B> {
 
     /// [`Pipeline::generate`] returning token ids and latents.
     pub fn generate_document(&self, prompt: &str, opts: &GenerateOptions) -> Result<Document<B>> {
+        opts.text.validate()?;
+        self.check_image_options(&opts.image)?;
         let special = self.meta.special_tokens;
         let ids = self.encode_prompt(prompt)?;
         let (mut rows, mut hidden) = Rows::start(

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use transfusion_data::image::{image_grid, load_image, save_png};
+use transfusion_data::image::{center_crop_resize, image_grid, load_image, save_png};
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::bench::{run_bench, BenchOptions};
 use transfusion_infer::checkpoint::{AutoencoderRef, ModelMeta};
@@ -261,6 +261,13 @@ impl BackendTask for Task {
                 writeln!(out)?;
             }
             Command::Image(c) => {
+                let png = c.out.extension().and_then(|e| e.to_str());
+                if !png.is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+                    bail!(
+                        "--out {}: images are written as PNG; give a FILE.png",
+                        c.out.display()
+                    );
+                }
                 let pipe = load(&c.checkpoint)?;
                 if let Some(size) = c.size {
                     pipe.check_size(size)?;
@@ -288,12 +295,19 @@ impl BackendTask for Task {
                 }
             }
             Command::Caption(c) => {
+                let pipe = load(&c.checkpoint)?;
+                // One image decoded at a time and shrunk to the model's size at once, so
+                // many large inputs never sit in memory together at full resolution.
+                let size = pipe.meta.image_size;
                 let images = c
                     .image
                     .iter()
-                    .map(|p| load_image(p).map_err(|e| anyhow::anyhow!("{e}")))
+                    .map(|p| {
+                        load_image(p)
+                            .map(|img| center_crop_resize(&img, size))
+                            .map_err(|e| anyhow::anyhow!("{e}"))
+                    })
                     .collect::<Result<Vec<_>>>()?;
-                let pipe = load(&c.checkpoint)?;
                 let opts = text_opts(c.max_tokens, &c.sampling);
                 for (path, caption) in c.image.iter().zip(pipe.caption(&images, &opts)?) {
                     println!("{}\t{}", path.display(), one_line(&caption));

@@ -24,6 +24,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Result};
 use burn::prelude::*;
 use image::RgbImage;
+use transfusion_data::sequence::TokenSource;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_model::{Precision, Transfusion};
 
@@ -72,6 +73,10 @@ pub struct ImageOptions {
     /// Seed of the noise (image `k` uses the stream `(seed, k)`).
     pub seed: u64,
 }
+
+/// The most memory one image batch may be estimated to need (see
+/// [`Pipeline::check_image_options`]); beyond it generation could only abort on allocation.
+pub const MAX_GENERATION_GIB: f64 = 64.0;
 
 impl Default for ImageOptions {
     fn default() -> Self {
@@ -232,15 +237,54 @@ impl<B: Backend> Pipeline<B> {
         self.record.then_some(&self.trace)
     }
 
-    /// `BOS` + the prompt's tokens.
+    /// `BOS` + the prompt's tokens, special ids removed as training removes them from
+    /// captions (a prompt containing `<|boi|>` must not open an image).
     pub(crate) fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
         let mut ids = vec![self.meta.special_tokens.bos];
         ids.extend(
             self.tokenizer
-                .try_encode(prompt)
+                .encode_clean(prompt)
                 .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?,
         );
         Ok(ids)
+    }
+
+    /// Refuses image options that would fail late or silently: no image, no step, more
+    /// steps than the training schedule has, a guidance scale that is negative or not
+    /// finite, or a batch whose estimated memory exceeds [`MAX_GENERATION_GIB`].
+    pub fn check_image_options(&self, opts: &ImageOptions) -> Result<()> {
+        let m = &self.meta.model;
+        if opts.num == 0 {
+            bail!("the number of images must be at least 1");
+        }
+        if opts.steps == 0 || opts.steps > m.timesteps {
+            bail!(
+                "steps must be in 1..={} (the model's training timesteps), got {}",
+                m.timesteps,
+                opts.steps
+            );
+        }
+        if !(opts.cfg.is_finite() && opts.cfg >= 0.0) {
+            bail!(
+                "the guidance scale must be a finite number >= 0 (0 or 1: none), got {}",
+                opts.cfg
+            );
+        }
+        // The rows' KV caches and one step's activations, for a prompt of up to 256 tokens.
+        let rows = (opts.num * Guidance::new(opts.cfg).branches()) as f64;
+        let n = self.patches_per_image() as f64;
+        let positions = 256.0 + n + 2.0;
+        let kv = (m.n_layers * 2 * m.n_kv_heads * m.head_dim()) as f64 * positions;
+        let step = n * (m.d_hidden + 4 * m.d_model) as f64 + (m.n_heads as f64) * n * positions;
+        let gib = rows * (kv + step) * 4.0 / (1u64 << 30) as f64;
+        if gib > MAX_GENERATION_GIB {
+            bail!(
+                "{} images need about {gib:.0} GiB (more than {MAX_GENERATION_GIB} GiB): \
+                 generate fewer per call (image k of a seed does not depend on the batch)",
+                opts.num
+            );
+        }
+        Ok(())
     }
 
     /// Generates `opts.num` images for `prompt` in one batch.
@@ -257,9 +301,7 @@ impl<B: Backend> Pipeline<B> {
         opts: &ImageOptions,
         on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor<B, 4>> {
-        if opts.num == 0 {
-            bail!("the number of images must be at least 1");
-        }
+        self.check_image_options(opts)?;
         let special = self.meta.special_tokens;
         let mut cond = self.encode_prompt(prompt)?;
         cond.push(special.boi);
@@ -292,7 +334,12 @@ impl<B: Backend> Pipeline<B> {
     ) -> Tensor<B, 4> {
         let guidance = Guidance::new(opts.cfg);
         assert_eq!(rows.len(), n * guidance.branches(), "rows per image");
-        let sampler = Sampler::new(opts.sampler, &self.model.schedule(), opts.steps);
+        let sampler = Sampler::new(
+            opts.sampler,
+            &self.model.schedule(),
+            opts.steps,
+            self.autoencoder.x0_bound(),
+        );
         let mut noise = NoiseSource::new(seed, n);
         let c = self.meta.model.latent_channels;
         let h = self.meta.model.latent_size;

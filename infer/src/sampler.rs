@@ -2,7 +2,8 @@
 //! steps respaced over the `T = 1000` training steps (the paper: 250), and deterministic
 //! DDIM (eta = 0) with any number of steps.
 //!
-//! The predicted `x_0` is clipped to `[-1, 1]` (pixel space). All randomness (the initial
+//! The predicted `x_0` is clipped to the autoencoder's bound (`[-1, 1]` in pixel space, none
+//! in a VAE's latent space). All randomness (the initial
 //! noise and DDPM's per-step noise) is drawn on the host from a seeded SplitMix64 stream
 //! per image ([`NoiseSource`]), so a seed reproduces the same images on a given backend, and
 //! image `k` of a batch does not depend on the batch size.
@@ -45,9 +46,6 @@ impl fmt::Display for SamplerKind {
     }
 }
 
-/// Bound of the predicted `x_0` in pixel space.
-pub const X0_CLIP: f64 = 1.0;
-
 /// A sampler bound to a respaced schedule.
 #[derive(Clone, Debug)]
 pub struct Sampler {
@@ -55,14 +53,24 @@ pub struct Sampler {
     pub kind: SamplerKind,
     /// The respaced schedule (`timestep_map[i]` is the model timestep of step `i`).
     pub schedule: NoiseSchedule,
+    /// Predicted `x_0` is clipped to `[-bound, bound]`; `None` leaves it alone
+    /// (see [`crate::autoencoder::Autoencoder::x0_bound`]).
+    pub x0_clip: Option<f64>,
 }
 
 impl Sampler {
-    /// `steps` steps over the model's training schedule `base`.
-    pub fn new(kind: SamplerKind, base: &NoiseSchedule, steps: usize) -> Self {
+    /// `steps` steps over the model's training schedule `base`, clipping the predicted
+    /// `x_0` to `[-bound, bound]` when `x0_clip` is `Some(bound)`.
+    pub fn new(
+        kind: SamplerKind,
+        base: &NoiseSchedule,
+        steps: usize,
+        x0_clip: Option<f64>,
+    ) -> Self {
         Self {
             kind,
             schedule: base.respaced(steps.max(1)),
+            x0_clip,
         }
     }
 
@@ -99,9 +107,9 @@ impl Sampler {
                 } else {
                     Tensor::zeros(x_t.dims(), &device)
                 };
-                self.schedule.ddpm_step(x_t, eps, i, z, Some(X0_CLIP))
+                self.schedule.ddpm_step(x_t, eps, i, z, self.x0_clip)
             }
-            SamplerKind::Ddim => self.schedule.ddim_step(x_t, eps, i, Some(X0_CLIP)),
+            SamplerKind::Ddim => self.schedule.ddim_step(x_t, eps, i, self.x0_clip),
         }
     }
 }

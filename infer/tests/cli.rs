@@ -235,6 +235,46 @@ fn bad_inputs_fail_with_messages_naming_the_problem() {
     ]);
     assert!(err.contains("--size 32") && err.contains("8x8"), "{err}");
 
+    // Values that used to be accepted silently (a grey image, a JPEG name on PNG bytes).
+    let png = out.path().join("y.png");
+    let image = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "image",
+            "--checkpoint",
+            ck,
+            "--prompt",
+            "x",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    for (extra, expect) in [
+        (&["--steps", "0"][..], "steps must be in 1..=1000"),
+        (&["--steps", "5000"][..], "steps must be in 1..=1000"),
+        (&["--cfg=-1"][..], "guidance scale"),
+        (&["--cfg", "NaN"][..], "guidance scale"),
+        (&["--cfg", "inf"][..], "guidance scale"),
+        (&["--num", "10000000", "--steps", "2"][..], "GiB"),
+    ] {
+        let err = image(extra, &png);
+        assert!(err.contains(expect), "{extra:?}: {err}");
+    }
+    assert!(!png.exists());
+    let err = image(&["--steps", "2"], &out.path().join("y.jpg"));
+    assert!(err.contains("PNG"), "{err}");
+    let err = fails(&[
+        "text",
+        "--checkpoint",
+        ck,
+        "--prompt",
+        "x",
+        "--temperature",
+        "NaN",
+    ]);
+    assert!(err.contains("temperature"), "{err}");
+
     let junk = out.path().join("junk.png");
     std::fs::write(&junk, b"not an image").unwrap();
     let err = fails(&["caption", "--checkpoint", ck, "--image", s(&junk)]);

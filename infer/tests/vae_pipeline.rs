@@ -88,6 +88,19 @@ fn vae_pipeline_round_trips_images_through_latents() {
     assert_eq!(x.dims(), [2, 4, 8, 8]);
     assert!(pipe.to_images(x).iter().all(|i| i.dimensions() == (16, 16)));
 
+    // Latents are not clipped to [-1, 1]: one DDIM step returns the predicted x_0 itself,
+    // which for unit-variance noise exceeds 1 somewhere among 512 values.
+    let opts = ImageOptions {
+        num: 2,
+        steps: 1,
+        sampler: SamplerKind::Ddim,
+        cfg: 1.0,
+        seed: 3,
+    };
+    let x0 = pipe.image_tensor("a red circle", &opts, |_, _| {}).unwrap();
+    let peak: f32 = x0.abs().max().into_scalar();
+    assert!(peak > 1.5, "latent x_0 was clipped: max |x_0| = {peak}");
+
     // A VAE whose latents do not fit the model is refused.
     let wrong = VaeConfig::new(8, vec![1, 2, 2], 1, 4).with_norm_groups(4);
     let err = Pipeline::from_parts_with_autoencoder(

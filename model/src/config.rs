@@ -89,6 +89,10 @@ pub struct TransfusionConfig {
     pub patch_position_embedding: Option<bool>,
 }
 
+/// The largest model [`TransfusionConfig::validate`] accepts, in GiB of f32 weights (a
+/// 256B-parameter model): larger ones cannot be trained or run on any one device.
+pub const MAX_WEIGHTS_GIB: f64 = 1024.0;
+
 /// The SwiGLU hidden width Llama uses for width `d`: `8d/3` rounded up to a multiple of 64.
 pub fn llama_hidden(d_model: usize) -> usize {
     (8 * d_model / 3).div_ceil(64) * 64
@@ -212,6 +216,32 @@ impl TransfusionConfig {
                 return err(key, "must be positive".into());
             }
         }
+        // Beyond these no model fits any device (and the size arithmetic would overflow).
+        for (key, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("d_model", self.d_model, 1 << 16),
+            ("n_layers", self.n_layers, 1 << 12),
+            ("d_hidden", self.d_hidden, 1 << 18),
+            ("latent_channels", self.latent_channels, 1 << 12),
+            ("latent_size", self.latent_size, 1 << 12),
+            ("timesteps", self.timesteps, 1 << 20),
+        ] {
+            if v > max {
+                return err(key, format!("({v}) is beyond the largest supported, {max}"));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return err(
+                "norm_eps",
+                format!("must be a positive number, got {}", self.norm_eps),
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return err(
+                "rope_theta",
+                format!("must be a number above 1, got {}", self.rope_theta),
+            );
+        }
         if self.d_model % self.n_heads != 0 {
             return err(
                 "n_heads",
@@ -258,6 +288,23 @@ impl TransfusionConfig {
             return err(
                 "patch_position_embedding",
                 format!("needs d_model divisible by 4 (got {})", self.d_model),
+            );
+        }
+        let params = self.param_count();
+        let gib = (params.total() * 4) as f64 / (1u64 << 30) as f64;
+        if gib > MAX_WEIGHTS_GIB {
+            let key = if params.embedding + params.lm_head > params.decoder {
+                "vocab_size"
+            } else {
+                "n_layers"
+            };
+            return err(
+                key,
+                format!(
+                    "gives {} parameters, {gib:.0} GiB of f32 weights (more than {MAX_WEIGHTS_GIB} \
+                     GiB, beyond any one device)",
+                    params.total()
+                ),
             );
         }
         if let ImageIoConfig::Unet(u) = &self.image_io {

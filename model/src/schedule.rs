@@ -93,8 +93,9 @@ impl NoiseSchedule {
         self.betas.is_empty()
     }
 
-    /// `steps` evenly spaced timesteps of this schedule (`round(i (T-1)/(S-1))`), always
-    /// including the first and the last.
+    /// `steps` evenly spaced timesteps of this schedule (`round(i (T-1)/(S-1))`, halves
+    /// rounded to even as numpy's `linspace(...).round()` and so diffusers' "linspace"
+    /// spacing do), always including the first and the last.
     pub fn spaced_timesteps(&self, steps: usize) -> Vec<usize> {
         let t = self.len();
         let steps = steps.clamp(1, t);
@@ -103,7 +104,7 @@ impl NoiseSchedule {
         }
         let stride = (t - 1) as f64 / (steps - 1) as f64;
         let mut keep: Vec<usize> = (0..steps)
-            .map(|i| (i as f64 * stride).round() as usize)
+            .map(|i| (i as f64 * stride).round_ties_even() as usize)
             .collect();
         keep.dedup();
         keep

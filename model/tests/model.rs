@@ -88,6 +88,27 @@ fn invalid_configs_name_the_key() {
     .validate()
     .unwrap_err();
     assert_eq!(e.key, "image_io.channels");
+    // Values that would panic (RMSNorm of eps <= 0) or abort on allocation are refused.
+    for eps in [0.0, -1e-5, f64::NAN] {
+        assert_eq!(
+            tweak(|c| c.norm_eps = eps).validate().unwrap_err().key,
+            "norm_eps"
+        );
+    }
+    let e = tweak(|c| c.n_layers = 1_000_000).validate().unwrap_err();
+    assert_eq!(e.key, "n_layers");
+    // Within every per-key bound, but 4096 layers of width 16384 is 12T parameters.
+    let e = tweak(|c| {
+        c.n_layers = 4096;
+        c.d_model = 16384;
+        c.n_heads = 128;
+        c.n_kv_heads = 128;
+        c.d_hidden = 65536;
+    })
+    .validate()
+    .unwrap_err();
+    assert_eq!(e.key, "n_layers");
+    assert!(e.message.contains("GiB"), "{}", e.message);
 }
 
 fn overfit(cfg: TransfusionConfig, steps: usize) -> ((f32, f32), (f32, f32)) {
@@ -284,11 +305,17 @@ fn cache_matches_full_forward(cfg: TransfusionConfig) {
     }
     assert_eq!(cache.len(), s);
     let cached = Tensor::cat(pieces, 1);
-    let diff = max_abs_diff(full.clone(), cached);
+    let diff = max_abs_diff(full.clone(), cached.clone());
     assert!(diff < 1e-4, "cached vs full: {diff}");
     // The image-conditioned noise prediction is the same either way.
     let eps_full = model.image_head(full.narrow(1, prefix.len(), n), &ctx);
+    let eps_cached = model.image_head(cached.narrow(1, prefix.len(), n), &ctx);
     assert_eq!(eps_full.dims(), [1, c, h, h]);
+    let eps_diff = max_abs_diff(eps_full, eps_cached);
+    assert!(
+        eps_diff < 1e-4,
+        "noise prediction cached vs full: {eps_diff}"
+    );
 
     // Truncating the cache rolls back exactly.
     cache.truncate(prefix.len());
@@ -341,6 +368,72 @@ fn rope_scores_depend_only_on_relative_position() {
     let n0: f32 = q.clone().powi_scalar(2).sum().into_scalar();
     let n1: f32 = apply_rope(q, &t).powi_scalar(2).sum().into_scalar();
     assert!((n0 - n1).abs() < 1e-4);
+}
+
+/// RoPE against HuggingFace transformers' Llama rotary embedding
+/// (scripts/rope_reference.py -> tests/fixtures/rope.json): same half-split layout, so the
+/// rotated q and k must agree element by element, with no permutation.
+///
+/// Tolerance: HF, like us, computes the inverse frequencies and angles in f32, and its
+/// `theta^(-2i/hd)` may round 1 ulp away from ours (checked below; it does for hd 16,
+/// theta 5e5). For `i >= 1` the frequency is `<= theta^(-2/hd) < 0.25`, whose ulp is
+/// `<= 2^-26 = 1.5e-8`, so an angle differs by `<= 1.5e-8 pos`, and a rotated pair of norm
+/// `<= 1.9` by `<= 2.8e-8 pos`; the f32 cos/sin and rotation add a few ulps of the O(1)
+/// inputs. Hence `|ours - hf| <= 1e-6 + 4e-8 pos` (measured: 1.2e-7 for hd 8, where the
+/// frequencies agree to the bit; 2.3e-5 at position 1000 for hd 16, bound 4.1e-5).
+#[test]
+fn rope_matches_huggingface_llama() {
+    use burn::tensor::TensorData;
+    use transfusion_model::rope::{apply_rope, inverse_frequencies, rope_tables};
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/rope.json")).unwrap();
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        let v = v.as_array().unwrap();
+        v.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let dev = Default::default();
+    for case in fixture["cases"].as_array().unwrap() {
+        let hd = case["head_dim"].as_u64().unwrap() as usize;
+        let theta = case["theta"].as_f64().unwrap();
+        let (h, h_kv) = (
+            case["heads"].as_u64().unwrap() as usize,
+            case["kv_heads"].as_u64().unwrap() as usize,
+        );
+        let positions: Vec<Vec<i64>> = serde_json::from_value(case["positions"].clone()).unwrap();
+        let (b, s) = (positions.len(), positions[0].len());
+
+        // Inverse frequencies: within 1 ulp of HF's f32 `1 / theta^(2i/hd)`.
+        for (i, (ours, hf)) in inverse_frequencies(hd, theta)
+            .iter()
+            .zip(floats(&case["inv_freq"]))
+            .enumerate()
+        {
+            let ulps = (ours.to_bits() as i64 - hf.to_bits() as i64).abs();
+            assert!(ulps <= 1, "hd {hd} inv_freq[{i}]: {ours} vs {hf}");
+        }
+
+        let pos_flat: Vec<i64> = positions.concat();
+        let pos = Tensor::<B, 2, Int>::from_data(TensorData::new(pos_flat, [b, s]), &dev);
+        let tables = rope_tables::<B>(pos, hd, theta);
+        let mut worst = 0.0f32;
+        for (name, heads) in [("q", h), ("k", h_kv)] {
+            let shape = [b, heads, s, hd];
+            let x = Tensor::<B, 4>::from_data(TensorData::new(floats(&case[name]), shape), &dev);
+            let ours = apply_rope(x, &tables).into_data().to_vec::<f32>().unwrap();
+            let want = floats(&case[format!("{name}_rot")]);
+            for (j, (o, w)) in ours.iter().zip(&want).enumerate() {
+                // [b, heads, s, hd] row-major: position of element j.
+                let p = positions[j / (heads * s * hd)][(j / hd) % s];
+                let tol = 1e-6 + 4e-8 * p as f32;
+                assert!(
+                    (o - w).abs() <= tol,
+                    "hd {hd} {name}_rot[{j}] (pos {p}): ours {o}, hf {w}, tol {tol}"
+                );
+                worst = worst.max((o - w).abs());
+            }
+        }
+        eprintln!("rope hd {hd}: largest |ours - hf| {worst:.2e}");
+    }
 }
 
 #[test]

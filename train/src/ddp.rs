@@ -5,9 +5,11 @@
 //! Replicas start from the same weights (one model built and materialised, or loaded, then
 //! copied to each device with its parameter ids kept, which is what
 //! `GradientsParams::all_reduce` needs to pair gradients up; Burn's parameters are lazy, and
-//! a copy of an unmaterialised one would draw its own random values). Every optimizer step, each replica computes the gradients of its
-//! micro-batches, then Burn's collective all-reduces them (mean) before global-norm
-//! clipping and AdamW, so replicas take identical updates and stay identical.
+//! a copy of an unmaterialised one would draw its own random values). Every optimizer
+//! step, the replicas first sum their loss unit counts (text targets, images), then each
+//! computes the gradient of its share of the step's objective (its sums divided by the
+//! global counts), and Burn's collective sums those before global-norm clipping and AdamW,
+//! so replicas take identical updates and stay identical.
 //!
 //! Data: every replica runs the same deterministic pipeline and trains on the micro-batches
 //! whose index is its rank modulo the number of replicas (the others are packed and
@@ -19,7 +21,7 @@
 //! Rank 0 logs, evaluates, writes previews and checkpoints (the other replicas wait for it
 //! in the next all-reduce). Besides the gradients, one small tensor is all-reduced per step:
 //! the replicas' losses, finiteness, token and image counts, rank 0's stop request (time
-//! budget) and which parameters got a gradient, so that every replica all-reduces the same
+//! budget) and which parameters got a gradient (plus the unit counts before the step), so that every replica all-reduces the same
 //! set of gradients (a replica whose micro-batches hold no image has no gradient for the
 //! image-only parameters; it contributes zeros, as a micro-batch without images does in
 //! gradient accumulation).
@@ -267,7 +269,7 @@ impl<B: AutodiffBackend> Drop for CollectiveSync<B> {
     }
 }
 
-const HEAD: usize = 7; // stop, non-finite, total, lm, diffusion, tokens, images
+const HEAD: usize = 6; // stop, non-finite, part 0 sum, part 1 sum, tokens, images
 
 impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
     fn rank(&self) -> usize {
@@ -275,6 +277,13 @@ impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
     }
     fn world(&self) -> usize {
         self.world
+    }
+    fn sum_units(&mut self, units: [u64; 2]) -> anyhow::Result<[u64; 2]> {
+        // Counts travel as f32: exact up to 2^24 units per step, and a relative 6e-8
+        // beyond, negligible in a denominator.
+        let r =
+            self.all_reduce_floats(vec![units[0] as f32, units[1] as f32], ReduceOperation::Sum)?;
+        Ok([r[0].round() as u64, r[1].round() as u64])
     }
     fn sync<M: AutodiffModule<B>>(
         &mut self,
@@ -296,19 +305,17 @@ impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
             (!local.finite) as u8 as f32,
             local.sums[0] as f32,
             local.sums[1] as f32,
-            local.sums[2] as f32,
             local.tokens as f32,
             local.images as f32,
         ];
         v.extend(has.iter().map(|&h| h as u8 as f32));
         let r = self.all_reduce_floats(v, ReduceOperation::Sum)?;
-        let n = self.world as f64;
         let global = LocalStep {
             stop: r[0] > 0.0,
-            finite: r[1] == 0.0 && r[2..5].iter().all(|x| x.is_finite()),
-            sums: [r[2] as f64 / n, r[3] as f64 / n, r[4] as f64 / n],
-            tokens: r[5].round() as u64,
-            images: r[6].round() as u64,
+            finite: r[1] == 0.0 && r[2..4].iter().all(|x| x.is_finite()),
+            sums: [r[2] as f64, r[3] as f64],
+            tokens: r[4].round() as u64,
+            images: r[5].round() as u64,
         };
         // 2. Zeros for the parameters another replica has a gradient for and this one not,
         // so every replica all-reduces the same list.
@@ -327,9 +334,10 @@ impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
             };
             model.visit(&mut fill);
         }
-        // 3. Burn's all-reduce of the gradients (mean over replicas, in parameter-id order).
+        // 3. Burn's all-reduce of the gradients (each replica's is its share of the step's
+        // objective, so they are summed; in parameter-id order).
         let grads = grads
-            .all_reduce::<B::InnerBackend>(self.peer, ReduceOperation::Mean)
+            .all_reduce::<B::InnerBackend>(self.peer, ReduceOperation::Sum)
             .map_err(|e| anyhow!("gradient all-reduce (replica {}): {e:?}", self.rank))?;
         Ok((grads, global))
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use transfusion_data::source::{SourceKind, SourceSpec};
 
 /// A line of a JSONL metrics file: any serializable record that knows its step (the
 /// Transfusion run's [`MetricsLine`], the VAE run's lines).
@@ -77,11 +78,47 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
 }
 
-/// One evaluation on the held-out split.
+/// What an evaluation ran on, so that no figure on training data is called held-out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalSplit {
+    /// Data never trained on: the configured held-out sources, or generated shapes alone
+    /// (drawn with the held-out seed). Metrics files written before this field read as it.
+    #[default]
+    HeldOut,
+    /// The training sources, because no held-out source is configured: generated shapes
+    /// switch to the held-out seed, but every other source's records are trained on.
+    Training,
+}
+
+impl EvalSplit {
+    /// The split an evaluation over `held_out` (or, when empty, `train` with the held-out
+    /// shapes seed) actually reads.
+    pub fn of(held_out: &[SourceSpec], train: &[SourceSpec]) -> Self {
+        if !held_out.is_empty() || train.iter().all(|s| s.kind == SourceKind::Shapes) {
+            Self::HeldOut
+        } else {
+            Self::Training
+        }
+    }
+
+    /// `held-out` or `training-set`, for the console.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::HeldOut => "held-out",
+            Self::Training => "training-set",
+        }
+    }
+}
+
+/// One evaluation (see [`EvalMetrics::split`] for what it ran on).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
     /// Step evaluated.
     pub step: u64,
+    /// Held-out data, or the training sources when none is configured.
+    #[serde(default)]
+    pub split: EvalSplit,
     /// Mean LM negative log-likelihood per text target (nats).
     pub lm_nll: f64,
     /// `exp(lm_nll)`.
@@ -97,7 +134,7 @@ pub struct EvalMetrics {
 }
 
 impl EvalMetrics {
-    /// The held-out diffusion losses as `t=100: 0.0123, t=500: ...`.
+    /// The evaluated diffusion losses as `t=100: 0.0123, t=500: ...`.
     pub fn diffusion_summary(&self) -> String {
         self.diffusion
             .iter()
@@ -136,12 +173,16 @@ impl Record for EvalMetrics {
     }
     fn summary(&self) -> String {
         format!(
-            "perplexity {:.3}, diffusion {}",
+            "{}: perplexity {:.3}, diffusion {}",
+            self.split.label(),
             self.perplexity,
             self.diffusion_summary()
         )
     }
 }
+
+/// The metrics file's name in a run directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Appends lines to `metrics.jsonl` and keeps them for the plot.
 pub struct MetricsLog<L = MetricsLine> {
@@ -155,7 +196,7 @@ impl<L: LogLine> MetricsLog<L> {
     /// Opens `dir/metrics.jsonl`: fresh (truncated) unless `keep_until` is given, in which
     /// case the lines up to that step are kept (a resumed run rewrites what came after).
     pub fn open(dir: &Path, keep_until: Option<u64>) -> anyhow::Result<Self> {
-        let path = dir.join("metrics.jsonl");
+        let path = dir.join(METRICS_FILE);
         let mut lines = vec![];
         if let (Some(until), Ok(f)) = (keep_until, File::open(&path)) {
             for l in BufReader::new(f).lines() {

@@ -58,6 +58,11 @@ fn unknown_keys_are_named() {
 fn impossible_values_are_named() {
     let t = BASE.replace("seq_len = 128", "seq_len = 60");
     assert_eq!(key_of(&t), "training.seq_len"); // 64 patches + 4 tokens do not fit
+                                                // Sizes that could only abort on allocation are refused with an estimate.
+    let t = BASE.replace("seq_len = 128", "seq_len = 100000000");
+    assert_eq!(key_of(&t), "training.seq_len");
+    let t = BASE.replace("batch_size = 2", "batch_size = 100000000");
+    assert_eq!(key_of(&t), "training.batch_size");
     let full = |extra: &str| {
         BASE.replace(
             "[model]\npreset = \"tiny\"\n",
@@ -135,4 +140,49 @@ fn schedule_values_at_known_steps() {
     let p = transfusion_train::config::ScheduleSection::default();
     assert!(close(lr_at(&p, 3999, 250_000), 3e-4));
     assert!(close(lr_at(&p, 249_999, 250_000), 1.5e-5));
+}
+
+#[test]
+fn an_evaluation_on_training_sources_is_not_called_held_out() {
+    use transfusion_data::source::parse_source_spec;
+    use transfusion_train::metrics::EvalSplit;
+    let spec = |s: &str| parse_source_spec(s).unwrap();
+    let shapes = vec![spec("shapes:1000")];
+    let mixed = vec![spec("shapes:1000"), spec("text:corpus.txt")];
+    // Only generated shapes: the held-out seed makes a disjoint set.
+    assert_eq!(EvalSplit::of(&[], &shapes), EvalSplit::HeldOut);
+    // Text from the training sources is training data.
+    assert_eq!(EvalSplit::of(&[], &mixed), EvalSplit::Training);
+    assert_eq!(EvalSplit::Training.label(), "training-set");
+    // A configured held-out source is held out.
+    assert_eq!(
+        EvalSplit::of(&[spec("text:other.txt")], &mixed),
+        EvalSplit::HeldOut
+    );
+    // Metrics files written before the field existed read as held-out.
+    let old: transfusion_train::metrics::EvalMetrics = serde_json::from_str(
+        r#"{"step":1,"lm_nll":1.0,"perplexity":2.7,"lm_targets":3.0,"diffusion":[],"images":0,"loss":1.0}"#,
+    )
+    .unwrap();
+    assert_eq!(old.split, EvalSplit::HeldOut);
+}
+
+#[test]
+fn a_preset_written_out_as_model_config_parses_back() {
+    // The tiny preset sets `patch_position_embedding`; written out as [model.config] (and
+    // with `prediction` added) it must be accepted as a custom config, key for key.
+    let mut m = transfusion_model::TransfusionConfig::tiny(512);
+    m.prediction = Some(transfusion_model::Prediction::V);
+    let mut model = toml::Table::new();
+    model.insert("config".into(), toml::Value::try_from(&m).unwrap());
+    let mut root = toml::Table::new();
+    root.insert("model".into(), toml::Value::Table(model));
+    let table = toml::to_string(&root).unwrap();
+    assert!(table.contains("patch_position_embedding") && table.contains("prediction"));
+    let t = BASE.replace("[model]\npreset = \"tiny\"\n", &table);
+    let c = ExperimentConfig::from_toml_str(&t).unwrap();
+    c.validate(512).unwrap();
+    let got = c.model.config.expect("a custom config");
+    assert_eq!(got.prediction, Some(transfusion_model::Prediction::V));
+    assert_eq!(got.patch_position_embedding, Some(true));
 }

@@ -13,6 +13,8 @@ use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
 use transfusion_train::checkpoint::read_state;
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::ddp::{run_training_ddp, CollectiveSync};
+use transfusion_train::engine::accumulate;
+use transfusion_train::transfusion::{batch_units, transfusion_loss};
 use transfusion_train::TrainHooks;
 use transfusion_train::{accumulate_grads, run_training, LocalStep, StepSync};
 
@@ -40,10 +42,12 @@ fn max_weight_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {
     m
 }
 
-/// Both replicas get the same all-reduced gradients, equal to the mean of what each
-/// computed alone; the step figures are combined (means, totals).
+/// Both replicas get the same all-reduced gradients, equal to one device's gradients over
+/// both replicas' rows (the mean over every text target and image of the global batch,
+/// whatever replica holds them: the rows have different counts); the step figures are
+/// combined (sums, totals).
 #[test]
-fn all_reduced_gradients_are_the_replicas_mean_and_identical() {
+fn all_reduced_gradients_equal_one_device_over_the_global_batch() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cfg = tiny_cfg(10);
     let tok = Arc::new(load_tokenizer(&cfg, None).unwrap());
@@ -52,16 +56,16 @@ fn all_reduced_gradients_are_the_replicas_mean_and_identical() {
     let device: burn::tensor::Device<B> = Default::default();
     let model = transfusion_train::transfusion::seeded_init::<B>(&m, &device, 7);
     let rows = [pipe.next_rows().unwrap(), pipe.next_rows().unwrap()];
+    let batch = |r: &Vec<_>| pipe.batcher().batch::<B>(r.clone(), &device).unwrap();
+    let units: Vec<[u64; 2]> = rows.iter().map(|r| batch_units(&batch(r))).collect();
+    assert_ne!(
+        units[0], units[1],
+        "the replicas' rows should hold different counts"
+    );
 
-    // Each replica's own gradients, computed without the collective.
-    let local: Vec<Vec<Vec<f32>>> = rows
-        .iter()
-        .map(|r| {
-            let batch = pipe.batcher().batch::<B>(r.clone(), &device).unwrap();
-            let (g, _, _) = accumulate_grads(&model, vec![batch], false);
-            flat_grads(&model, &g)
-        })
-        .collect();
+    // One device, both replicas' rows as micro-batches.
+    let (g, want, _) = accumulate_grads(&model, rows.iter().map(batch).collect(), false);
+    let want_grads = flat_grads(&model, &g);
 
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = rows
@@ -80,40 +84,49 @@ fn all_reduced_gradients_are_the_replicas_mean_and_identical() {
                     )
                     .unwrap();
                     let batch = batcher.batch::<B>(r.clone(), &device).unwrap();
-                    let (g, sums, finite) = accumulate_grads(&replica, vec![batch], false);
+                    let global_units = sync.sum_units(batch_units(&batch)).unwrap();
+                    let acc =
+                        accumulate(&replica, vec![batch], global_units, false, transfusion_loss);
                     let step = LocalStep {
-                        sums,
-                        finite,
+                        sums: acc.sums,
+                        finite: acc.finite,
                         tokens: 10 + rank as u64,
                         images: rank as u64,
                         stop: rank == 0,
                     };
-                    let (g, global) = sync.sync(&replica, g, step).unwrap();
+                    let (g, global) = sync.sync(&replica, acc.grads, step).unwrap();
                     sync.finish(true);
-                    (flat_grads(&replica, &g), global, sums)
+                    let losses = global.losses(global_units, acc.weights);
+                    (flat_grads(&replica, &g), global, losses, global_units)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let (g0, s0, l0) = &results[0];
-    let (g1, s1, l1) = &results[1];
+    let (g0, _, _, _) = &results[0];
+    let (g1, _, _, _) = &results[1];
     assert_eq!(g0, g1, "replicas must hold bitwise identical gradients");
-    assert_eq!(g0.len(), local[0].len());
-    for (p, (reduced, (a, b))) in g0.iter().zip(local[0].iter().zip(&local[1])).enumerate() {
-        for (i, ((r, x), y)) in reduced.iter().zip(a).zip(b).enumerate() {
-            let mean = (x + y) / 2.0;
+    assert_eq!(g0.len(), want_grads.len());
+    for (p, (reduced, one)) in g0.iter().zip(&want_grads).enumerate() {
+        for (i, (r, x)) in reduced.iter().zip(one).enumerate() {
             assert!(
-                (r - mean).abs() <= 1e-6 * (1.0 + mean.abs()),
-                "parameter {p}[{i}]: all-reduced {r}, mean of the replicas {mean}"
+                (r - x).abs() <= 1e-5 * (1.0 + x.abs()),
+                "parameter {p}[{i}]: all-reduced {r}, one device {x}"
             );
         }
     }
-    for s in [s0, s1] {
+    for (_, s, losses, global_units) in &results {
         assert!(s.finite && s.stop);
         assert_eq!((s.tokens, s.images), (21, 1));
+        assert_eq!(
+            *global_units,
+            [units[0][0] + units[1][0], units[0][1] + units[1][1]]
+        );
         for k in 0..3 {
-            assert!((s.sums[k] - (l0[k] + l1[k]) / 2.0).abs() < 1e-5);
+            assert!(
+                (losses[k] - want[k]).abs() < 1e-5 * want[k].abs().max(1.0),
+                "{losses:?} vs one device {want:?}"
+            );
         }
     }
 }

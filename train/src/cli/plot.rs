@@ -19,7 +19,7 @@ pub struct PlotArgs {
 
 /// Draws the plot and prints its path.
 pub fn run(a: PlotArgs) -> anyhow::Result<()> {
-    let metrics = a.run.join("metrics.jsonl");
+    let metrics = a.run.join(transfusion_train::metrics::METRICS_FILE);
     let out = a.out.unwrap_or_else(|| a.run.join("loss.png"));
     if a.run.join(VAE_TRAIN_FILE).is_file() {
         plot_vae(&MetricsLog::<VaeMetricsLine>::read(&metrics)?, &out)?;

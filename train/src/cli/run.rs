@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// checkpoint's own config is used.
     #[arg(long)]
     pub resume: bool,
+    /// Start fresh even when OUT holds an earlier run, removing its checkpoints and
+    /// metrics (without this or --resume such an OUT is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Device: auto, cpu, wgpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -159,6 +163,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     cfg.validate(tok.vocab_size())?;
     let mut opts = RunOptions::new(&a.out);
     opts.resume = a.resume;
+    opts.overwrite = a.overwrite;
     opts.config_dir = dir;
     opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     if a.ddp.requested() {

@@ -54,6 +54,10 @@ pub struct VaeArgs {
     /// run's own config).
     #[arg(long)]
     pub resume: bool,
+    /// Start fresh even when OUT holds an earlier run, removing its checkpoints and
+    /// metrics (without this or --resume such an OUT is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Device: auto, cpu, wgpu, cuda[:N].
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -76,8 +80,14 @@ impl BackendTask for VaeRun {
         println!("done: {} steps in {}", s.steps, self.opts.out.display());
         if let Some(e) = &s.last_eval {
             println!(
-                "held-out ({} images): PSNR {:.2} dB, recon {:.4}, kl {:.3}, latent mean {:.3} std {:.3}",
-                e.images, e.psnr, e.recon, e.kl, e.latent_mean, e.latent_std
+                "{} ({} images): PSNR {:.2} dB, recon {:.4}, kl {:.3}, latent mean {:.3} std {:.3}",
+                e.split.label(),
+                e.images,
+                e.psnr,
+                e.recon,
+                e.kl,
+                e.latent_mean,
+                e.latent_std
             );
         }
         if let Some(c) = &s.last_checkpoint {
@@ -141,5 +151,6 @@ pub fn run(a: VaeArgs) -> anyhow::Result<()> {
     let cfg = build_vae_config(&a)?;
     let mut opts = VaeRunOptions::new(&a.out);
     opts.resume = a.resume;
+    opts.overwrite = a.overwrite;
     dispatch(a.device, VaeRun { cfg, opts })?
 }

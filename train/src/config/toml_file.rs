@@ -48,23 +48,15 @@ fn check_model_config_keys(value: &toml::Value) -> Result<(), ConfigError> {
     else {
         return Ok(());
     };
-    let known: &[&str] = &[
-        "vocab_size",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "d_hidden",
-        "latent_channels",
-        "latent_size",
-        "patch_size",
-        "image_io",
-        "rope_theta",
-        "norm_eps",
-        "d_timestep",
-        "diffusion_loss_weight",
-        "timesteps",
-    ];
+    // Every field of the config type, as it serialises (so a new field is known here).
+    let fields = serde_json::to_value(transfusion_model::TransfusionConfig::tiny(8))
+        .expect("a config serialises");
+    let known: Vec<&str> = fields
+        .as_object()
+        .expect("a config serialises to an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
     for k in table.keys() {
         if !known.contains(&k.as_str()) {
             return bad(

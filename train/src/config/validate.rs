@@ -136,6 +136,28 @@ impl ExperimentConfig {
                 ),
             );
         }
+        // A lower bound on one micro-batch's activation memory: the hidden states every
+        // layer keeps for the backward pass, and one layer's attention scores.
+        let (b, l) = (t.batch_size as f64, t.seq_len as f64);
+        let per_position = m.n_layers as f64 * (12 * m.d_model + 3 * m.d_hidden) as f64 * 4.0;
+        let hidden = b * l * per_position;
+        let scores = b * m.n_heads as f64 * l * l * 4.0;
+        let gib = (hidden + scores) / (1u64 << 30) as f64;
+        if gib > MAX_ACTIVATION_GIB {
+            return bad(
+                if scores > hidden {
+                    "training.seq_len"
+                } else {
+                    "training.batch_size"
+                },
+                format!(
+                    "batch_size {} x seq_len {} needs at least {gib:.0} GiB of activations per \
+                     micro-batch (more than {MAX_ACTIVATION_GIB} GiB, beyond any one device); use \
+                     grad_accum for larger batches",
+                    t.batch_size, t.seq_len
+                ),
+            );
+        }
         if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
             return bad("training.grad_clip", "must be >= 0 (0 disables clipping)");
         }
@@ -162,3 +184,7 @@ impl ExperimentConfig {
         Ok(m)
     }
 }
+
+/// The most activation memory one micro-batch may need (see the estimate in
+/// [`ExperimentConfig::validate`]); beyond it the run could only abort on allocation.
+pub const MAX_ACTIVATION_GIB: f64 = 1024.0;

@@ -171,6 +171,8 @@ pub fn run_demo<B: AutodiffBackend>(
             let mut run = RunOptions::new(&opts.out);
             run.progress = opts.progress;
             run.time_budget = Some(opts.train_budget);
+            // The demo's OUT is its own: running it again trains afresh.
+            run.overwrite = true;
             let summary = run_training::<B>(&cfg, &run, &mut TrainHooks::default(), device)?;
             let checkpoint = summary
                 .last_checkpoint

@@ -20,5 +20,5 @@ pub mod task;
 pub use init::seeded_module;
 pub use prepare::{prepare, Prepared};
 pub use run::{run_task, step_progress_bar, train_loop, EngineHooks, RunOptions, RunOutcome};
-pub use step::{accumulate, optimizer_step, LocalStep, SingleDevice, StepSync};
+pub use step::{accumulate, optimizer_step, Accumulated, LocalStep, SingleDevice, StepSync};
 pub use task::{EngineSettings, StepFigures, TaskLoss, TrainTask, Work};

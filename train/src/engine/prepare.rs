@@ -1,9 +1,9 @@
 //! A run's start: the run directory set up, and the model and training state built fresh
 //! or loaded from the newest complete checkpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 
@@ -12,6 +12,7 @@ use super::task::TrainTask;
 use crate::checkpoint::{
     latest_checkpoint_with, read_training_state, remove_leftovers, TrainingState,
 };
+use crate::metrics::METRICS_FILE;
 
 /// What every replica starts from: the checkpoint directory, and the model and training
 /// state (fresh, or from the newest complete checkpoint).
@@ -50,6 +51,7 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
 ) -> anyhow::Result<Prepared<B, T>> {
     let out = &opts.out;
     let root = out.join("checkpoints");
+    guard_earlier_run(out, &root, opts)?;
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let leftovers = remove_leftovers(&root);
     if leftovers > 0 {
@@ -90,4 +92,37 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
         model,
         state,
     })
+}
+
+/// Refuses to start a fresh run in a directory that holds one (a metrics file or any
+/// checkpoint), unless `resume` continues it or `overwrite` clears it first: otherwise the
+/// new run would truncate the old metrics, replace `best/` and prune the old checkpoints.
+fn guard_earlier_run(out: &Path, root: &Path, opts: &RunOptions) -> anyhow::Result<()> {
+    if out.exists() && !out.is_dir() {
+        bail!("--out {} is a file, not a run directory", out.display());
+    }
+    let metrics = out.join(METRICS_FILE);
+    let has_checkpoints = std::fs::read_dir(root)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if opts.resume || !(metrics.exists() || has_checkpoints) {
+        return Ok(());
+    }
+    if !opts.overwrite {
+        bail!(
+            "{} already holds a run (metrics.jsonl or checkpoints/): pass --resume to continue \
+             it, --overwrite to replace it, or choose another --out",
+            out.display()
+        );
+    }
+    eprintln!("--overwrite: removing the earlier run in {}", out.display());
+    if has_checkpoints {
+        std::fs::remove_dir_all(root)
+            .with_context(|| format!("cannot remove {}", root.display()))?;
+    }
+    if metrics.exists() {
+        std::fs::remove_file(&metrics)
+            .with_context(|| format!("cannot remove {}", metrics.display()))?;
+    }
+    Ok(())
 }

@@ -27,6 +27,10 @@ pub struct RunOptions {
     /// Continue from the newest complete checkpoint in `out/checkpoints` (fresh start when
     /// there is none).
     pub resume: bool,
+    /// Start fresh even when `out` holds an earlier run: its `checkpoints/` and
+    /// `metrics.jsonl` are removed first. Without it (and without `resume`) a run
+    /// directory that holds a run is refused, so a typo cannot destroy a finished run.
+    pub overwrite: bool,
     /// Show a progress bar (off in tests).
     pub progress: bool,
     /// Stop (with a checkpoint) once this many steps are done in total, before the
@@ -39,11 +43,12 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// Defaults: no resume, progress bar on, no early stop.
+    /// Defaults: no resume, no overwrite, progress bar on, no early stop.
     pub fn new(out: impl Into<PathBuf>) -> Self {
         Self {
             out: out.into(),
             resume: false,
+            overwrite: false,
             progress: true,
             stop_at_step: None,
             time_budget: None,
@@ -88,10 +93,11 @@ pub struct RunOutcome<S, E> {
 }
 
 impl<S, E: Record> RunOutcome<S, E> {
-    /// Prints the last held-out evaluation and the last checkpoint, when there are any.
+    /// Prints the last evaluation (its summary names its split) and the last checkpoint,
+    /// when there are any.
     pub fn print_outcome(&self) {
         if let Some(e) = &self.last_eval {
-            println!("held-out: {}", e.summary());
+            println!("{}", e.summary());
         }
         if let Some(c) = &self.last_checkpoint {
             println!("checkpoint: {}", c.display());
@@ -271,24 +277,27 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
             stop: budget_reached,
             ..LocalStep::default()
         };
+        let mut units = [0u64; 2];
         for _ in 0..settings.grad_accum {
             for r in 0..world {
                 if let Some((batch, work)) = task.next_batch(r == rank, device)? {
                     local.tokens += work.tokens;
                     local.images += work.images;
+                    units[0] += work.units[0];
+                    units[1] += work.units[1];
                     batches.push(batch);
                 }
             }
         }
+        let units = sync.sum_units(units)?;
         let poison = hooks.poison_step.as_mut().is_some_and(|f| f(step));
-        let (grads, sums, finite) =
-            accumulate(&model, batches, poison, |m, b| task.loss(m, b, step));
-        local.sums = sums;
-        local.finite = finite;
+        let acc = accumulate(&model, batches, units, poison, |m, b| task.loss(m, b, step));
+        local.sums = acc.sums;
+        local.finite = acc.finite;
         let (next, global, grad_norm) = optimizer_step(
             model,
             &mut optim,
-            grads,
+            acc.grads,
             local,
             lr,
             settings.grad_clip,
@@ -314,7 +323,7 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
             let record = task.step_record(&StepFigures {
                 step: state.step,
-                losses: global.sums,
+                losses: global.losses(units, acc.weights),
                 grad_norm,
                 lr,
                 tokens_per_s: window.1 as f64 / secs,

@@ -1,6 +1,7 @@
 //! One optimizer step: the micro-batches' gradients ([`accumulate`]), combined with the
 //! other replicas' ([`StepSync`]), global-norm clipping and the AdamW update
-//! ([`optimizer_step`]).
+//! ([`optimizer_step`]). The step's objective is the mean over every unit (text target,
+//! image) of the global batch, whatever micro-batch or replica holds it.
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
@@ -11,60 +12,81 @@ use super::task::TaskLoss;
 use crate::checkpoint::AdamWOptimizer;
 use crate::optim::clip_global_norm;
 
-/// Gradients of one optimizer step over `batches` (micro-batches): each loss is scaled by
-/// `1 / batches.len()` and the gradients summed (Burn's `GradientsAccumulator`), so the
-/// result is the gradient of the mean of the micro-batch losses. Returns the gradients,
-/// the mean `[total, part 0, part 1]` and whether every loss was finite. `poison`
-/// multiplies the losses by NaN (fault injection for tests).
+/// What one replica's micro-batches of a step add up to.
+pub struct Accumulated {
+    /// The gradient of this replica's share of the step's objective.
+    pub grads: GradientsParams,
+    /// Each loss part summed over the micro-batches.
+    pub sums: [f64; 2],
+    /// The weights of the parts' means in the objective.
+    pub weights: [f64; 2],
+    /// Whether every loss was finite.
+    pub finite: bool,
+}
+
+/// Gradients of this replica's share of one optimizer step over `batches`
+/// (micro-batches). `units` are the step's unit counts over every micro-batch of every
+/// replica: each micro-batch contributes `sum_k weight_k * sums_k / units_k` and the
+/// gradients are summed (Burn's `GradientsAccumulator`), so the replicas' gradients add up
+/// (see [`StepSync::sync`]) to the gradient of the mean over all text targets and all
+/// images of the global batch (see [`TaskLoss`]). `poison` multiplies the losses by NaN
+/// (fault injection for tests).
 pub fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>, I>(
     model: &M,
     batches: Vec<I>,
+    units: [u64; 2],
     poison: bool,
     loss: impl Fn(&M, I) -> TaskLoss<B>,
-) -> (GradientsParams, [f64; 3], bool) {
-    let accum = batches.len().max(1);
-    let mut sums = [0.0f64; 3];
+) -> Accumulated {
+    let mut sums = [0.0f64; 2];
+    let mut weights = [1.0f64; 2];
     let mut finite = true;
+    let many = batches.len() > 1;
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut single: Option<GradientsParams> = None;
     for batch in batches {
         let TaskLoss {
-            mut total,
-            parts: [a, b],
+            sums: [mut a, mut b],
+            weights: w,
         } = loss(model, batch);
         if poison {
-            total = total.mul_scalar(f32::NAN);
+            a = a.mul_scalar(f32::NAN);
+            b = b.mul_scalar(f32::NAN);
         }
-        let vals: Vec<f32> = Tensor::cat(vec![total.clone().detach(), a.detach(), b.detach()], 0)
+        weights = w;
+        let vals: Vec<f32> = Tensor::cat(vec![a.clone().detach(), b.clone().detach()], 0)
             .into_data()
             .convert::<f32>()
             .to_vec()
             .expect("float data");
         for (s, v) in sums.iter_mut().zip(&vals) {
-            *s += *v as f64 / accum as f64;
+            *s += *v as f64;
             finite &= v.is_finite();
         }
-        let scaled = if accum > 1 {
-            total.div_scalar(accum as f64)
-        } else {
-            total
-        };
-        let grads = GradientsParams::from_grads(scaled.backward(), model);
-        if accum > 1 {
+        // [1]: this micro-batch's share of the step's objective
+        let objective = a.mul_scalar(w[0] / units[0].max(1) as f64)
+            + b.mul_scalar(w[1] / units[1].max(1) as f64);
+        let grads = GradientsParams::from_grads(objective.backward(), model);
+        if many {
             accumulator.accumulate(model, grads);
         } else {
             single = Some(grads);
         }
     }
     let grads = single.unwrap_or_else(|| accumulator.grads());
-    (grads, sums, finite)
+    Accumulated {
+        grads,
+        sums,
+        weights,
+        finite,
+    }
 }
 
 /// One replica's share of an optimizer step, before combining with the other replicas.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LocalStep {
-    /// Mean `[total, part 0, part 1]` over this replica's micro-batches.
-    pub sums: [f64; 3],
+    /// Each loss part summed over this replica's micro-batches.
+    pub sums: [f64; 2],
     /// Whether every loss of this replica was finite.
     pub finite: bool,
     /// Text and image positions this replica trained on.
@@ -75,6 +97,16 @@ pub struct LocalStep {
     pub stop: bool,
 }
 
+impl LocalStep {
+    /// `[total, part 0, part 1]`: each part's sum over its `units` (at least 1), and the
+    /// total weighted by `weights`.
+    pub fn losses(&self, units: [u64; 2], weights: [f64; 2]) -> [f64; 3] {
+        let a = self.sums[0] / units[0].max(1) as f64;
+        let b = self.sums[1] / units[1].max(1) as f64;
+        [weights[0] * a + weights[1] * b, a, b]
+    }
+}
+
 /// How replicas combine their steps. On one device it is the identity ([`SingleDevice`]);
 /// data-parallel training (feature `collective`) all-reduces with Burn's collective.
 pub trait StepSync<B: AutodiffBackend> {
@@ -82,9 +114,13 @@ pub trait StepSync<B: AutodiffBackend> {
     fn rank(&self) -> usize;
     /// The number of replicas.
     fn world(&self) -> usize;
+    /// The step's loss unit counts ([`super::Work::units`]) summed over the replicas:
+    /// called before the forward passes, since every replica divides by the global counts.
+    fn sum_units(&mut self, units: [u64; 2]) -> anyhow::Result<[u64; 2]>;
     /// Combines this replica's gradients and step figures with the other replicas': the
-    /// gradients become the mean over replicas (identical on every replica), `sums` the
-    /// mean, `finite` the conjunction, `tokens`/`images` the totals, `stop` the disjunction.
+    /// gradients become the sum over replicas (each is a share of one objective, see
+    /// [`accumulate`]; identical on every replica), `sums`, `tokens` and `images` the
+    /// totals, `finite` the conjunction, `stop` the disjunction.
     fn sync<M: AutodiffModule<B>>(
         &mut self,
         model: &M,
@@ -102,6 +138,9 @@ impl<B: AutodiffBackend> StepSync<B> for SingleDevice {
     }
     fn world(&self) -> usize {
         1
+    }
+    fn sum_units(&mut self, units: [u64; 2]) -> anyhow::Result<[u64; 2]> {
+        Ok(units)
     }
     fn sync<M: AutodiffModule<B>>(
         &mut self,

@@ -42,13 +42,20 @@ pub struct EngineSettings {
     pub seed: u64,
 }
 
-/// One micro-batch's loss: the scalar to differentiate and its two named parts (for the
-/// metrics; e.g. LM and diffusion loss, or reconstruction and KL).
+/// One micro-batch's loss as two named parts (e.g. LM and diffusion loss, or
+/// reconstruction and KL), each **summed** over the units it averages over (text targets,
+/// images), with the weight of its mean in the objective.
+///
+/// The engine divides each part by its unit count over the whole optimizer step, every
+/// micro-batch of every replica ([`Work::units`]): the step's objective is
+/// `sum_k weight_k * (sum of part k) / (units of part k)`, the mean over all text targets
+/// and all images of the global batch. A micro-batch with few text targets or no image
+/// then weighs what it holds, exactly as in one big batch.
 pub struct TaskLoss<B: Backend> {
-    /// The loss the gradients are taken of, `[1]`.
-    pub total: Tensor<B, 1>,
-    /// Its two named parts, `[1]` each.
-    pub parts: [Tensor<B, 1>; 2],
+    /// Each part summed over this micro-batch's units, `[1]` each.
+    pub sums: [Tensor<B, 1>; 2],
+    /// The weight of each part's mean in the objective (e.g. `1` and `lambda`).
+    pub weights: [f64; 2],
 }
 
 /// The figures of one logged optimizer step, from which a task builds its step record.
@@ -56,7 +63,8 @@ pub struct TaskLoss<B: Backend> {
 pub struct StepFigures {
     /// Steps done after this one.
     pub step: u64,
-    /// Mean `[total, part 0, part 1]` of the step's micro-batches (over every replica).
+    /// `[total, part 0, part 1]` of the step: each part's sum over every micro-batch of
+    /// every replica divided by its unit count, and the weighted total.
     pub losses: [f64; 3],
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -74,13 +82,16 @@ pub struct StepFigures {
     pub elapsed_s: f64,
 }
 
-/// How much one micro-batch holds (for the throughput figures).
+/// How much one micro-batch holds: the throughput figures and the loss denominators.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Work {
     /// Non-padding positions (text tokens and image patches; pixels' images count 0).
     pub tokens: u64,
     /// Images.
     pub images: u64,
+    /// The units each loss part of [`TaskLoss::sums`] sums over in this micro-batch (e.g.
+    /// text targets and images); known before the forward pass.
+    pub units: [u64; 2],
 }
 
 /// A kind of training run: what the engine's loop does not own. Reads like burn-train's

@@ -4,9 +4,9 @@ use burn::prelude::*;
 use transfusion_data::pipeline::DataPipeline;
 use transfusion_model::Transfusion;
 
-use crate::metrics::EvalMetrics;
+use crate::metrics::{EvalMetrics, EvalSplit};
 
-/// Loss on the held-out split: LM NLL over all text targets, and the diffusion loss of the
+/// Loss on the evaluation split (`split` says which it is): LM NLL over all text targets, and the diffusion loss of the
 /// same images at each fixed timestep (the batch's timesteps replaced by `t`, its noise
 /// kept), so values are comparable across runs and steps.
 pub fn evaluate<B: Backend>(
@@ -17,6 +17,7 @@ pub fn evaluate<B: Backend>(
     lambda: f64,
     device: &B::Device,
     step: u64,
+    split: EvalSplit,
 ) -> anyhow::Result<EvalMetrics> {
     let (mut nll_sum, mut count) = (0.0f64, 0.0f64);
     let mut diff_sum = vec![0.0f64; timesteps.len()];
@@ -58,6 +59,7 @@ pub fn evaluate<B: Backend>(
     let lm_part = if count > 0.0 { lm_nll } else { 0.0 };
     Ok(EvalMetrics {
         step,
+        split,
         lm_nll,
         perplexity: lm_nll.exp(),
         lm_targets: count,

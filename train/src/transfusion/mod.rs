@@ -28,10 +28,10 @@ use crate::checkpoint::{CONFIG_FILE, REQUIRED_FILES};
 use crate::config::ExperimentConfig;
 use crate::data::{autoencoder_for, build_pipeline, load_tokenizer, Split};
 use crate::engine::{
-    accumulate, run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, RunOutcome,
-    StepFigures, TaskLoss, TrainTask, Work,
+    accumulate, run_task, seeded_module, EngineHooks, EngineSettings, LocalStep, RunOptions,
+    RunOutcome, StepFigures, TaskLoss, TrainTask, Work,
 };
-use crate::metrics::{EvalMetrics, Line, StepMetrics};
+use crate::metrics::{EvalMetrics, EvalSplit, Line, StepMetrics};
 use crate::plot::plot_losses;
 
 /// What a Transfusion run did.
@@ -106,26 +106,51 @@ pub fn seeded_init<B: Backend>(
     seeded_module(device, seed, false, || m.init::<B>(device))
 }
 
-/// The training loss of one packed batch: `L_LM + lambda * L_DDPM`, parts `[lm, diffusion]`.
+/// The training loss of one packed batch as sums: the NLL summed over the text targets and
+/// the target MSE summed over the images, weighted `1` and `lambda` (the engine divides by
+/// the step's counts, see [`TaskLoss`]).
 pub fn transfusion_loss<B: AutodiffBackend>(
     model: &Transfusion<B>,
     batch: TransfusionBatch<B>,
 ) -> TaskLoss<B> {
     let loss = model.forward_loss(batch);
+    // The mean times its count (a constant of the batch) is the sum.
+    let lm_sum = loss.lm * loss.lm_targets;
+    let diffusion_sum = if loss.diffusion_per_image.dims()[0] > 0 {
+        loss.diffusion_per_image.sum()
+    } else {
+        loss.diffusion
+    };
     TaskLoss {
-        total: loss.total,
-        parts: [loss.lm, loss.diffusion],
+        sums: [lm_sum, diffusion_sum],
+        weights: [1.0, model.loss_weight],
     }
 }
 
-/// [`crate::engine::accumulate`] with the Transfusion loss: the gradients of the mean
-/// micro-batch loss, the mean `[total, lm, diffusion]`, and whether every loss was finite.
+/// The units the two parts of [`transfusion_loss`] sum over: text targets and images.
+pub fn batch_units<B: Backend>(batch: &TransfusionBatch<B>) -> [u64; 2] {
+    let targets: f32 = batch.lm_mask.clone().sum().into_scalar().elem();
+    [targets.round() as u64, batch.num_images() as u64]
+}
+
+/// [`crate::engine::accumulate`] with the Transfusion loss over `batches` (one step on one
+/// device): the gradients of the mean over every text target and every image of the
+/// batches, the step's `[total, lm, diffusion]`, and whether every loss was finite.
 pub fn accumulate_grads<B: AutodiffBackend>(
     model: &Transfusion<B>,
     batches: Vec<TransfusionBatch<B>>,
     poison: bool,
 ) -> (GradientsParams, [f64; 3], bool) {
-    accumulate(model, batches, poison, transfusion_loss)
+    let units = batches
+        .iter()
+        .map(batch_units)
+        .fold([0, 0], |a, u| [a[0] + u[0], a[1] + u[1]]);
+    let acc = accumulate(model, batches, units, poison, transfusion_loss);
+    let step = LocalStep {
+        sums: acc.sums,
+        ..LocalStep::default()
+    };
+    (acc.grads, step.losses(units, acc.weights), acc.finite)
 }
 
 /// The training batches: read directly, or by a background thread.
@@ -305,11 +330,14 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         if !keep {
             return Ok(None);
         }
+        let arrays = feed.batcher().arrays(&rows)?;
+        let targets = arrays.lm_mask.iter().filter(|&&m| m > 0.0).count() as u64;
         let work = Work {
             tokens: rows.iter().map(|r| r.used() as u64).sum(),
-            images: rows.iter().map(|r| r.images.len() as u64).sum(),
+            images: arrays.n_img as u64,
+            units: [targets, arrays.n_img as u64],
         };
-        Ok(Some((feed.batcher().batch::<B>(rows, device)?, work)))
+        Ok(Some((feed.batcher().to_tensors::<B>(arrays, device), work)))
     }
 
     fn loss(&self, model: &Transfusion<B>, batch: TransfusionBatch<B>, _step: u64) -> TaskLoss<B> {
@@ -353,6 +381,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
             self.m.diffusion_loss_weight,
             &self.device,
             step,
+            EvalSplit::of(&c.data.held_out, &c.data.train),
         )?;
         if let Some(p) = self.preview.as_mut() {
             p.preview(model, step, &self.out).context("preview hook")?;

@@ -10,7 +10,7 @@ use transfusion_infer::image_tensor::{images_to_tensor, tensor_to_images};
 use transfusion_model::vae::{vae_loss, AutoencoderKl};
 
 use super::config::VaeTrainConfig;
-use crate::metrics::{Line, Record};
+use crate::metrics::{EvalSplit, Line, Record};
 use crate::plot::{plot_series, smooth, Series};
 
 /// One logged VAE training step.
@@ -38,11 +38,14 @@ pub struct VaeStepMetrics {
     pub elapsed_s: f64,
 }
 
-/// One evaluation on the held-out images (posterior mode, no sampling).
+/// One evaluation on the evaluation images (posterior mode, no sampling).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VaeEvalMetrics {
     /// Step evaluated.
     pub step: u64,
+    /// Held-out images, or the training sources' when no held-out source is configured.
+    #[serde(default)]
+    pub split: EvalSplit,
     /// Reconstruction PSNR in dB (images on the `[0, 1]` scale).
     pub psnr: f64,
     /// Reconstruction loss of the config's kind.
@@ -79,8 +82,12 @@ impl Record for VaeEvalMetrics {
     }
     fn summary(&self) -> String {
         format!(
-            "PSNR {:.2} dB, recon {:.4}, latent mean {:.3} std {:.3}",
-            self.psnr, self.recon, self.latent_mean, self.latent_std
+            "{}: PSNR {:.2} dB, recon {:.4}, latent mean {:.3} std {:.3}",
+            self.split.label(),
+            self.psnr,
+            self.recon,
+            self.latent_mean,
+            self.latent_std
         )
     }
 }
@@ -129,6 +136,7 @@ pub fn evaluate_vae<B: Backend>(
     (
         VaeEvalMetrics {
             step,
+            split: EvalSplit::of(&cfg.held_out, &cfg.data),
             psnr: if mse > 0.0 {
                 -10.0 * mse.log10()
             } else {

@@ -223,9 +223,11 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
             .as_mut()
             .context("the data stream was not started")?;
         let images = stream.next_images(self.cfg.batch_size)?;
+        let n = images.len() as u64;
         let work = Work {
             tokens: 0,
-            images: images.len() as u64,
+            images: n,
+            units: [n, n],
         };
         Ok(keep.then(|| (images_to_tensor::<B>(&images, device), work)))
     }
@@ -247,9 +249,10 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
             self.cfg.kl_weight,
             self.cfg.loss,
         );
+        // Both parts are means over the images (of equal size): times n, sums.
         TaskLoss {
-            total: l.loss,
-            parts: [l.recon, l.kl],
+            sums: [l.recon.mul_scalar(n as f64), l.kl.mul_scalar(n as f64)],
+            weights: [1.0, self.cfg.kl_weight],
         }
     }
 

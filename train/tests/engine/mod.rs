@@ -159,17 +159,17 @@ impl TrainTask<B> for Toy {
                 Work {
                     tokens: 4,
                     images: 0,
+                    units: [4, 4],
                 },
             )
         }))
     }
     fn loss(&self, model: &Linear<B>, (x, y): Self::Batch, _step: u64) -> TaskLoss<B> {
         let err = model.forward(x) - y;
-        let mse = err.clone().powi_scalar(2).mean();
-        let mae = err.abs().mean();
+        // Squared and absolute errors summed over the 4 samples; only the first trains.
         TaskLoss {
-            total: mse.clone(),
-            parts: [mse, mae],
+            sums: [err.clone().powi_scalar(2).sum(), err.abs().sum()],
+            weights: [1.0, 0.0],
         }
     }
     fn step_record(&self, f: &StepFigures) -> ToyStep {
@@ -326,4 +326,47 @@ fn engine_skips_non_finite_steps_and_stops_at_the_limit() {
         .map(|(s, _)| *s)
         .collect();
     assert_eq!(kept, vec![2, 4]);
+}
+
+#[test]
+fn a_fresh_run_refuses_a_directory_holding_a_run_unless_told_to_overwrite() {
+    let out = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let run = |o: &RunOptions| run_task(&mut Toy::new(4), o, &mut EngineHooks::default(), &device);
+    run(&quiet(out.path())).unwrap();
+    let metrics = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
+    let checkpoints = std::fs::read_dir(out.path().join("checkpoints"))
+        .unwrap()
+        .count();
+
+    // A second fresh run is refused, naming the directory, and touches nothing.
+    let err = run(&quiet(out.path())).unwrap_err().to_string();
+    assert!(
+        err.contains(&out.path().display().to_string()) && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+    assert_eq!(
+        std::fs::read_dir(out.path().join("checkpoints"))
+            .unwrap()
+            .count(),
+        checkpoints
+    );
+
+    // --overwrite replaces it: the old checkpoints are gone, the new run's are complete.
+    std::fs::create_dir_all(out.path().join("checkpoints/step-00000099")).unwrap();
+    let mut o = quiet(out.path());
+    o.overwrite = true;
+    let s = run(&o).unwrap();
+    assert_eq!((s.started_at, s.steps), (0, 4));
+    assert!(!out.path().join("checkpoints/step-00000099").exists());
+    assert!(s.last_checkpoint.unwrap().ends_with("step-00000004"));
+
+    // A file given as the run directory is named as such.
+    let file = out.path().join("metrics.jsonl");
+    let err = run(&quiet(&file)).unwrap_err().to_string();
+    assert!(err.contains("is a file"), "{err}");
 }

@@ -1,7 +1,5 @@
 //! Cursors (epochs, shuffling, resume) and weighted mixtures.
 
-mod dataset_util;
-
 use transfusion_data::datasets::synthetic::ShapesSource;
 use transfusion_data::datasets::text::{TextSource, TextSplit};
 use transfusion_data::datasets::{Sample, SampleSource};

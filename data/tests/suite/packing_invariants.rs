@@ -1,8 +1,6 @@
 //! Packing: rows, document ids, positions, masks, truncation and dropping.
 
-mod dataset_util;
-
-use dataset_util::SPECIAL;
+use crate::dataset_util::SPECIAL;
 use transfusion_data::batcher::row_targets;
 use transfusion_data::packing::{pack_sequences, OverlongText, PackConfig, PackedRow};
 use transfusion_data::rng::Rng64;

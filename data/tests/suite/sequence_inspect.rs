@@ -1,8 +1,6 @@
 //! Rendering sequences and rows, and describing sources.
 
-mod dataset_util;
-
-use dataset_util::{test_image, write_png, ToyTokenizer, SPECIAL};
+use crate::dataset_util::{test_image, write_png, ToyTokenizer, SPECIAL};
 use transfusion_data::inspect::{describe_sources, render_row, render_sequence};
 use transfusion_data::packing::PackedRow;
 use transfusion_data::sequence::{pair_sequence, text_sequence, PairChoice, PairOrder};

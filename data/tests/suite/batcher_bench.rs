@@ -1,10 +1,8 @@
 //! The bench helpers run and report sane numbers (tiny sizes; not a performance test).
 
-mod dataset_util;
-
 use std::sync::Arc;
 
-use dataset_util::ToyTokenizer;
+use crate::dataset_util::ToyTokenizer;
 use transfusion_data::bench::{bench_batches, bench_decode, BatchBench};
 
 #[test]

@@ -1,11 +1,9 @@
 //! The whole pipeline: mixture -> sequences -> packing -> batches, and exact resume.
 
-mod dataset_util;
-
 use std::sync::Arc;
 
+use crate::dataset_util::{ToyTokenizer, SPECIAL, VOCAB};
 use burn::backend::NdArray;
-use dataset_util::{ToyTokenizer, SPECIAL};
 use transfusion_data::batcher::BatchArrays;
 use transfusion_data::datasets::synthetic::ShapesSource;
 use transfusion_data::datasets::text::{TextSource, TextSplit};
@@ -41,17 +39,28 @@ fn pipeline(dir: &std::path::Path, overlong: OverlongText) -> DataPipeline {
         },
     )
     .unwrap();
+    assemble(mix, 3, 64, overlong, 77)
+}
+
+/// A pipeline over `mix` with the toy tokenizer and 16px pixel-space images in 4px patches.
+fn assemble(
+    mix: Mixture,
+    batch_size: usize,
+    seq_len: usize,
+    overlong_text: OverlongText,
+    seed: u64,
+) -> DataPipeline {
     let config = PipelineConfig {
-        batch_size: 3,
+        batch_size,
         pack: PackConfig {
-            seq_len: 64,
-            overlong_text: overlong,
+            seq_len,
+            overlong_text,
         },
         sequence: SequenceConfig {
             patch_size: 4,
             ..Default::default()
         },
-        seed: 77,
+        seed,
     };
     DataPipeline::new(
         mix,
@@ -65,6 +74,59 @@ fn pipeline(dir: &std::path::Path, overlong: OverlongText) -> DataPipeline {
 fn next(p: &mut DataPipeline) -> BatchArrays {
     let rows = p.next_rows().unwrap();
     p.batcher().arrays(&rows).unwrap()
+}
+
+/// Two text sources of equal weight: one of 200-word documents ("red ..."), one of
+/// 10-word documents ("cat ..."), packed into rows of 32 with truncation.
+fn overlong_mix(dir: &std::path::Path) -> DataPipeline {
+    let write = |name: &str, word: &str, words: usize| {
+        let doc = serde_json::json!({ "text": vec![word; words].join(" ") }).to_string();
+        std::fs::write(dir.join(name), vec![doc; 20].join("\n")).unwrap();
+        TextSource::open(&dir.join(name), TextSplit::File, false).unwrap()
+    };
+    let long = write("long.jsonl", "red", 200);
+    let short = write("short.jsonl", "cat", 10);
+    let mix = Mixture::new(
+        vec![
+            (Box::new(long) as Box<dyn SampleSource>, 1.0),
+            (Box::new(short), 1.0),
+        ],
+        &MixtureConfig::default(),
+    )
+    .unwrap();
+    assemble(mix, 4, 32, OverlongText::Truncate, 5)
+}
+
+#[test]
+fn token_balance_counts_the_tokens_that_are_trained() {
+    // Weights 1:1 balance the tokens that reach the rows, so a source whose documents are
+    // truncated to a row is drawn as often as its kept tokens warrant, not its raw length.
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = overlong_mix(dir.path());
+    let red = 10 + VOCAB.iter().position(|w| *w == "red").unwrap() as u32;
+    let cat = 10 + VOCAB.iter().position(|w| *w == "cat").unwrap() as u32;
+    let (mut reds, mut cats) = (0usize, 0usize);
+    for _ in 0..40 {
+        for row in p.next_rows().unwrap() {
+            reds += row.tokens.iter().filter(|&&t| t == red).count();
+            cats += row.tokens.iter().filter(|&&t| t == cat).count();
+        }
+    }
+    assert!(p.stats().truncated > 0);
+    let recorded = p.mixture().tokens();
+    // Recorded tokens are kept tokens: at most seq_len per long document.
+    assert!(recorded[0] <= 32 * p.mixture().samples()[0]);
+    // Tokens each source put into the rows: a long document is BOS + 31 "red" (truncated
+    // to 32), a short one BOS + 10 "cat" + EOS. They come out 1:1 within about one
+    // document's worth (32 of ~2500 each); counting raw lengths (202 per long document)
+    // gave 32:202, about 1:6.
+    let long = reds as f64 * 32.0 / 31.0;
+    let short = cats as f64 * 12.0 / 10.0;
+    let ratio = long / short;
+    assert!(
+        (ratio - 1.0).abs() < 0.03,
+        "{long} vs {short} trained tokens: ratio {ratio:.3}"
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Throughput numbers of the data side (ignored: run on purpose, release profile):
-//! `cargo test --release -p transfusion-data --test batcher_bench_numbers -- --ignored --nocapture`
+//! `cargo test --release -p transfusion-data --test suite print_data_throughput -- --ignored --nocapture`
 
 use std::path::Path;
 use std::sync::Arc;

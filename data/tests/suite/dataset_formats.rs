@@ -1,12 +1,10 @@
 //! Text, image-folder, COCO and shapes sources on small files written by the tests,
 //! including broken ones.
 
-mod dataset_util;
-
 use std::fs;
 use std::path::Path;
 
-use dataset_util::{test_image, write_png};
+use crate::dataset_util::{test_image, write_png};
 use transfusion_data::datasets::coco::{CocoCaptions, CocoSource};
 use transfusion_data::datasets::imagefolder::ImageFolderSource;
 use transfusion_data::datasets::text::{TextSource, TextSplit};

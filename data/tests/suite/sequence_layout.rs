@@ -1,10 +1,8 @@
 //! Exact mixed-modal layouts, timestep limits, caption dropout and ordering rates.
 
-mod dataset_util;
-
 use std::sync::Arc;
 
-use dataset_util::{test_image, ToyTokenizer, SPECIAL};
+use crate::dataset_util::{test_image, ToyTokenizer, SPECIAL};
 use transfusion_data::datasets::{ImageData, Sample};
 use transfusion_data::encoder::{ImageEncoder, PixelEncoder};
 use transfusion_data::image::{center_crop_resize, to_chw};

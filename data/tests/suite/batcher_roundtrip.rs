@@ -1,10 +1,8 @@
 //! Batches: exact index tensors, round trip back to the rows, noise, zero images, errors.
 
-mod dataset_util;
-
+use crate::dataset_util::SPECIAL;
 use burn::backend::NdArray;
 use burn::tensor::TensorData;
-use dataset_util::SPECIAL;
 use transfusion_data::batcher::{row_targets, unpack_batch, TransfusionBatcher};
 use transfusion_data::packing::{pack_sequences, PackConfig, PackedRow};
 use transfusion_data::rng::Rng64;

@@ -1,11 +1,9 @@
 //! WebDataset shards, brace expansion and path-traversal rejection.
 
-mod dataset_util;
-
 use std::fs::File;
 use std::path::Path;
 
-use dataset_util::{png_bytes, test_image};
+use crate::dataset_util::{png_bytes, test_image};
 use transfusion_data::datasets::brace::expand_braces;
 use transfusion_data::datasets::wds::WdsSource;
 use transfusion_data::datasets::{ImageData, Sample, SampleSource};

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/root/.cache/transfusion-target cargo test --release -p transfusion-data \
-//!     --test tokenizer_assets -- --ignored regenerate_assets_tokenizer
+//!     --test suite -- --ignored regenerate_assets_tokenizer
 //! ```
 //!
 //! Regenerating changes token ids only if the corpus, the generator or the trainer changes;

@@ -1,6 +1,6 @@
 """Reference RoPE numbers from HuggingFace transformers' Llama (an independent implementation).
 
-Writes model/tests/fixtures/rope.json, which model/tests/model.rs checks `rope_tables` and
+Writes model/tests/fixtures/rope.json, which model/tests/suite/model.rs checks `rope_tables` and
 `apply_rope` against. `LlamaRotaryEmbedding` (built from a `LlamaConfig`, no weights) makes
 the cos/sin tables; `apply_rotary_pos_emb` rotates q and k in the half-split (`rotate_half`)
 layout of Llama checkpoints, the layout model/src/rope.rs documents, so no permutation is

@@ -1,6 +1,6 @@
 """Independent reference numbers for the diffusion schedule (numpy, float64).
 
-Writes model/tests/fixtures/schedule.json, which model/tests/schedule.rs checks against.
+Writes model/tests/fixtures/schedule.json, which model/tests/suite/schedule.rs checks against.
 Formulas: the cosine schedule of Nichol & Dhariwal (2021) with s = 0.008 and betas clipped
 at 0.999, the DDPM posterior q(x_{t-1} | x_t, x_0), and respacing to S evenly spaced steps.
 

@@ -1,6 +1,6 @@
 """Reference diffusion steps from HuggingFace diffusers' DDPMScheduler and DDIMScheduler.
 
-Writes model/tests/fixtures/scheduler_diffusers.json, which model/tests/schedule.rs checks
+Writes model/tests/fixtures/scheduler_diffusers.json, which model/tests/suite/schedule.rs checks
 `NoiseSchedule` (abar, spacing, `ddpm_step`, `ddim_step`) against. Settings that match our
 conventions (model/src/schedule.rs, infer/src/sampler.rs): `squaredcos_cap_v2` over 1000
 steps, epsilon prediction, no thresholding, `clip_sample` on (range 1, pixel space) and off

@@ -5,7 +5,7 @@
 //! The batch: 8 rows of 128 positions, each a 10-token caption, BOI, 64 patches (32x32 RGB
 //! in 4x4 patches), EOI, EOS, then padding. Prints the median step time after warm-up.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/suite/common/mod.rs"]
 mod common;
 
 use std::time::Instant;

@@ -6,13 +6,11 @@
 //! different orders (tiled matmul, fused attention on wgpu), so bitwise equality is not
 //! expected; the values are O(1).
 
-mod common;
-
+use crate::common::{max_abs_diff, mixed_batch, test_config};
 use burn::backend::{NdArray, Wgpu};
 use burn::module::Module;
 use burn::prelude::*;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
-use common::{max_abs_diff, mixed_batch, test_config};
 use transfusion_model::kv_cache::CacheMode;
 use transfusion_model::mask::SpanMeta;
 use transfusion_model::Transfusion;

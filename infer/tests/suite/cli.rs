@@ -1,7 +1,5 @@
 //! Every command of the `transfusion` binary on a tiny random checkpoint, and its errors.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -35,7 +33,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn text_streams_and_is_reproducible() {
-    let dir = common::checkpoint();
+    let dir = crate::common::checkpoint();
     let ck = s(dir.path());
     // `text --checkpoint CK --prompt "a red"`, then `rest`.
     let text = |rest: &[&'static str]| {
@@ -64,7 +62,7 @@ fn text_streams_and_is_reproducible() {
 
 #[test]
 fn image_writes_one_png_per_image_and_a_grid() {
-    let dir = common::checkpoint();
+    let dir = crate::common::checkpoint();
     let ck = s(dir.path());
     let out = tempfile::tempdir().unwrap();
     let file = out.path().join("img.png");
@@ -117,7 +115,7 @@ fn image_writes_one_png_per_image_and_a_grid() {
 
 #[test]
 fn caption_prints_one_line_per_image() {
-    let dir = common::checkpoint();
+    let dir = crate::common::checkpoint();
     let ck = s(dir.path());
     let out = tempfile::tempdir().unwrap();
     let (a, b) = (out.path().join("a.png"), out.path().join("b.png"));
@@ -145,7 +143,7 @@ fn caption_prints_one_line_per_image() {
 
 #[test]
 fn generate_writes_a_transcript_and_its_images() {
-    let dir = common::checkpoint();
+    let dir = crate::common::checkpoint();
     let ck = s(dir.path());
     let out = tempfile::tempdir().unwrap();
     let doc = out.path().join("doc");
@@ -173,7 +171,7 @@ fn generate_writes_a_transcript_and_its_images() {
 
 #[test]
 fn bench_runs_on_a_checkpoint_and_on_the_tiny_preset() {
-    let dir = common::checkpoint();
+    let dir = crate::common::checkpoint();
     let args = [
         "--prompt-tokens",
         "8",
@@ -217,7 +215,7 @@ fn bad_inputs_fail_with_messages_naming_the_problem() {
     let err = fails(&["text", "--checkpoint", "/no/such/ckpt", "--prompt", "x"]);
     assert!(err.contains("/no/such/ckpt"), "{err}");
 
-    let dir = common::checkpoint();
+    let dir = crate::common::checkpoint();
     let ck = s(dir.path());
     let out = tempfile::tempdir().unwrap();
     let err = fails(&[
@@ -284,7 +282,7 @@ fn bad_inputs_fail_with_messages_naming_the_problem() {
 
     // A tokenizer that does not match the checkpoint (another vocabulary size).
     let other = out.path().join("ck2");
-    common::write_checkpoint(&other);
+    crate::common::write_checkpoint(&other);
     let tok_path = other.join("tokenizer.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();

@@ -1,10 +1,8 @@
 //! The generation API on a tiny random checkpoint: KV cache vs recomputation, step shapes,
 //! guidance, seeds, batching, bad checkpoints.
 
-mod common;
-
+use crate::common::{checkpoint, max_diff, pipeline, to_vec, B};
 use burn::prelude::*;
-use common::{checkpoint, max_diff, pipeline, to_vec, B};
 use transfusion_infer::context::Rows;
 use transfusion_infer::guidance::Guidance;
 use transfusion_infer::{
@@ -314,7 +312,7 @@ fn captions_are_batched_and_match_the_recomputed_reference() {
 }
 
 fn interleaved_opts(cfg: f64) -> GenerateOptions {
-    let pipe_boi = common::tokenizer().special().boi;
+    let pipe_boi = crate::common::tokenizer().special().boi;
     GenerateOptions {
         text: TextOptions {
             max_tokens: 12,

@@ -1,9 +1,7 @@
 //! A pipeline with a VAE: images -> latents [N, c, H/f, W/f] -> images, checkpoints that
 //! name their VAE, and a clear error when that VAE is missing.
 
-mod common;
-
-use common::{tiny_config, tokenizer, B};
+use crate::common::{tiny_config, tokenizer, B};
 use transfusion_data::shapes::ShapesGenerator;
 use transfusion_infer::autoencoder::{load_vae, save_vae, Autoencoder, Vae};
 use transfusion_infer::checkpoint::{save_model, AutoencoderRef, ModelMeta};

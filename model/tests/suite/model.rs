@@ -1,12 +1,10 @@
 //! The network on CPU: parameter counts, training signal, gradients, and the KV cache.
 
-mod common;
-
+use crate::common::{max_abs_diff, mixed_batch, test_config, tweak};
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
-use common::{max_abs_diff, mixed_batch, test_config, tweak};
 use transfusion_model::kv_cache::CacheMode;
 use transfusion_model::mask::SpanMeta;
 use transfusion_model::{ImageIoConfig, KvCache, TransfusionConfig, UNetConfig};
@@ -386,7 +384,7 @@ fn rope_matches_huggingface_llama() {
     use burn::tensor::TensorData;
     use transfusion_model::rope::{apply_rope, inverse_frequencies, rope_tables};
     let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/rope.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/rope.json")).unwrap();
     let floats = |v: &serde_json::Value| -> Vec<f32> {
         let v = v.as_array().unwrap();
         v.iter().map(|x| x.as_f64().unwrap() as f32).collect()

@@ -2,13 +2,11 @@
 //! and their gradients stay f32, training in bf16 lowers the loss, and a backend without
 //! the compute type is refused with a message.
 
-mod common;
-
+use crate::common::{mixed_batch, test_config};
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::DType;
-use common::{mixed_batch, test_config};
 use transfusion_model::{Precision, Transfusion};
 
 type B = Autodiff<Flex>;

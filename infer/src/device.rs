@@ -79,11 +79,13 @@ pub fn compiled_backends() -> Vec<&'static str> {
     v
 }
 
-/// The wgpu adapters of this machine (hardware and software, e.g. Mesa's lavapipe).
+/// The wgpu adapters of this machine that Burn's wgpu backend can run on (hardware and
+/// software, e.g. Mesa's lavapipe): Vulkan, Metal, DX12. OpenGL adapters are left out, as
+/// Burn does not request them (a machine with only an OpenGL/EGL driver has no adapter).
 #[cfg(feature = "wgpu")]
 fn wgpu_adapters() -> Vec<wgpu::AdapterInfo> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-    futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+    futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
         .into_iter()
         .map(|a| a.get_info())
         .collect()

@@ -26,14 +26,15 @@ fn logits<B: Backend>(model: &Transfusion<B>, dev: &B::Device) -> Tensor<B, 3> {
     model.lm_logits(model.forward_embeddings(x, positions, meta, None, CacheMode::ReadOnly))
 }
 
-/// The wgpu adapter these tests would run on, if any (a GPU, or Mesa's lavapipe). Without
+/// The wgpu adapter these tests would run on, if any (a GPU, or Mesa's lavapipe; Vulkan,
+/// Metal or DX12, the APIs Burn requests). Without
 /// one the tests skip with a printed reason, unless `TRANSFUSION_REQUIRE_WGPU` is set:
 /// CI installs lavapipe and sets it, so a missing adapter fails there instead of silently
 /// skipping.
 fn wgpu_adapter() -> Option<String> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
     let adapters =
-        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     let found = adapters
         .first()
         .map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend));

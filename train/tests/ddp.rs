@@ -55,13 +55,15 @@ fn all_reduced_gradients_equal_one_device_over_the_global_batch() {
     let mut pipe = build_pipeline(&cfg, &m, &tok, Split::Train, 2).unwrap();
     let device: burn::tensor::Device<B> = Default::default();
     let model = transfusion_train::transfusion::seeded_init::<B>(&m, &device, 7);
-    let rows = [pipe.next_rows().unwrap(), pipe.next_rows().unwrap()];
+    // The first batch of the stream and the next one whose counts differ from it.
+    let stream: Vec<_> = (0..30).map(|_| pipe.next_rows().unwrap()).collect();
     let batch = |r: &Vec<_>| pipe.batcher().batch::<B>(r.clone(), &device).unwrap();
-    let units: Vec<[u64; 2]> = rows.iter().map(|r| batch_units(&batch(r))).collect();
-    assert_ne!(
-        units[0], units[1],
-        "the replicas' rows should hold different counts"
-    );
+    let counts: Vec<[u64; 2]> = stream.iter().map(|r| batch_units(&batch(r))).collect();
+    let other = (1..stream.len())
+        .find(|&k| counts[k] != counts[0])
+        .expect("two batches with different counts");
+    let rows = [stream[0].clone(), stream[other].clone()];
+    let units = [counts[0], counts[other]];
 
     // One device, both replicas' rows as micro-batches.
     let (g, want, _) = accumulate_grads(&model, rows.iter().map(batch).collect(), false);

@@ -119,7 +119,7 @@ fn token_balance_counts_the_tokens_that_are_trained() {
     // Tokens each source put into the rows: a long document is BOS + 31 "red" (truncated
     // to 32), a short one BOS + 10 "cat" + EOS. They come out 1:1 within about one
     // document's worth (32 of ~2500 each); counting raw lengths (202 per long document)
-    // gave 32:202, about 1:6.
+    // would give 32:202, about 1:6 (derived from the lengths, not measured).
     let long = reds as f64 * 32.0 / 31.0;
     let short = cats as f64 * 12.0 / 10.0;
     let ratio = long / short;

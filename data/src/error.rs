@@ -14,6 +14,15 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
+    /// A file or directory could not be created or written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file exists but its content is not what the reader expected.
     #[error("{path}: {message}")]
     Invalid {
@@ -44,6 +53,14 @@ impl DataError {
         Self::Invalid {
             path: path.into(),
             message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`DataError::Write`].
+    pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Write {
+            path: path.into(),
+            source,
         }
     }
 

@@ -178,11 +178,10 @@ pub fn from_chw(data: &[f32], height: usize, width: usize) -> RgbImage {
 
 /// Writes an image as PNG, creating the parent folder when needed.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), DataError> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-    }
-    img.save_with_format(path, ::image::ImageFormat::Png)
-        .map_err(|e| DataError::invalid(path, format!("cannot write PNG: {e}")))
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, ::image::ImageFormat::Png)
+        .map_err(|e| DataError::invalid(path, format!("cannot encode PNG: {e}")))?;
+    crate::files::write_file(path, bytes.into_inner())
 }
 
 /// Colour of the padding between grid cells (mid grey, visible on dark and light images).

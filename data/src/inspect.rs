@@ -18,16 +18,16 @@ pub fn describe_sources(
     check: usize,
     tokenizer: Option<&dyn TokenSource>,
 ) -> Result<String, DataError> {
-    let total: f64 = specs.iter().map(|s| s.weight).sum();
+    let shares = crate::mixture::shares(&specs.iter().map(|s| s.weight).collect::<Vec<_>>());
     let mut out = String::new();
-    for (i, spec) in specs.iter().enumerate() {
+    for (i, (spec, share)) in specs.iter().zip(shares).enumerate() {
         let src = open_source(spec, opts)?;
         let _ = writeln!(
             out,
             "source {}/{}: {spec} (share {:.1}%)",
             i + 1,
             specs.len(),
-            100.0 * spec.weight / total
+            100.0 * share
         );
         let _ = writeln!(out, "  {}", src.describe());
         let (mut seen, mut texts, mut pairs, mut text_tokens, mut caption_tokens) =

@@ -14,6 +14,7 @@ pub mod batcher;
 pub mod bench;
 pub mod datasets;
 pub mod encoder;
+pub mod files;
 pub mod inspect;
 pub mod latent_cache;
 pub mod mixture;

@@ -211,6 +211,17 @@ pub struct Mixture {
     unrecorded: Option<usize>,
 }
 
+/// Positive finite weights as shares summing to 1. Scaled first by the power of two nearest
+/// below the largest (exact in floating point), so weights near `f64::MAX`, whose plain sum
+/// overflows to infinity, give the same shares as small ones.
+pub fn shares(weights: &[f64]) -> Vec<f64> {
+    let max = weights.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
+    let scale = 2f64.powi(max.log2().floor() as i32);
+    let scaled: Vec<f64> = weights.iter().map(|w| w / scale).collect();
+    let total: f64 = scaled.iter().sum();
+    scaled.iter().map(|w| w / total).collect()
+}
+
 impl Mixture {
     /// Mixes `sources` with their (positive) weights; weights are normalized to sum 1.
     pub fn new(
@@ -223,9 +234,8 @@ impl Mixture {
                 message: "no data sources given".into(),
             });
         }
-        let total: f64 = sources.iter().map(|(_, w)| *w).sum();
         let mut cursors = Vec::new();
-        let mut weights = Vec::new();
+        let mut raw = Vec::new();
         for (i, (src, w)) in sources.into_iter().enumerate() {
             if !(w.is_finite() && w > 0.0) {
                 return Err(DataError::Spec {
@@ -233,7 +243,7 @@ impl Mixture {
                     message: format!("weight must be positive, got {w}"),
                 });
             }
-            weights.push(w / total);
+            raw.push(w);
             cursors.push(SourceCursor::new(
                 src,
                 config.shuffle,
@@ -243,7 +253,7 @@ impl Mixture {
         let n = cursors.len();
         Ok(Self {
             cursors,
-            weights,
+            weights: shares(&raw),
             balance: config.balance,
             tokens: vec![0; n],
             samples: vec![0; n],

@@ -16,6 +16,8 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::datasets::text::TEXT_EXTS;
+use crate::datasets::{collect_files, has_ext};
 use crate::error::DataError;
 
 /// Beginning-of-sequence token string.
@@ -131,12 +133,11 @@ impl TextTokenizer {
     /// Writes the tokenizer (with its special tokens) as a pretty-printed `tokenizer.json`.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), DataError> {
         let path = path.as_ref();
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-        }
-        self.inner
-            .save(path, true)
-            .map_err(|e| DataError::invalid(path, format!("cannot write tokenizer: {e}")))
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| DataError::invalid(path, format!("cannot serialize tokenizer: {e}")))?;
+        crate::files::write_file(path, json)
     }
 
     /// Number of rows the embedding table needs: the largest token id plus one, added tokens
@@ -298,13 +299,14 @@ fn preview(text: &str) -> String {
 /// Trains a byte-level BPE tokenizer offline (GPT-2 style: byte-level pre-tokenizer with the
 /// GPT-2 split regex, no prefix space, byte-level decoder, so `decode(encode(x)) == x`).
 ///
-/// `files` may name `.txt` files (whole file is one document), `.jsonl` files (one JSON
-/// object per line; its `text` field, or else its `caption` field, a string or a list of
-/// strings) and directories, searched recursively for `.txt` and `.jsonl` files (in sorted
-/// order, so training is deterministic). `vocab_size` counts the 256 byte symbols, the
+/// `files` may name `.jsonl` files (one JSON object per line; its `text` field, or else its
+/// `caption` field, a string or a list of strings), other files (plain text, the whole file
+/// one document, whatever its extension) and directories, searched recursively for `.txt`
+/// and `.jsonl` files (in sorted order, so training is deterministic; the files of other
+/// types they hold are returned in [`TrainedBpe::skipped`]). `vocab_size` counts the 256 byte symbols, the
 /// five special tokens and the learned merges; it must be at least 261. All the text is
 /// held in memory while training.
-pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<TextTokenizer, DataError> {
+pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<TrainedBpe, DataError> {
     let min_vocab = 256 + SPECIAL_TOKENS.len();
     if vocab_size < min_vocab {
         return Err(DataError::Spec {
@@ -316,8 +318,9 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<TextTokenizer, 
         });
     }
     let mut documents = Vec::new();
+    let mut skipped = Vec::new();
     for path in files {
-        collect_documents(path, true, &mut documents)?;
+        skipped.extend(collect_documents(path, &mut documents)?);
     }
     if documents.iter().all(|d| d.trim().is_empty()) {
         let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
@@ -349,44 +352,37 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<TextTokenizer, 
     tokenizer
         .train(&mut trainer, documents.iter())
         .map_err(|e| DataError::Tokenizer(format!("BPE training failed: {e}")))?;
-    Ok(TextTokenizer::from_tokenizer(tokenizer))
+    Ok(TrainedBpe {
+        tokenizer: TextTokenizer::from_tokenizer(tokenizer),
+        skipped,
+    })
 }
 
-/// Appends the documents of one training path (file or directory) to `out`.
-fn collect_documents(path: &Path, explicit: bool, out: &mut Vec<String>) -> Result<(), DataError> {
-    let meta = fs::metadata(path).map_err(|e| DataError::io(path, e))?;
-    if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = fs::read_dir(path)
-            .map_err(|e| DataError::io(path, e))?
-            .map(|entry| entry.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| DataError::io(path, e))?;
-        entries.sort();
-        for entry in entries {
-            collect_documents(&entry, false, out)?;
-        }
-        return Ok(());
-    }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase());
-    match ext.as_deref() {
-        Some("txt") => {
-            let text = fs::read_to_string(path)
-                .map_err(|e| DataError::invalid(path, format!("not UTF-8 text: {e}")))?;
+/// What [`train_bpe`] produced.
+#[derive(Debug)]
+pub struct TrainedBpe {
+    /// The trained tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Files under the given directories that were not read (not `.txt` / `.jsonl`).
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Appends the documents of one training path to `out`: a file named explicitly is read
+/// whatever its extension (`.jsonl` as JSON lines, anything else as plain text); a directory
+/// gives its `.txt` and `.jsonl` files (see [`collect_files`]). Returns the files of other
+/// types the walk passed over.
+fn collect_documents(path: &Path, out: &mut Vec<String>) -> Result<Vec<PathBuf>, DataError> {
+    let found = collect_files(path, &TEXT_EXTS)?;
+    for file in &found.files {
+        if has_ext(file, &["jsonl"]) {
+            read_jsonl_texts(file, out)?;
+        } else {
+            let text = fs::read_to_string(file)
+                .map_err(|e| DataError::invalid(file, format!("not UTF-8 text: {e}")))?;
             out.push(text);
         }
-        Some("jsonl") => read_jsonl_texts(path, out)?,
-        _ if explicit => {
-            return Err(DataError::invalid(
-                path,
-                "unsupported training file: expected a .txt or .jsonl file or a directory",
-            ))
-        }
-        _ => {}
     }
-    Ok(())
+    Ok(found.skipped)
 }
 
 /// Reads the `text` (or else `caption`) field of every line of a JSON-lines file.

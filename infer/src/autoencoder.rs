@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use image::RgbImage;
+use transfusion_data::files::{create_dir, write_file};
 
 use crate::checkpoint::{load_weights, save_weights};
 use crate::image_tensor::{pixels_tensor, tensor_to_images};
@@ -71,11 +72,12 @@ pub fn save_vae<B: Backend>(
     model: &AutoencoderKl<B>,
     config: &VaeConfig,
 ) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    create_dir(dir)?;
     save_weights(model, &dir.join(VAE_WEIGHTS_FILE))?;
-    let path = dir.join(VAE_CONFIG_FILE);
-    fs::write(&path, serde_json::to_string_pretty(config)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_file(
+        &dir.join(VAE_CONFIG_FILE),
+        serde_json::to_string_pretty(config)?,
+    )?;
     Ok(())
 }
 

@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::DType;
-use burn_store::{ModuleAdapter, ModuleSnapshot, SafetensorsStore, TensorSnapshot};
+use burn_store::{
+    ModuleAdapter, ModuleSnapshot, SafetensorsStore, TensorSnapshot, TensorSnapshotError,
+};
 use serde::{Deserialize, Serialize};
+use transfusion_data::files::{create_dir, write_file};
 use transfusion_data::tokenizer::{SpecialTokens, TextTokenizer};
 use transfusion_model::{Transfusion, TransfusionConfig};
 
@@ -71,17 +74,14 @@ pub fn save_model<B: Backend>(
     meta: &ModelMeta,
     tokenizer: &TextTokenizer,
 ) -> anyhow::Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    create_dir(dir)?;
     save_weights(model, &dir.join(WEIGHTS_FILE))?;
     let mut value = serde_json::to_value(meta)?;
     value["format"] = META_FORMAT.into();
     value["tokenizer_fingerprint"] = tokenizer.fingerprint().into();
     let json = serde_json::to_string_pretty(&value)?;
-    fs::write(dir.join(META_FILE), json)
-        .with_context(|| format!("cannot write {}", dir.join(META_FILE).display()))?;
-    tokenizer
-        .save(dir.join(TOKENIZER_FILE))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    write_file(&dir.join(META_FILE), json)?;
+    tokenizer.save(dir.join(TOKENIZER_FILE))?;
     Ok(())
 }
 
@@ -217,18 +217,35 @@ pub fn save_weights<B: Backend, M: Module<B>>(model: &M, weights: &Path) -> anyh
 /// Reads every floating-point tensor as f32, whatever type the file stores it in (f16,
 /// bf16 or f64, as other tools write them): the model's parameters are f32 (mixed
 /// precision casts per operation, see [`transfusion_model::Precision`]), and a parameter
-/// loaded in another type would make the first matmul panic.
+/// loaded in another type would make the first matmul panic. A tensor holding NaN or an
+/// infinity is refused (a load error naming it): such weights only produce NaN outputs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FloatsAsF32;
 
 impl ModuleAdapter for FloatsAsF32 {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        if !matches!(snapshot.dtype, DType::F16 | DType::BF16 | DType::F64) {
+        if !matches!(
+            snapshot.dtype,
+            DType::F16 | DType::BF16 | DType::F64 | DType::F32
+        ) {
             return snapshot.clone();
         }
         let read = snapshot.clone_data_fn();
         TensorSnapshot::from_closure(
-            std::rc::Rc::new(move || Ok(read()?.convert_dtype(DType::F32))),
+            std::rc::Rc::new(move || {
+                let data = read()?.convert_dtype(DType::F32);
+                let values = data.as_slice::<f32>().map_err(|e| {
+                    TensorSnapshotError::DataError(format!("not readable as f32: {e:?}"))
+                })?;
+                let bad = values.iter().filter(|v| !v.is_finite()).count();
+                if bad > 0 {
+                    return Err(TensorSnapshotError::DataError(format!(
+                        "{bad} of {} values are NaN or infinite",
+                        values.len()
+                    )));
+                }
+                Ok(data)
+            }),
             DType::F32,
             snapshot.shape.clone(),
             snapshot.path_stack.clone().unwrap_or_default(),
@@ -243,8 +260,9 @@ impl ModuleAdapter for FloatsAsF32 {
 }
 
 /// Loads the safetensors file `weights` (written by burn-store, or any tool: floats of any
-/// width are read as f32) into `model`; a tensor that is missing or does not fit is an
-/// error naming the file and `config` (what the model was built from).
+/// width are read as f32) into `model`; a tensor that is missing, does not fit or holds
+/// non-finite values is an error naming the file, the tensor and `config` (what the model
+/// was built from).
 pub fn load_weights<B: Backend, M: Module<B>>(
     mut model: M,
     weights: &Path,
@@ -254,12 +272,25 @@ pub fn load_weights<B: Backend, M: Module<B>>(
     let result = model
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
-    if !result.missing.is_empty() || !result.errors.is_empty() {
+    if !result.errors.is_empty() {
+        let errors: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
         bail!(
-            "{}: weights do not match {config} (missing: {:?}; errors: {:?})",
+            "{}: cannot load {} tensor(s) into {config}: {}",
             weights.display(),
-            result.missing,
-            result.errors
+            errors.len(),
+            errors.join("; ")
+        );
+    }
+    if !result.missing.is_empty() {
+        bail!(
+            "{}: weights do not match {config} (missing: {})",
+            weights.display(),
+            result
+                .missing
+                .iter()
+                .map(|(path, _)| path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(model)

@@ -9,9 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::prelude::*;
 use image::RgbImage;
+use transfusion_data::files::{create_dir, write_file};
 use transfusion_data::image::save_png;
 use transfusion_data::rng::derive_seed;
 
@@ -148,7 +149,7 @@ pub fn write_transcript(
     segments: &[Segment],
     out: &Path,
 ) -> Result<(PathBuf, usize)> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    create_dir(out)?;
     let mut md = format!("# Transfusion\n\n**Prompt:** {prompt}\n\n---\n\n");
     md.push_str(prompt);
     let mut k = 0;
@@ -165,6 +166,6 @@ pub fn write_transcript(
     }
     md.push('\n');
     let path = out.join("transcript.md");
-    std::fs::write(&path, md).with_context(|| format!("cannot write {}", path.display()))?;
+    write_file(&path, md)?;
     Ok((path, k))
 }

@@ -4,6 +4,8 @@
 //! OUT/checkpoints/step-00001000/
 //!   model.safetensors  model.json  tokenizer.json   (transfusion_infer::checkpoint: loads
 //!                                                    for inference on any backend)
+//!   raw_weights.safetensors  with an EMA (`training.ema_decay`) only: the trained weights;
+//!                        model.safetensors then holds their moving average
 //!   optimizer.mpk        AdamW state (Burn NamedMpk recorder, full precision), keyed by
 //!                        parameter index (see below)
 //!   config.json          the experiment config
@@ -32,6 +34,7 @@ use burn::optim::{AdamW, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
+use transfusion_data::files::create_dir;
 use transfusion_data::pipeline::PipelineState;
 use transfusion_infer::checkpoint::{META_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 
@@ -196,22 +199,23 @@ pub fn write_dir_atomically(
     name: &str,
     fill: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<PathBuf> {
-    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    create_dir(root)?;
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
+        fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
-    fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    create_dir(&tmp)?;
     fill(&tmp).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
     let dest = root.join(name);
     if dest.exists() {
         let old = root.join(format!(".old-{name}"));
+        let context = |what: &str, p: &Path| format!("cannot {what} {}", p.display());
         if old.exists() {
-            fs::remove_dir_all(&old)?;
+            fs::remove_dir_all(&old).with_context(|| context("remove", &old))?;
         }
-        fs::rename(&dest, &old)?;
-        fs::rename(&tmp, &dest)?;
-        fs::remove_dir_all(&old)?;
+        fs::rename(&dest, &old).with_context(|| context("move aside", &dest))?;
+        fs::rename(&tmp, &dest).with_context(|| context("rename into place", &tmp))?;
+        fs::remove_dir_all(&old).with_context(|| context("remove", &old))?;
     } else {
         fs::rename(&tmp, &dest)
             .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
@@ -262,9 +266,23 @@ pub fn load_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     optim: AdamWOptimizer<M, B>,
     device: &B::Device,
 ) -> anyhow::Result<AdamWOptimizer<M, B>> {
+    // The recorder adds the `.mpk` extension itself.
+    let path = dir.join(format!("{OPTIMIZER_FILE}.mpk"));
     let record: AdamWRecord<M, B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .load(dir.join(OPTIMIZER_FILE), device)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read optimizer state: {e}", dir.display()))?;
+        .map_err(|e| {
+            // Burn's message for any unreadable record blames a format change between its
+            // versions; only its first line says what failed.
+            let burn = e.to_string();
+            let first = burn.lines().next().unwrap_or_default().to_string();
+            anyhow::anyhow!(
+                "{}: cannot read the optimizer state: the file is damaged or truncated \
+                 ({first}). To continue from the checkpoint before it, move {} aside and \
+                 resume again",
+                path.display(),
+                dir.display()
+            )
+        })?;
     let ids = param_ids::<B, _>(model);
     let mut mapped: AdamWRecord<M, B> = Default::default();
     for (k, r) in record {

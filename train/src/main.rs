@@ -44,8 +44,17 @@ enum Command {
     Orchestrator(ddp::OrchestratorArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Errors are printed as one `error: ...` line with their causes (never a stack trace, even
+/// under `RUST_BACKTRACE`), and the exit status is 1.
+fn main() {
+    if let Err(e) = dispatch(Cli::parse().command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(a) => run::run(a),
         Command::Orchestrator(a) => ddp::orchestrator(&a),
         Command::Demo(a) => demo::run(a),

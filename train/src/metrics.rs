@@ -1,12 +1,14 @@
 //! `metrics.jsonl`: one JSON object per logged training step (`"kind": "train"`) and per
 //! evaluation (`"kind": "eval"`), appended as the run goes.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use transfusion_data::files::write_file;
 use transfusion_data::source::{SourceKind, SourceSpec};
 
 /// A line of a JSONL metrics file: any serializable record that knows its step (the
@@ -213,8 +215,11 @@ impl<L: LogLine> MetricsLog<L> {
             text.push_str(&serde_json::to_string(l)?);
             text.push('\n');
         }
-        fs::write(&path, text)?;
-        let file = OpenOptions::new().append(true).open(&path)?;
+        write_file(&path, text)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Self { path, file, lines })
     }
 

@@ -55,6 +55,20 @@ fn unknown_keys_are_named() {
 }
 
 #[test]
+fn values_of_the_wrong_type_name_their_key_and_line() {
+    let t = BASE.replace("steps = 100", "steps = \"ten\"");
+    let err = ExperimentConfig::from_toml_str(&t).unwrap_err();
+    assert_eq!(err.key, "training.steps");
+    assert!(
+        err.message.contains("line 10, in [training]"),
+        "{}",
+        err.message
+    );
+    let t = BASE.replace("warmup_steps = 10", "warmup_steps = -1.5");
+    assert_eq!(key_of(&t), "schedule.warmup_steps");
+}
+
+#[test]
 fn impossible_values_are_named() {
     let t = BASE.replace("seq_len = 128", "seq_len = 60");
     assert_eq!(key_of(&t), "training.seq_len"); // 64 patches + 4 tokens do not fit
@@ -86,7 +100,7 @@ fn impossible_values_are_named() {
     let t = BASE.replace("[data]\n", "[data]\nimage_size = 64\n");
     assert_eq!(key_of(&t), "data.image_size");
     let t = format!("{BASE}precision = \"int8\"\n");
-    assert_eq!(key_of(&t), "training");
+    assert_eq!(key_of(&t), "training.precision");
     let err = ExperimentConfig::from_toml_str(&t).unwrap_err();
     assert!(err.message.contains("int8"), "{}", err.message);
     let bf16 = ExperimentConfig::from_toml_str(&format!("{BASE}precision = \"bf16\"\n")).unwrap();

@@ -30,6 +30,9 @@ fn fast_demo_writes_every_file_and_a_complete_report() {
         assert!((0.0..=1.0).contains(&v), "{v}");
     }
     assert!(report.held_out_perplexity.is_finite() && report.held_out_perplexity > 1.0);
+    let clean = report.text_to_image_cleanliness;
+    assert_eq!(clean.count, 4);
+    assert!((0.0..=1.0).contains(&clean.background) && (0.0..=1.0).contains(&clean.one_component));
     assert_eq!(
         report
             .held_out_diffusion
@@ -63,6 +66,7 @@ fn fast_demo_writes_every_file_and_a_complete_report() {
         "train_seconds",
         "parameters",
         "text_to_image",
+        "text_to_image_cleanliness",
         "image_to_text",
         "caption_exact_match",
         "held_out_perplexity",
@@ -93,4 +97,69 @@ fn fast_demo_writes_every_file_and_a_complete_report() {
     );
     // The checkpoint the evaluation used is a loadable model directory.
     assert!(report.checkpoint.join("model.safetensors").is_file());
+
+    // Re-scoring that checkpoint measures its held-out figures again (they used to be NaN):
+    // the same weights on the same held-out batches.
+    let rescored = tempfile::tempdir().unwrap();
+    let mut again = DemoOptions::new(rescored.path());
+    again.checkpoint = Some(report.checkpoint.clone());
+    again.eval_samples = 4;
+    again.sampling_steps = 3;
+    again.progress = false;
+    let second = run_demo::<Autodiff<NdArray>>(&again, &Default::default(), "cpu").unwrap();
+    assert_eq!(second.steps, 0);
+    let rel = (second.held_out_perplexity / report.held_out_perplexity - 1.0).abs();
+    assert!(
+        rel < 1e-5,
+        "{} vs {}",
+        second.held_out_perplexity,
+        report.held_out_perplexity
+    );
+}
+
+#[test]
+fn wrong_caption_words_are_the_ones_not_in_the_reference() {
+    use transfusion_train::demo::captions::wrong_words;
+    let reference = "a small red circle at the top left";
+    assert_eq!(wrong_words(reference, reference), vec![false; 8]);
+    assert_eq!(
+        wrong_words("a large red circle at the top right", reference),
+        [false, true, false, false, false, false, false, true]
+    );
+    // Another word count (center vs top left); a repeated word matches once.
+    assert_eq!(
+        wrong_words("a small red circle at the center the", reference),
+        [false, false, false, false, false, false, true, true]
+    );
+    assert!(wrong_words("", reference).is_empty());
+}
+
+#[test]
+fn the_captioned_grid_shows_each_image_above_its_caption_wrong_words_in_red() {
+    use image::{Rgb, RgbImage};
+    use transfusion_train::demo::captions::{captioned_grid, RIGHT_WORD, WRONG_WORD};
+    let img = RgbImage::from_pixel(8, 8, Rgb([0, 0, 255]));
+    let count = |g: &RgbImage, c: Rgb<u8>| g.pixels().filter(|p| **p == c).count();
+    let refs = vec!["a red circle".to_string(), "a red circle".to_string()];
+    let right = captioned_grid(&[img.clone(), img.clone()], &refs, &refs, 2, 4);
+    // Two tiles side by side: each 32 px of image (8 x 4) above 4 text lines of 9 px.
+    assert!(
+        right.width() >= 64 && right.width() < 80,
+        "{}",
+        right.width()
+    );
+    assert!(right.height() >= 32 + 36, "{}", right.height());
+    assert_eq!(count(&right, Rgb([0, 0, 255])), 2 * 32 * 32);
+    assert!(count(&right, RIGHT_WORD) > 0);
+    assert_eq!(count(&right, WRONG_WORD), 0);
+    // One wrong word: red pixels appear, in the first tile's caption only.
+    let captions = vec!["a blue circle".to_string(), "a red circle".to_string()];
+    let marked = captioned_grid(&[img.clone(), img], &captions, &refs, 2, 4);
+    let red: Vec<(u32, u32)> = marked
+        .enumerate_pixels()
+        .filter(|(_, _, p)| **p == WRONG_WORD)
+        .map(|(x, y, _)| (x, y))
+        .collect();
+    assert!(!red.is_empty());
+    assert!(red.iter().all(|&(x, y)| x < 36 && y > 32), "{red:?}");
 }

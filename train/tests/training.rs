@@ -11,6 +11,7 @@ use transfusion_data::packing::PackedRow;
 use transfusion_data::sequence::MixedSequence;
 use transfusion_train::checkpoint::{latest_checkpoint, list_checkpoints, read_state};
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
+use transfusion_train::engine::RAW_WEIGHTS_FILE;
 use transfusion_train::metrics::MetricsLine;
 use transfusion_train::optim::{clip_global_norm, global_grad_norm, param_ids};
 use transfusion_train::{accumulate_grads, run_training, TrainHooks};
@@ -206,6 +207,8 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
     let mut cfg = tiny_cfg(6);
     cfg.checkpoint.every = 3;
     cfg.eval.every = 3;
+    // With an EMA: checkpoints hold the average, the trained weights beside it.
+    cfg.training.ema_decay = 0.9;
     cfg.data.prefetch = 1; // the background pipeline must resume exactly too
     let device = Default::default();
 
@@ -247,12 +250,20 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
 
     let a = full.path().join("checkpoints/step-00000006");
     let b = root.join("step-00000006");
-    let (ta, tb) = (
+    let pairs = |file: &str| {
+        let (ta, tb) = (tensors(&a.join(file)), tensors(&b.join(file)));
+        assert_eq!(ta.len(), tb.len());
+        ta.into_iter().zip(tb).collect::<Vec<_>>()
+    };
+    // Inference reads `model.safetensors`: the average, not the trained weights.
+    assert_ne!(
         tensors(&a.join("model.safetensors")),
-        tensors(&b.join("model.safetensors")),
+        tensors(&a.join(RAW_WEIGHTS_FILE))
     );
-    assert_eq!(ta.len(), tb.len());
-    for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
+    for ((na, da), (nb, db)) in pairs("model.safetensors")
+        .iter()
+        .chain(&pairs(RAW_WEIGHTS_FILE))
+    {
         assert_eq!(na, nb);
         if da != db {
             let fa: Vec<f32> = da

@@ -126,12 +126,14 @@ fn numeric_range(body: &str) -> Result<Option<Vec<String>>, String> {
     } else {
         0
     };
-    let count = (x - y).unsigned_abs() as usize + 1;
-    if count > MAX_EXPANSION {
+    // In i128: the distance between two i64 bounds can exceed i64.
+    let count = (i128::from(x) - i128::from(y)).unsigned_abs() + 1;
+    if count > MAX_EXPANSION as u128 {
         return Err(format!(
             "range {a}..{b} has more than {MAX_EXPANSION} values"
         ));
     }
+    let count = count as usize;
     let step = if y >= x { 1 } else { -1 };
     Ok(Some(
         (0..count as i64)

@@ -85,6 +85,7 @@ impl CocoSource {
         let file: CocoFile = serde_json::from_str(&text).map_err(|e| {
             DataError::invalid(annotations, format!("not a COCO captions file: {e}"))
         })?;
+        let (listed_images, listed_captions) = (file.images.len(), file.annotations.len());
         let mut caps: HashMap<u64, Vec<String>> = HashMap::new();
         for a in file.annotations {
             caps.entry(a.image_id)
@@ -93,8 +94,10 @@ impl CocoSource {
         }
         let mut images = Vec::new();
         let mut captions = Vec::new();
+        let mut uncaptioned = 0usize;
         for img in file.images {
             let Some(c) = caps.remove(&img.id) else {
+                uncaptioned += 1;
                 continue;
             };
             if !is_safe_relative(&img.file_name) {
@@ -110,7 +113,18 @@ impl CocoSource {
             captions.push(c);
         }
         if images.is_empty() {
-            return Err(DataError::invalid(annotations, "no captioned images found"));
+            // Say why: every reason an image was left out, with examples.
+            let mut why = format!(
+                "no captioned images found: {listed_images} images and {listed_captions} \
+                 captions listed; {uncaptioned} images have no caption, {} captions name no \
+                 listed image",
+                caps.values().map(Vec::len).sum::<usize>()
+            );
+            let skipped = policy.report();
+            if skipped.count > 0 {
+                why.push_str(&format!("; in {}: {skipped}", images_dir.display()));
+            }
+            return Err(DataError::invalid(annotations, why));
         }
         let pairs = match mode {
             CocoCaptions::AllPairs => captions

@@ -2,7 +2,9 @@
 //! - `metadata.jsonl` (HuggingFace `imagefolder`): `{"file_name": "a.jpg", "text": "..."}`
 //! - `captions.jsonl`: `{"image": "a.jpg", "caption": "..."}`
 //!
-//! Image paths are relative to the folder; absolute paths and `..` are rejected.
+//! Image paths are relative to the folder; absolute paths and `..` are rejected. An image
+//! file that is a symbolic link is followed wherever it points: folders of links into a
+//! shared store (the Hugging Face cache lays out snapshots this way) are read as they are.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

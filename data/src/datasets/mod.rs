@@ -105,23 +105,57 @@ pub(crate) fn has_ext(path: &Path, exts: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-/// All files under `root` (itself if it is a file) whose extension is in `exts`,
-/// recursively, sorted by path for determinism. Hidden entries (`.name`) are ignored.
-pub(crate) fn collect_files(root: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, DataError> {
+/// The files a directory walk found, and the ones it passed over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FoundFiles {
+    /// The files taken, sorted by path.
+    pub files: Vec<PathBuf>,
+    /// Files under a walked directory whose extension is not one asked for (sorted).
+    /// Hidden entries (`.name`) are neither taken nor listed.
+    pub skipped: Vec<PathBuf>,
+}
+
+impl FoundFiles {
+    /// `""` when nothing was skipped, else `" (skipped N files of other types: a, b, ...)"`,
+    /// naming the first few.
+    pub fn skipped_note(&self) -> String {
+        if self.skipped.is_empty() {
+            return String::new();
+        }
+        const SHOWN: usize = 3;
+        let names: Vec<String> = self
+            .skipped
+            .iter()
+            .take(SHOWN)
+            .map(|p| p.display().to_string())
+            .collect();
+        let more = if self.skipped.len() > SHOWN {
+            ", ..."
+        } else {
+            ""
+        };
+        format!(
+            " (skipped {} file{} of other types: {}{more})",
+            self.skipped.len(),
+            if self.skipped.len() == 1 { "" } else { "s" },
+            names.join(", ")
+        )
+    }
+}
+
+/// The files under `root`: `root` itself when it is a file (whatever its extension: a file
+/// named explicitly is taken as asked), else every file below it whose extension is in
+/// `exts`, recursively, sorted by path for determinism; the others are listed in
+/// [`FoundFiles::skipped`]. Hidden entries (`.name`) are ignored.
+pub fn collect_files(root: &Path, exts: &[&str]) -> Result<FoundFiles, DataError> {
     let meta = std::fs::metadata(root).map_err(|e| DataError::io(root, e))?;
     if meta.is_file() {
-        if !has_ext(root, exts) {
-            return Err(DataError::invalid(
-                root,
-                format!(
-                    "unsupported file type (expected one of: {})",
-                    exts.join(", ")
-                ),
-            ));
-        }
-        return Ok(vec![root.to_path_buf()]);
+        return Ok(FoundFiles {
+            files: vec![root.to_path_buf()],
+            skipped: Vec::new(),
+        });
     }
-    let mut out = Vec::new();
+    let mut found = FoundFiles::default();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, e))?;
@@ -135,12 +169,15 @@ pub(crate) fn collect_files(root: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, 
             if ft.is_dir() || (ft.is_symlink() && path.is_dir()) {
                 stack.push(path);
             } else if has_ext(&path, exts) {
-                out.push(path);
+                found.files.push(path);
+            } else {
+                found.skipped.push(path);
             }
         }
     }
-    out.sort();
-    Ok(out)
+    found.files.sort();
+    found.skipped.sort();
+    Ok(found)
 }
 
 /// A source with random access to a known number of records (a list). Implementing it

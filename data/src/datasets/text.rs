@@ -10,9 +10,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{collect_files, has_ext, IndexedSource, Sample};
+use super::{collect_files, has_ext, FoundFiles, IndexedSource, Sample};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
+
+/// Extensions a directory walk takes as text (a file named explicitly is read whatever its
+/// extension: `.jsonl` as JSON lines, anything else as plain text).
+pub const TEXT_EXTS: [&str; 2] = ["txt", "jsonl"];
 
 /// How `.txt` files are cut into documents (`.jsonl`: always one document per line).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,13 +42,16 @@ struct Record {
 struct Inner {
     root: PathBuf,
     files: Vec<PathBuf>,
+    /// Files of other types under the walked directory.
+    skipped: Vec<PathBuf>,
     records: Vec<Record>,
     split: TextSplit,
     policy: SkipPolicy,
 }
 
-/// Text documents from a `.txt` / `.jsonl` file or a directory of them (recursive,
-/// sorted by path). Empty documents are left out when scanning.
+/// Text documents from a file (`.jsonl`: JSON lines; any other name: plain text) or a
+/// directory of `.txt` / `.jsonl` files (recursive, sorted by path; other files are
+/// skipped and named by [`IndexedSource::describe`]). Empty documents are left out when scanning.
 #[derive(Clone, Debug)]
 pub struct TextSource {
     inner: Arc<Inner>,
@@ -53,10 +60,14 @@ pub struct TextSource {
 impl TextSource {
     /// Scans `root` (a file or a directory).
     pub fn open(root: &Path, split: TextSplit, strict: bool) -> Result<Self, DataError> {
-        let files = collect_files(root, &["txt", "jsonl"])?;
-        if files.is_empty() {
-            return Err(DataError::invalid(root, "no .txt or .jsonl files found"));
+        let found = collect_files(root, &TEXT_EXTS)?;
+        if found.files.is_empty() {
+            return Err(DataError::invalid(
+                root,
+                format!("no .txt or .jsonl files found{}", found.skipped_note()),
+            ));
         }
+        let FoundFiles { files, skipped } = found;
         let mut records = Vec::new();
         for (fi, path) in files.iter().enumerate() {
             if has_ext(path, &["jsonl"]) {
@@ -84,6 +95,7 @@ impl TextSource {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
                 files,
+                skipped,
                 records,
                 split,
                 policy: SkipPolicy::new(strict),
@@ -168,8 +180,13 @@ impl IndexedSource for TextSource {
             TextSplit::File => "documents",
             TextSplit::Paragraph => "documents (txt: one per paragraph)",
         };
+        let skipped = FoundFiles {
+            files: Vec::new(),
+            skipped: self.inner.skipped.clone(),
+        }
+        .skipped_note();
         format!(
-            "text {}: {} files, {} {unit}",
+            "text {}: {} files, {} {unit}{skipped}",
             self.inner.root.display(),
             self.inner.files.len(),
             self.inner.records.len()

@@ -8,13 +8,13 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 
 use super::brace::expand_braces;
 use super::skip::reason_of;
-use super::{is_safe_relative, ImageData, RecordIter, Sample, SampleSource};
+use super::{collect_files, is_safe_relative, ImageData, RecordIter, Sample, SampleSource};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
 use crate::rng::Rng64;
@@ -41,14 +41,32 @@ pub struct WdsSource {
 }
 
 impl WdsSource {
-    /// Expands `pattern` (see [`expand_braces`]); every shard must exist.
+    /// Expands `pattern` (see [`expand_braces`]); every shard must exist. A pattern naming a
+    /// directory means every `.tar` file under it (recursive, sorted by path).
     /// With `shuffle`, each epoch reads the shards in a seeded random order (members stay
     /// in their order within a shard).
     pub fn open(pattern: &str, shuffle: bool, seed: u64, strict: bool) -> Result<Self, DataError> {
-        let shards: Vec<PathBuf> = expand_braces(pattern)?
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
+        let shards: Vec<PathBuf> = if Path::new(pattern).is_dir() {
+            let found = collect_files(Path::new(pattern), &["tar"])?;
+            if found.files.is_empty() {
+                return Err(DataError::invalid(
+                    pattern,
+                    format!("directory holds no .tar shards{}", found.skipped_note()),
+                ));
+            }
+            found.files
+        } else {
+            expand_braces(pattern)?
+                .into_iter()
+                .map(PathBuf::from)
+                .collect()
+        };
+        if let Some(dir) = shards.iter().find(|p| p.is_dir()) {
+            return Err(DataError::invalid(
+                dir,
+                format!("is a directory, not a tar shard (from pattern `{pattern}`)"),
+            ));
+        }
         if let Some(missing) = shards.iter().find(|p| !p.is_file()) {
             return Err(DataError::invalid(
                 missing,
@@ -85,6 +103,29 @@ impl WdsSource {
 }
 
 type Item = Result<Option<Sample>, DataError>;
+
+/// Longest tar error text kept in a message.
+const MAX_PROBLEM_CHARS: usize = 120;
+
+/// A tar reader's error as a readable message: the `tar` crate quotes the header bytes it
+/// failed on, which for a file that is not a tar archive are binary garbage, so every run
+/// of characters other than printable ASCII becomes one `?` and the text is cut at
+/// [`MAX_PROBLEM_CHARS`].
+fn tar_problem(e: &std::io::Error) -> String {
+    let mut text = String::new();
+    for c in e.to_string().chars() {
+        if text.len() >= MAX_PROBLEM_CHARS {
+            text.push_str("...");
+            break;
+        }
+        if c == ' ' || c.is_ascii_graphic() {
+            text.push(c);
+        } else if !text.ends_with('?') {
+            text.push('?');
+        }
+    }
+    format!("not a valid tar archive (tar error: {text})")
+}
 
 /// One key group: the members of a sample.
 #[derive(Default)]
@@ -128,7 +169,7 @@ impl Reader {
         let mut archive = tar::Archive::new(BufReader::new(file));
         let entries = match archive.entries() {
             Ok(e) => e,
-            Err(e) => return self.emit(|p| p.bad(&sname, format!("tar error: {e}"))),
+            Err(e) => return self.emit(|p| p.bad(&sname, tar_problem(&e))),
         };
         let mut group = Group::default();
         for entry in entries {
@@ -139,7 +180,7 @@ impl Reader {
                     if !group.members.is_empty() && !self.emit(|p| decode_group(&sname, group, p)) {
                         return false;
                     }
-                    return self.emit(|p| p.bad(&sname, format!("tar error: {e}")));
+                    return self.emit(|p| p.bad(&sname, tar_problem(&e)));
                 }
             };
             if !entry.header().entry_type().is_file() {
@@ -164,7 +205,7 @@ impl Reader {
             // Always read (the archive is sequential anyway); only decoding is skipped.
             let mut bytes = Vec::new();
             if let Err(e) = entry.read_to_end(&mut bytes) {
-                return self.emit(|p| p.bad(&mname, format!("tar error: {e}")));
+                return self.emit(|p| p.bad(&mname, tar_problem(&e)));
             }
             group.members.push((ext.to_ascii_lowercase(), bytes));
         }

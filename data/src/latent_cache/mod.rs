@@ -151,6 +151,17 @@ impl LatentCacheSource {
         }
         let (mut shards, mut starts, mut captions) = (Vec::new(), Vec::new(), Vec::new());
         for s in &index.shards {
+            // Shards live in the cache directory: a name with `..`, a root or a drive
+            // would read a file elsewhere.
+            if !crate::datasets::is_safe_relative(&s.file) {
+                return Err(DataError::invalid(
+                    &path,
+                    format!(
+                        "shard `{}` is not a plain name inside the cache directory",
+                        s.file
+                    ),
+                ));
+            }
             let p = dir.join(&s.file);
             let (data_start, caps) = read_header(&p, s.count, index.shape)?;
             starts.push(captions.len());

@@ -107,7 +107,7 @@ impl CacheWriter<'_> {
         }
         let path = self.dir.join(INDEX_FILE);
         let json = serde_json::to_string_pretty(&self.index).expect("index serializes");
-        std::fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
+        crate::files::write_file(&path, json)?;
         Ok(self.index)
     }
 }
@@ -125,7 +125,7 @@ pub fn cache_latents(
     per_shard: usize,
     mut progress: impl FnMut(usize, Option<usize>),
 ) -> Result<LatentIndex, DataError> {
-    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
+    crate::files::create_dir(out_dir)?;
     let shape = encoder.latent_shape();
     let total = source.num_records();
     let mut w = CacheWriter {

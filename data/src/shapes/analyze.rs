@@ -109,37 +109,8 @@ pub fn analyze_components(img: &RgbImage) -> Vec<Component> {
     let large = shape_extent(Size::Large, side) as f32;
     let min_area = ((small * small * 0.25).ceil() as usize).max(3);
 
-    let mut seen = vec![false; labels.len()];
     let mut found = Vec::new();
-    let mut stack = Vec::new();
-    for start in 0..labels.len() {
-        let Some(color) = labels[start] else {
-            continue;
-        };
-        if seen[start] {
-            continue;
-        }
-        // Flood fill one 8-connected component of this colour.
-        let mut pixels = Vec::new();
-        seen[start] = true;
-        stack.push(start);
-        while let Some(k) = stack.pop() {
-            pixels.push(k);
-            let (x, y) = ((k % width as usize) as i64, (k / width as usize) as i64);
-            for dy in -1..=1 {
-                for dx in -1..=1 {
-                    let (nx, ny) = (x + dx, y + dy);
-                    if nx < 0 || ny < 0 || nx >= width as i64 || ny >= height as i64 {
-                        continue;
-                    }
-                    let n = ny as usize * width as usize + nx as usize;
-                    if !seen[n] && labels[n] == Some(color) {
-                        seen[n] = true;
-                        stack.push(n);
-                    }
-                }
-            }
-        }
+    for (color, pixels) in label_components(&labels, width as usize, height as usize) {
         if pixels.len() >= min_area {
             let color = Color::ALL[color as usize];
             found.push(describe(img, &labels, &pixels, color, small, large));
@@ -151,6 +122,44 @@ pub fn analyze_components(img: &RgbImage) -> Vec<Component> {
             .then(a.attributes.cell().cmp(&b.attributes.cell()))
     });
     found
+}
+
+/// The 8-connected groups of pixels with the same label in a `[h, w]` row-major image of
+/// labels (`None`: unlabelled), as `(label, pixel indices)` in order of their first pixel.
+pub(super) fn label_components<T: Copy + PartialEq>(
+    labels: &[Option<T>],
+    w: usize,
+    h: usize,
+) -> Vec<(T, Vec<usize>)> {
+    let mut seen = vec![false; labels.len()];
+    let mut groups = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..labels.len() {
+        let Some(label) = labels[start] else {
+            continue;
+        };
+        if seen[start] {
+            continue;
+        }
+        let mut pixels = Vec::new();
+        seen[start] = true;
+        stack.push(start);
+        while let Some(k) = stack.pop() {
+            pixels.push(k);
+            let (x, y) = (k % w, k / w);
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    let n = ny * w + nx;
+                    if !seen[n] && labels[n] == Some(label) {
+                        seen[n] = true;
+                        stack.push(n);
+                    }
+                }
+            }
+        }
+        groups.push((label, pixels));
+    }
+    groups
 }
 
 /// Scales a colour so that its brightest channel is 255.

@@ -21,6 +21,7 @@
 //! [`analyze`] reads an image back into attributes, so generated images can be scored.
 
 mod analyze;
+mod clean;
 mod generator;
 
 use std::fmt;
@@ -29,6 +30,7 @@ use ::image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
 pub use analyze::{analyze, analyze_components, score, AttributeScore, Component};
+pub use clean::{cleanliness, Cleanliness, CLEAN_BACKGROUND_MAX};
 pub use generator::{ShapeSample, ShapesGenerator};
 
 /// Defines a word-valued attribute enum with `ALL`, `word`, `from_word`, `index` and

@@ -60,6 +60,12 @@ fn text_files_and_jsonl_recursive_sorted_with_bad_lines_skipped() {
     let _ = src.iter_epoch(1, 0).unwrap().count();
     assert_eq!(src.skips().count, 2);
     assert!(src.skips().to_string().starts_with("skipped 2 files: "));
+    // The walk names the file it did not read.
+    let described = SampleSource::describe(&src);
+    assert!(
+        described.contains("skipped 1 file of other types") && described.contains("notes.md"),
+        "{described}"
+    );
 }
 
 #[test]
@@ -78,7 +84,11 @@ fn text_paragraph_split_and_strict_mode() {
         err.contains("c.jsonl:3") && err.contains("invalid JSON"),
         "{err}"
     );
-    assert!(TextSource::open(&dir.path().join("notes.md"), TextSplit::File, false).is_err());
+    // A file named explicitly is read as plain text whatever its extension.
+    let notes = TextSource::open(&dir.path().join("notes.md"), TextSplit::File, false).unwrap();
+    assert_eq!(all_records(&notes), vec![text("ignored")]);
+    let missing = TextSource::open(&dir.path().join("missing"), TextSplit::File, false);
+    assert!(missing.unwrap_err().to_string().contains("missing"));
 }
 
 #[test]
@@ -127,6 +137,31 @@ fn imagefolder_metadata_jsonl_skips_corrupt_missing_and_unsafe() {
     // Strict: the first bad line is an error naming it.
     let err = ImageFolderSource::open(d, true).unwrap_err().to_string();
     assert!(err.contains("missing.png"), "{err}");
+}
+
+/// Documented behaviour: an image that is a symbolic link is read through the link, even
+/// when it points outside the folder (a folder of links into a shared store).
+#[cfg(unix)]
+#[test]
+fn imagefolder_follows_symlinked_images() {
+    let store = tempfile::tempdir().unwrap();
+    let image = test_image(6, 6, 4);
+    write_png(&store.path().join("blob"), &image);
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(store.path().join("blob"), dir.path().join("a.png")).unwrap();
+    fs::write(
+        dir.path().join("metadata.jsonl"),
+        r#"{"file_name": "a.png", "text": "linked"}"#,
+    )
+    .unwrap();
+    let src = ImageFolderSource::open(dir.path(), true).unwrap();
+    assert_eq!(
+        src.get(0, 0).unwrap(),
+        Some(Sample::Pair {
+            image: ImageData::Pixels(image),
+            caption: "linked".into()
+        })
+    );
 }
 
 #[test]
@@ -208,6 +243,23 @@ fn coco_all_pairs_and_missing_image_counted() {
     // Image 3 is listed with a caption but missing; image 4 has no caption (not a record).
     assert_eq!(src.skips().count, 1);
     assert!(src.skips().examples[0].0.ends_with("3.png"));
+
+    // Every image missing: the error says why each was left out.
+    let empty = dir.path().join("no-images");
+    fs::create_dir(&empty).unwrap();
+    let err = CocoSource::open(&empty, &ann, CocoCaptions::AllPairs, 0, false)
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "captions_train.json",
+        "no captioned images found",
+        "4 images and 6 captions listed",
+        "1 images have no caption",
+        "skipped 3 files",
+        "1.png (missing image file)",
+    ] {
+        assert!(err.contains(needle), "{needle} not in {err}");
+    }
     assert!(CocoSource::open(
         &dir.path().join("images"),
         &ann,

@@ -125,6 +125,20 @@ fn mixture_by_samples_follows_weights() {
 }
 
 #[test]
+fn huge_weights_give_the_same_shares_as_small_ones() {
+    use transfusion_data::mixture::shares;
+    // The plain sum of these overflows to infinity (shares would be NaN / 0).
+    assert_eq!(shares(&[1e308, 1e308]), [0.5, 0.5]);
+    let big = shares(&[3e307, 1e307]);
+    assert!(
+        (big[0] - 0.75).abs() < 1e-15 && (big[1] - 0.25).abs() < 1e-15,
+        "{big:?}"
+    );
+    assert_eq!(shares(&[3.0, 1.0]), [0.75, 0.25]);
+    assert_eq!(shares(&[1e-300, 3e-300]), [0.25, 0.75]);
+}
+
+#[test]
 fn mixture_by_tokens_balances_tokens_and_restores_state() {
     let dir = tempfile::tempdir().unwrap();
     let make = || {

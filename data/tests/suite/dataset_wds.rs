@@ -39,7 +39,15 @@ fn brace_ranges_keep_padding_and_lists_multiply() {
     assert_eq!(expand_braces("plain.tar").unwrap(), ["plain.tar"]);
     assert_eq!(expand_braces("{single}").unwrap(), ["{single}"]);
     assert_eq!(expand_braces("{000..099}").unwrap().len(), 100);
-    for bad in ["a{0..3", "a}b", "{0..99999999}"] {
+    assert_eq!(expand_braces("{-1..1}").unwrap(), ["-1", "0", "1"]);
+    // Bounds whose distance overflows i64, and bounds beyond i64.
+    for bad in [
+        "a{0..3",
+        "a}b",
+        "{0..99999999}",
+        "{-9223372036854775808..9223372036854775807}",
+        "{0..99999999999999999999}",
+    ] {
         let e = expand_braces(bad).unwrap_err().to_string();
         assert!(e.contains(bad), "{e}");
     }
@@ -165,6 +173,24 @@ fn wds_missing_shard_and_shuffled_order() {
         "{err}"
     );
 
+    // A directory means the shards in it, sorted by name.
+    let whole = WdsSource::open(&dir.path().display().to_string(), false, 0, false).unwrap();
+    let names: Vec<_> = whole
+        .shards()
+        .iter()
+        .filter_map(|p| p.file_name())
+        .collect();
+    assert_eq!(names, ["shard-00.tar", "shard-01.tar"]);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = WdsSource::open(&empty.display().to_string(), false, 0, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("empty") && err.contains("no .tar shards"),
+        "{err}"
+    );
+
     let pattern = format!("{}/shard-{{00,01}}.tar", dir.path().display());
     let src = WdsSource::open(&pattern, true, 3, false).unwrap();
     let firsts: std::collections::BTreeSet<String> = (0..16)
@@ -201,5 +227,22 @@ fn wds_truncated_shard_is_one_skipped_record() {
         src.skips().to_string().contains("shard-00.tar"),
         "{}",
         src.skips()
+    );
+
+    // A file of random bytes: one skipped record whose reason is printable text.
+    let garbage = dir.path().join("garbage.tar");
+    let mut rng = transfusion_data::rng::Rng64::new(5);
+    let bytes: Vec<u8> = (0..3000).map(|_| rng.next_u64() as u8).collect();
+    std::fs::write(&garbage, bytes).unwrap();
+    let src = WdsSource::open(&garbage.display().to_string(), false, 0, false).unwrap();
+    assert_eq!(src.iter_epoch(0, 0).unwrap().map(|r| r.unwrap()).count(), 1);
+    let report = src.skips();
+    assert_eq!(report.count, 1);
+    let (name, reason) = &report.examples[0];
+    assert!(name.ends_with("garbage.tar"), "{name}");
+    assert!(reason.starts_with("not a valid tar archive"), "{reason}");
+    assert!(
+        reason.len() < 240 && reason.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
+        "{reason}"
     );
 }

@@ -384,4 +384,12 @@ fn grid_and_png_round_trip() {
     let path = dir.path().join("nested/out/grid.png");
     save_png(&grid, &path).unwrap();
     assert_eq!(load_image(&path).unwrap(), grid);
+
+    // A place that cannot be written (here a directory under a file) is named.
+    let under_file = path.join("x.png");
+    let err = save_png(&grid, &under_file).unwrap_err().to_string();
+    assert!(
+        err.starts_with("cannot write") && err.contains(&path.display().to_string()),
+        "{err}"
+    );
 }

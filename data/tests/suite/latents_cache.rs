@@ -113,6 +113,21 @@ fn damaged_caches_are_reported_with_the_file() {
         "{e}"
     );
 
+    // An index naming a shard outside the cache directory is refused.
+    std::fs::write(&shard, &bytes).unwrap();
+    assert!(LatentCacheSource::open(&out).is_ok());
+    let index = std::fs::read_to_string(out.join(INDEX_FILE)).unwrap();
+    for outside in ["../shard-00001.safetensors", "/etc/passwd"] {
+        let edited = index.replace("shard-00001.safetensors", outside);
+        assert_ne!(edited, index);
+        std::fs::write(out.join(INDEX_FILE), edited).unwrap();
+        let e = LatentCacheSource::open(&out).unwrap_err().to_string();
+        assert!(
+            e.contains(INDEX_FILE) && e.contains(outside) && e.contains("inside the cache"),
+            "{e}"
+        );
+    }
+
     std::fs::remove_file(out.join(INDEX_FILE)).unwrap();
     let e = LatentCacheSource::open(&out).unwrap_err().to_string();
     assert!(e.contains(INDEX_FILE), "{e}");

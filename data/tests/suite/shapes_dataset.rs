@@ -3,8 +3,8 @@
 use image::RgbImage;
 use transfusion_data::image::{from_chw, to_chw};
 use transfusion_data::shapes::{
-    analyze, analyze_components, caption, parse_caption, render, score, shape_extent, Color,
-    Column, Row, Shape, ShapeAttributes, ShapesGenerator, Size, BACKGROUND,
+    analyze, analyze_components, caption, cleanliness, parse_caption, render, score, shape_extent,
+    Color, Column, Row, Shape, ShapeAttributes, ShapesGenerator, Size, BACKGROUND,
 };
 
 /// Every single-shape attribute combination (3 x 6 x 9 x 2 = 324).
@@ -375,6 +375,48 @@ fn analyze_is_robust_to_blur() {
             "size {size}, blur 1.0 + noise 0.05: {both}/1000"
         );
     }
+}
+
+#[test]
+fn renderings_are_clean_and_speckles_or_fragments_are_not() {
+    for size in [32, 64] {
+        for a in all_single() {
+            let c = cleanliness(&render(&[a], size));
+            assert_eq!((c.background, c.components), (1.0, 1), "{a:?} at {size}");
+        }
+    }
+    let a = attrs(
+        Shape::Square,
+        Color::Blue,
+        Column::Center,
+        Row::Middle,
+        Size::Small,
+    );
+    // Speckles: every 9th pixel lit in a palette colour.
+    let mut speckled = render(&[a], 32);
+    for k in (0..32 * 32).step_by(9) {
+        speckled.put_pixel(k % 32, k / 32, Color::Red.rgb());
+    }
+    let c = cleanliness(&speckled);
+    assert!(c.background < 0.92 && c.components > 50, "{c:?}");
+    // A faint haze below the threshold is background; above it, it is not.
+    for (level, clean) in [(30u8, 1.0), (60, 0.0)] {
+        let mut hazy = render(&[a], 32);
+        for p in hazy.pixels_mut().filter(|p| p.0 == [0, 0, 0]) {
+            *p = image::Rgb([level, level, level]);
+        }
+        let c = cleanliness(&hazy);
+        assert_eq!((c.background, c.components), (clean, 1), "haze {level}");
+    }
+    // A second fragment of the same colour.
+    let mut two = render(&[a], 32);
+    two.put_pixel(1, 1, Color::Blue.rgb());
+    let c = cleanliness(&two);
+    assert_eq!(c.components, 2);
+    assert!(c.background < 1.0 && !c.one_component());
+    // Strong pixel noise (sigma 0.3 of the [-1, 1] range) leaves visible grain.
+    let c = cleanliness(&noisy(&render(&[a], 32), 0.3, 1));
+    assert!(c.background < 0.9, "{c:?}");
 }
 
 #[test]

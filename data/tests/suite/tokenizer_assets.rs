@@ -47,7 +47,9 @@ fn train_demo_tokenizer() -> TextTokenizer {
         .map(|i| serde_json::json!({ "caption": caption(&generator.attributes(i)) }).to_string())
         .collect();
     std::fs::write(&captions, lines.join("\n")).unwrap();
-    let tokenizer = train_bpe(&[assets().join("corpus"), captions], VOCAB_SIZE).unwrap();
+    let tokenizer = train_bpe(&[assets().join("corpus"), captions], VOCAB_SIZE)
+        .unwrap()
+        .tokenizer;
     assert_eq!(tokenizer.vocab_size(), VOCAB_SIZE);
     tokenizer
 }

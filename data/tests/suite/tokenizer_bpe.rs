@@ -39,7 +39,15 @@ fn corpus() -> (tempfile::TempDir, Vec<PathBuf>) {
 #[test]
 fn trained_vocab_size_is_respected_and_round_trip_is_exact() {
     let (_dir, files) = corpus();
-    let tok = train_bpe(&files, 300).unwrap();
+    let trained = train_bpe(&files, 300).unwrap();
+    // The directory walk names the file it did not read.
+    let skipped: Vec<_> = trained
+        .skipped
+        .iter()
+        .filter_map(|p| p.file_name())
+        .collect();
+    assert_eq!(skipped, ["ignored.csv"]);
+    let tok = trained.tokenizer;
     assert_eq!(tok.vocab_size(), 300);
     for text in [
         "The quick brown fox.",
@@ -58,14 +66,14 @@ fn trained_vocab_size_is_respected_and_round_trip_is_exact() {
     assert!(tok.encode("the quick brown fox").len() < "the quick brown fox".len());
 
     // A request larger than the corpus supports gives at most that many entries.
-    let big = train_bpe(&files, 5000).unwrap();
+    let big = train_bpe(&files, 5000).unwrap().tokenizer;
     assert!(big.vocab_size() <= 5000 && big.vocab_size() > 300);
 }
 
 #[test]
 fn special_tokens_are_distinct_recognised_and_skipped_when_decoding() {
     let (_dir, files) = corpus();
-    let tok = train_bpe(&files, 280).unwrap();
+    let tok = train_bpe(&files, 280).unwrap().tokenizer;
     let s = *tok.special();
     let ids = [s.bos, s.eos, s.pad, s.boi, s.eoi];
     let mut unique = ids.to_vec();
@@ -89,7 +97,7 @@ fn special_tokens_are_distinct_recognised_and_skipped_when_decoding() {
 #[test]
 fn save_and_load_keep_ids() {
     let (dir, files) = corpus();
-    let tok = train_bpe(&files, 290).unwrap();
+    let tok = train_bpe(&files, 290).unwrap().tokenizer;
     let path = dir.path().join("out/tokenizer.json");
     tok.save(&path).unwrap();
     let loaded = TextTokenizer::from_file(&path).unwrap();
@@ -195,11 +203,24 @@ fn bad_inputs_give_clear_errors() {
         .to_string();
     assert!(message.contains("at least 261"), "{message}");
 
-    let csv = dir.path().join("table.csv");
-    fs::write(&csv, "a,b\n").unwrap();
-    let message = train_bpe(&[csv], 300).unwrap_err().to_string();
+    // A file named explicitly is read as text whatever its extension (a fortune file).
+    let fortunes = dir.path().join("fortunes");
+    fs::write(&fortunes, TEXT.repeat(5)).unwrap();
+    let only_fortunes = train_bpe(std::slice::from_ref(&fortunes), 300).unwrap();
+    let with_txt = train_bpe(std::slice::from_ref(&text), 300).unwrap();
+    assert!(only_fortunes.skipped.is_empty());
+    let sample = "the quick brown fox";
+    assert!(only_fortunes.tokenizer.encode(sample).len() < sample.len());
+    assert_eq!(
+        only_fortunes.tokenizer.vocab_size(),
+        with_txt.tokenizer.vocab_size()
+    );
+
+    let binary = dir.path().join("table.bin");
+    fs::write(&binary, [0xffu8, 0xfe, 0x00, 0x80]).unwrap();
+    let message = train_bpe(&[binary], 300).unwrap_err().to_string();
     assert!(
-        message.contains("table.csv") && message.contains("unsupported"),
+        message.contains("table.bin") && message.contains("not UTF-8"),
         "{message}"
     );
 

@@ -561,6 +561,39 @@ fn a_checkpoint_stored_in_f16_loads_as_f32_and_generates() {
 }
 
 #[test]
+fn a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor() {
+    let dir = checkpoint();
+    let weights = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    // safetensors: u64 header length, a JSON header of name -> offsets, then the data.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let name = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| k.contains("wq"))
+        .unwrap()
+        .clone();
+    assert_eq!(header[&name]["dtype"], "F32");
+    let start = 8 + header_len + header[&name]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    bytes[start + 4..start + 8].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&weights, bytes).unwrap();
+    let err = match Pipeline::<B>::load(dir.path(), &Default::default()) {
+        Ok(_) => panic!("NaN weights were accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains(&name)
+            && err.contains("2 of")
+            && err.contains("NaN or infinite"),
+        "{err}"
+    );
+}
+
+#[test]
 fn model_json_refuses_unknown_and_missing_keys_and_reads_version_0() {
     use transfusion_infer::checkpoint::{parse_meta, META_FORMAT};
     let dir = checkpoint();

@@ -16,7 +16,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Training budget in minutes (evaluation comes after it).
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = 8.0, value_parser = super::parse_minutes)]
     pub minutes: f64,
     /// Optimizer steps planned; training stops at the budget or here.
     #[arg(long, default_value_t = 1500)]
@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// Sampler of the text-to-image evaluation: ddim or ddpm.
     #[arg(long, default_value = "ddim")]
     pub sampler: SamplerKind,
+    /// Cap of the decay of an EMA of the weights, which is then scored (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub ema_decay: f64,
     /// Score this checkpoint (e.g. assets/demo-checkpoint) instead of training one.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -60,5 +63,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     opts.cfg_scale = a.cfg;
     opts.sampler = a.sampler;
     opts.checkpoint = a.checkpoint;
+    opts.ema_decay = a.ema_decay;
     dispatch(a.device, DemoTask(opts))?
 }

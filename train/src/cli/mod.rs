@@ -10,3 +10,36 @@ pub mod run;
 pub mod tokenizer;
 pub mod vae;
 pub mod vae_bench;
+
+/// Most minutes a time budget may have (about two years; larger values overflow a duration).
+pub const MAX_MINUTES: f64 = 1e6;
+
+/// Parses a `--minutes` budget: a finite number of minutes in (0, [`MAX_MINUTES`]].
+pub fn parse_minutes(text: &str) -> Result<f64, String> {
+    let m: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of minutes"))?;
+    if !(m.is_finite() && m > 0.0 && m <= MAX_MINUTES) {
+        return Err(format!(
+            "the budget must be a number of minutes > 0 and <= {MAX_MINUTES}, got {text}"
+        ));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_minutes;
+
+    #[test]
+    fn minutes_must_be_a_positive_finite_budget() {
+        assert_eq!(parse_minutes("8"), Ok(8.0));
+        assert_eq!(parse_minutes(" 0.5 "), Ok(0.5));
+        // NaN and huge values used to panic converting to a Duration.
+        for bad in ["NaN", "inf", "-1", "0", "1e30", "ten"] {
+            let err = parse_minutes(bad).unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
+}

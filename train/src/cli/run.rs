@@ -66,7 +66,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Stop after this many minutes of training (with a checkpoint and an evaluation).
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_minutes)]
     pub minutes: Option<f64>,
     /// Print the resolved config as TOML and exit.
     #[arg(long)]

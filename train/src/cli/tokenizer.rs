@@ -7,7 +7,8 @@ use clap::Args;
 /// Flags of `tokenizer`.
 #[derive(Args, Debug)]
 pub struct TokenizerArgs {
-    /// Text files or directories (.txt, .jsonl), searched recursively.
+    /// Text files (any name; `.jsonl`: JSON lines with a `text` or `caption` field) or
+    /// directories, searched recursively for `.txt` and `.jsonl` files.
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
     /// Vocabulary size (256 bytes + 5 special tokens + merges).
@@ -20,7 +21,15 @@ pub struct TokenizerArgs {
 
 /// Trains and writes the tokenizer.
 pub fn run(a: TokenizerArgs) -> anyhow::Result<()> {
-    let tok = transfusion_data::tokenizer::train_bpe(&a.input, a.vocab_size)?;
+    let trained = transfusion_data::tokenizer::train_bpe(&a.input, a.vocab_size)?;
+    if !trained.skipped.is_empty() {
+        let found = transfusion_data::datasets::FoundFiles {
+            files: Vec::new(),
+            skipped: trained.skipped,
+        };
+        println!("not read:{}", found.skipped_note());
+    }
+    let tok = trained.tokenizer;
     tok.save(&a.out)?;
     println!("wrote {} ({} ids)", a.out.display(), tok.vocab_size());
     Ok(())

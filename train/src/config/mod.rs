@@ -25,6 +25,7 @@ use transfusion_model::{Precision, Prediction, TransfusionConfig};
 
 mod toml_file;
 mod validate;
+pub use validate::validate_optimizer;
 
 /// A configuration error naming the offending key (dotted path as in the TOML file).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -227,6 +228,12 @@ pub struct TrainingSection {
     /// gradients and AdamW state stay f32 (see `transfusion_model::precision`).
     #[serde(default)]
     pub precision: Precision,
+    /// Cap of the decay of an exponential moving average of the weights, in [0, 1)
+    /// (0: none). The average, with the warm-up `min(ema_decay, (1 + n) / (10 + n))`, is
+    /// what evaluations score and checkpoints' `model.safetensors` holds; the trained
+    /// weights are kept beside it for resuming.
+    #[serde(default)]
+    pub ema_decay: f64,
 }
 
 fn one() -> usize {
@@ -329,6 +336,7 @@ impl ExperimentConfig {
                 max_consecutive_nonfinite: default_nonfinite(),
                 log_every: 1,
                 precision: Precision::F32,
+                ema_decay: 0.0,
             },
             checkpoint: CheckpointSection {
                 every: (steps / 4).max(1),

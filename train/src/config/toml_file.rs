@@ -17,7 +17,7 @@ impl ExperimentConfig {
             let msg = e.message().to_string();
             // serde names the unknown field; report it with its table.
             let table = table_at(text, e.span());
-            let key = match (unknown_key(&msg), table) {
+            let key = match (unknown_key(&msg).or_else(|| key_at(text, e.span())), table) {
                 (Some(k), Some(t)) => format!("{t}.{k}"),
                 (Some(k), None) => k,
                 (None, Some(t)) => t,
@@ -75,6 +75,17 @@ fn unknown_key(msg: &str) -> Option<String> {
     Some(field.to_string())
 }
 
+/// The key assigned on the line where a value error points (`steps = "ten"` -> `steps`).
+fn key_at(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
+    let start = span?.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    (!key.is_empty() && key.chars().all(plain)).then(|| key.to_string())
+}
+
 /// The `[table]` header above the error position, without brackets.
 fn table_at(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
     let start = span?.start.min(text.len());
@@ -90,13 +101,8 @@ fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         return String::new();
     };
     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-    let table = text[..span.start.min(text.len())]
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('['))
-        .map(|l| l.trim().to_string());
-    match table {
-        Some(t) => format!(" (line {line}, in {t})"),
+    match table_at(text, Some(span)) {
+        Some(t) => format!(" (line {line}, in [{t}])"),
         None => format!(" (line {line})"),
     }
 }

@@ -3,7 +3,7 @@
 use transfusion_data::source::SourceKind;
 use transfusion_model::TransfusionConfig;
 
-use super::{bad, ConfigError, ExperimentConfig};
+use super::{bad, ConfigError, ExperimentConfig, OptimizerSection, ScheduleSection};
 
 impl ExperimentConfig {
     /// The model configuration for a tokenizer of `vocab_size` ids.
@@ -84,41 +84,11 @@ impl ExperimentConfig {
         if !(1..=9).contains(&d.shapes_max_shapes) {
             return bad("data.shapes_max_shapes", "must be in 1..=9");
         }
-        let o = &self.optimizer;
-        for (key, v) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return bad(key, format!("must be in [0, 1), got {v}"));
-            }
-        }
-        if !(o.eps > 0.0 && o.eps.is_finite()) {
-            return bad("optimizer.eps", "must be a positive number");
-        }
-        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
-            return bad("optimizer.weight_decay", "must be >= 0");
-        }
-        let s = &self.schedule;
-        if !(s.lr > 0.0 && s.lr.is_finite()) {
-            return bad(
-                "schedule.lr",
-                format!("must be a positive number, got {}", s.lr),
-            );
-        }
-        if !(s.min_lr >= 0.0 && s.min_lr <= s.lr) {
-            return bad(
-                "schedule.min_lr",
-                format!("must be in [0, lr = {}], got {}", s.lr, s.min_lr),
-            );
-        }
         let t = &self.training;
         if t.steps == 0 {
             return bad("training.steps", "must be >= 1");
         }
-        if s.warmup_steps > t.steps {
-            return bad(
-                "schedule.warmup_steps",
-                format!("({}) exceeds training.steps ({})", s.warmup_steps, t.steps),
-            );
-        }
+        validate_optimizer(&self.optimizer, &self.schedule, t.steps)?;
         if t.batch_size == 0 {
             return bad("training.batch_size", "must be >= 1");
         }
@@ -161,6 +131,12 @@ impl ExperimentConfig {
         if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
             return bad("training.grad_clip", "must be >= 0 (0 disables clipping)");
         }
+        if !(0.0..1.0).contains(&t.ema_decay) {
+            return bad(
+                "training.ema_decay",
+                format!("must be in [0, 1) (0: no EMA), got {}", t.ema_decay),
+            );
+        }
         if t.max_consecutive_nonfinite == 0 {
             return bad("training.max_consecutive_nonfinite", "must be >= 1");
         }
@@ -188,3 +164,42 @@ impl ExperimentConfig {
 /// The most activation memory one micro-batch may need (see the estimate in
 /// [`ExperimentConfig::validate`]); beyond it the run could only abort on allocation.
 pub const MAX_ACTIVATION_GIB: f64 = 1024.0;
+
+/// Checks the optimizer and learning-rate schedule sections (shared by every trainer);
+/// `steps` is the run's length, which the warm-up must not exceed.
+pub fn validate_optimizer(
+    o: &OptimizerSection,
+    s: &ScheduleSection,
+    steps: u64,
+) -> Result<(), ConfigError> {
+    for (key, v) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            return bad(key, format!("must be in [0, 1), got {v}"));
+        }
+    }
+    if !(o.eps > 0.0 && o.eps.is_finite()) {
+        return bad("optimizer.eps", "must be a positive number");
+    }
+    if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+        return bad("optimizer.weight_decay", "must be >= 0");
+    }
+    if !(s.lr > 0.0 && s.lr.is_finite()) {
+        return bad(
+            "schedule.lr",
+            format!("must be a positive number, got {}", s.lr),
+        );
+    }
+    if !(s.min_lr >= 0.0 && s.min_lr <= s.lr) {
+        return bad(
+            "schedule.min_lr",
+            format!("must be in [0, lr = {}], got {}", s.lr, s.min_lr),
+        );
+    }
+    if s.warmup_steps > steps {
+        return bad(
+            "schedule.warmup_steps",
+            format!("({}) exceeds the run's steps ({steps})", s.warmup_steps),
+        );
+    }
+    Ok(())
+}

@@ -18,6 +18,7 @@
 //! predicts `v` rather than `eps` and its patches carry a 2D position embedding (the tiny
 //! preset's default); both made the difference between noise and drawings in this budget.
 
+pub mod captions;
 pub mod score;
 
 use std::fmt::Write as _;
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
+use transfusion_data::files::write_file;
 use transfusion_data::image::{image_grid, save_png};
 use transfusion_data::shapes::{render, ShapesGenerator};
 use transfusion_data::source::parse_source_spec;
@@ -35,10 +37,17 @@ use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
 use transfusion_model::Prediction;
 
+use crate::data::{build_pipeline, Split};
 use crate::engine::RunOptions;
+use crate::metrics::{EvalMetrics, EvalSplit};
+use crate::transfusion::evaluate;
 use crate::transfusion::{run_training, TrainHooks};
 use crate::ExperimentConfig;
-use score::{score_captions, score_generated_images, AttributeAccuracy};
+use captions::captioned_grid;
+use score::{
+    score_captions, score_cleanliness, score_generated_images, AttributeAccuracy,
+    CleanlinessSummary,
+};
 
 /// The demo tokenizer, embedded so the demo runs from any directory.
 const DEMO_TOKENIZER: &[u8] = include_bytes!("../../../assets/tokenizer.json");
@@ -65,6 +74,8 @@ pub struct DemoOptions {
     pub checkpoint: Option<PathBuf>,
     /// Model width override (tests use a smaller model).
     pub d_model: Option<usize>,
+    /// Cap of the EMA decay of the weights (`training.ema_decay`; 0: none).
+    pub ema_decay: f64,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -82,6 +93,7 @@ impl DemoOptions {
             sampler: SamplerKind::Ddim,
             checkpoint: None,
             d_model: None,
+            ema_decay: 0.0,
             progress: true,
         }
     }
@@ -100,6 +112,8 @@ pub struct DemoReport {
     pub parameters: usize,
     /// Text-to-image: attributes of generated images (read back by the analyzer).
     pub text_to_image: AttributeAccuracy,
+    /// Text-to-image: how clean the generated images are (background, one component).
+    pub text_to_image_cleanliness: CleanlinessSummary,
     /// Image-to-text: attributes of generated captions (parsed).
     pub image_to_text: AttributeAccuracy,
     /// Image-to-text: generated caption equals the reference.
@@ -137,6 +151,7 @@ pub fn demo_config(opts: &DemoOptions, tokenizer: &Path) -> anyhow::Result<Exper
     cfg.checkpoint.every = (opts.steps / 3).max(1);
     cfg.eval.every = (opts.steps / 3).max(1);
     cfg.eval.batches = 2;
+    cfg.training.ema_decay = opts.ema_decay;
     if let Some(d) = opts.d_model {
         let mut model = cfg.model_config(512)?;
         model.d_model = d;
@@ -154,11 +169,8 @@ pub fn run_demo<B: AutodiffBackend>(
     device: &B::Device,
     label: &str,
 ) -> anyhow::Result<DemoReport> {
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create {}", opts.out.display()))?;
     let tokenizer = opts.out.join("tokenizer.json");
-    std::fs::write(&tokenizer, DEMO_TOKENIZER)
-        .with_context(|| format!("cannot write {}", tokenizer.display()))?;
+    write_file(&tokenizer, DEMO_TOKENIZER)?;
     let (steps, train_seconds, checkpoint, eval) = match &opts.checkpoint {
         Some(dir) => (0, 0.0, dir.clone(), None),
         None => {
@@ -188,6 +200,11 @@ pub fn run_demo<B: AutodiffBackend>(
     };
 
     let pipeline = Pipeline::<B::InnerBackend>::load(&checkpoint, &device.clone())?;
+    // A checkpoint scored without training: its held-out figures are measured here.
+    let eval = match eval {
+        Some(e) => e,
+        None => held_out_eval(opts, &tokenizer, &pipeline, device)?,
+    };
     eprintln!(
         "demo: evaluating {} held-out prompts and images",
         opts.eval_samples
@@ -211,6 +228,7 @@ pub fn run_demo<B: AutodiffBackend>(
         generated.extend(pipeline.image(&s.caption, &image_opts)?);
     }
     let t2i = score_generated_images(&expected, &generated);
+    let clean = score_cleanliness(&generated);
 
     // Image to text: all held-out images captioned in one batch, greedy.
     let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
@@ -230,19 +248,42 @@ pub fn run_demo<B: AutodiffBackend>(
         train_seconds,
         parameters: pipeline.meta.model.param_count().total(),
         text_to_image: t2i,
+        text_to_image_cleanliness: clean,
         image_to_text: i2t,
         caption_exact_match: exact,
-        held_out_perplexity: eval.as_ref().map_or(f64::NAN, |e| e.perplexity),
-        held_out_diffusion: eval.map(|e| e.diffusion).unwrap_or_default(),
+        held_out_perplexity: eval.perplexity,
+        held_out_diffusion: eval.diffusion,
         sampler: format!("{} {} steps", opts.sampler, opts.sampling_steps),
         cfg_scale: opts.cfg_scale,
         checkpoint,
     };
     let path = opts.out.join("report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_file(&path, serde_json::to_string_pretty(&report)?)?;
     print_report(&report, &opts.out);
     Ok(report)
+}
+
+/// The held-out evaluation the demo's training ends with, of a loaded checkpoint.
+fn held_out_eval<B: burn::prelude::Backend>(
+    opts: &DemoOptions,
+    tokenizer: &Path,
+    pipeline: &Pipeline<B>,
+    device: &B::Device,
+) -> anyhow::Result<EvalMetrics> {
+    let cfg = demo_config(opts, tokenizer)?;
+    let m = &pipeline.meta.model;
+    let tok = std::sync::Arc::new(pipeline.tokenizer.clone());
+    let mut held_out = build_pipeline(&cfg, m, &tok, Split::HeldOut, cfg.training.batch_size)?;
+    evaluate(
+        &pipeline.model,
+        &mut held_out,
+        cfg.eval.batches,
+        &cfg.eval.timesteps,
+        m.diffusion_loss_weight,
+        device,
+        pipeline.meta.step,
+        EvalSplit::of(&cfg.data.held_out, &cfg.data.train),
+    )
 }
 
 fn write_outputs(
@@ -281,15 +322,19 @@ fn write_outputs(
         let _ = writeln!(md, "| {i} | {} | {seen} |", s.caption);
     }
     save_png(&image_grid(&tiles, cols, 2), &out.join("text_to_image.png"))?;
-    std::fs::write(out.join("text_to_image.md"), md)?;
+    write_file(&out.join("text_to_image.md"), md)?;
 
     let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
-    save_png(&image_grid(&images, 8, 2), &out.join("image_to_text.png"))?;
-    let mut md = String::from("# Image to text\n\nImages in `image_to_text.png`, row-major, 8 per row.\n\n| # | reference | generated |\n|---|---|---|\n");
+    let references: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+    // Scaled so a caption wraps into a few lines under its image.
+    let scale = (96 / size).max(1);
+    let grid = captioned_grid(&images, captions, &references, 8, scale);
+    save_png(&grid, &out.join("image_to_text.png"))?;
+    let mut md = String::from("# Image to text\n\nImages in `image_to_text.png`, row-major, 8 per row, each above its generated caption (words not in the reference caption in red).\n\n| # | reference | generated |\n|---|---|---|\n");
     for (i, (s, c)) in samples.iter().zip(captions).enumerate() {
         let _ = writeln!(md, "| {i} | {} | {} |", s.caption, c.trim());
     }
-    std::fs::write(out.join("image_to_text.md"), md)?;
+    write_file(&out.join("image_to_text.md"), md)?;
     Ok(())
 }
 
@@ -310,6 +355,12 @@ fn print_report(r: &DemoReport, out: &Path) {
         r.steps, r.train_seconds, r.device, r.parameters
     );
     row("text->image", &r.text_to_image);
+    println!(
+        "{:<14} clean background {:5.1}%  one component {:5.1}%",
+        "",
+        100.0 * r.text_to_image_cleanliness.background,
+        100.0 * r.text_to_image_cleanliness.one_component
+    );
     row("image->text", &r.image_to_text);
     println!(
         "caption exact match {:.1}%, held-out caption perplexity {:.2}",

@@ -1,8 +1,11 @@
 //! Scoring the demo: per-attribute accuracy of generated images (read back with the shapes
-//! analyzer) and of generated captions (parsed back into attributes).
+//! analyzer) and of generated captions (parsed back into attributes), and the cleanliness
+//! of generated images.
 
 use serde::{Deserialize, Serialize};
-use transfusion_data::shapes::{analyze, parse_caption, score, AttributeScore, ShapeAttributes};
+use transfusion_data::shapes::{
+    analyze, cleanliness, parse_caption, score, AttributeScore, ShapeAttributes,
+};
 
 /// Accuracy of one attribute-scored task, in `[0, 1]`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -49,6 +52,28 @@ pub fn score_generated_images(
         .map(|(want, img)| score(want, &analyze(img)))
         .collect();
     AttributeAccuracy::from_scores(&scores)
+}
+
+/// How clean the generated images are (see `transfusion_data::shapes::cleanliness`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CleanlinessSummary {
+    /// Images measured.
+    pub count: usize,
+    /// Mean share of background pixels that are background-coloured.
+    pub background: f64,
+    /// Share of images whose lit pixels form exactly one connected group.
+    pub one_component: f64,
+}
+
+/// Measures the cleanliness of generated images.
+pub fn score_cleanliness(images: &[image::RgbImage]) -> CleanlinessSummary {
+    let n = images.len().max(1) as f64;
+    let each: Vec<_> = images.iter().map(cleanliness).collect();
+    CleanlinessSummary {
+        count: images.len(),
+        background: each.iter().map(|c| c.background).sum::<f64>() / n,
+        one_component: each.iter().filter(|c| c.one_component()).count() as f64 / n,
+    }
 }
 
 /// Scores generated captions against the attributes of the images they describe.

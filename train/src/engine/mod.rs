@@ -8,15 +8,19 @@
 //!
 //! A [`TrainTask`] supplies what differs between runs: the model and its init, the batch
 //! stream, the loss with its named parts, the evaluation, the checkpoint's own files and
-//! the plot. Transfusion pretraining ([`crate::transfusion::TransfusionTask`]) and VAE
+//! the plot. An exponential moving average of the weights ([`ema`]) is the engine's too.
+//! Transfusion pretraining ([`crate::transfusion::TransfusionTask`]) and VAE
 //! training ([`crate::vae::VaeTask`]) are the two tasks today.
 
+pub mod ema;
 pub mod init;
+mod lead;
 pub mod prepare;
 pub mod run;
 pub mod step;
 pub mod task;
 
+pub use ema::{ema_decay_at, Ema, RAW_WEIGHTS_FILE};
 pub use init::seeded_module;
 pub use prepare::{prepare, Prepared};
 pub use run::{run_task, step_progress_bar, train_loop, EngineHooks, RunOptions, RunOutcome};

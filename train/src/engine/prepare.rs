@@ -4,9 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use burn::module::Module;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
+use transfusion_data::files::create_dir;
+use transfusion_infer::checkpoint::load_weights;
 
+use super::ema::{Ema, RAW_WEIGHTS_FILE};
 use super::run::RunOptions;
 use super::task::TrainTask;
 use crate::checkpoint::{
@@ -25,6 +28,9 @@ pub struct Prepared<B: AutodiffBackend, T: TrainTask<B>> {
     pub model: T::Model,
     /// Step, skipped steps, data position, best evaluation loss.
     pub state: TrainingState<T::DataState>,
+    /// The moving average resumed from the checkpoint (a run with EMA on resuming a
+    /// checkpoint written with EMA on); a fresh average starts after the first step.
+    pub ema: Option<Ema<<T::Model as AutodiffModule<B>>::InnerModule>>,
 }
 
 impl<B: AutodiffBackend, T: TrainTask<B>> Prepared<B, T> {
@@ -36,6 +42,8 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Prepared<B, T> {
             resume_from: self.resume_from.clone(),
             model: self.model.clone().fork(device),
             state: self.state.clone(),
+            // Only rank 0 keeps the average.
+            ema: None,
         }
     }
 }
@@ -52,7 +60,7 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
     let out = &opts.out;
     let root = out.join("checkpoints");
     guard_earlier_run(out, &root, opts)?;
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    create_dir(&root)?;
     let leftovers = remove_leftovers(&root);
     if leftovers > 0 {
         eprintln!(
@@ -74,10 +82,20 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
         None
     };
     let settings = task.settings();
+    let mut ema = None;
     let (model, state) = match &resume_from {
         Some(dir) => {
             let state = read_training_state::<T::DataState>(dir)?;
-            let model = task.load_model(dir, device)?;
+            let mut model = task.load_model(dir, device)?;
+            // Written with EMA on: the task's weights are the average, the trained ones
+            // are beside them.
+            let raw = dir.join(RAW_WEIGHTS_FILE);
+            if raw.is_file() {
+                if settings.ema_decay > 0.0 {
+                    ema = Some(Ema::new(model.valid(), settings.ema_decay));
+                }
+                model = load_weights(model, &raw, "the checkpoint's model")?;
+            }
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
             (model, state)
         }
@@ -91,6 +109,7 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
         resume_from,
         model,
         state,
+        ema,
     })
 }
 

@@ -4,19 +4,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::lead::Lead;
 use super::prepare::{prepare, Prepared};
 use super::step::{accumulate, optimizer_step, LocalStep, SingleDevice, StepSync};
-use super::task::{EngineSettings, StepFigures, TrainTask};
-use crate::checkpoint::{
-    load_optimizer, prune_with, save_optimizer, step_dir_name, write_dir_atomically,
-    AdamWOptimizer, TrainingState, BEST_DIR, STATE_FILE,
-};
+use super::task::{StepFigures, TrainTask};
+use crate::checkpoint::{load_optimizer, AdamWOptimizer};
 use crate::metrics::{Line, MetricsLog, Record};
-use crate::optim::{adamw, all_finite};
+use crate::optim::adamw;
 use crate::schedule::lr_at;
 
 /// How to run (not part of the experiment).
@@ -133,88 +130,6 @@ pub fn step_progress_bar(total: u64, position: u64, show: bool) -> ProgressBar {
     b
 }
 
-/// Rank 0's bookkeeping: the metrics log and the checkpoints written.
-struct Lead<B: AutodiffBackend, T: TrainTask<B>> {
-    log: MetricsLog<Line<T::Step, T::Eval>>,
-    out: PathBuf,
-    root: PathBuf,
-    last_ckpt: Option<PathBuf>,
-    last_ckpt_step: Option<u64>,
-    last_eval: Option<T::Eval>,
-}
-
-impl<B: AutodiffBackend, T: TrainTask<B>> Lead<B, T> {
-    fn evaluate(
-        &mut self,
-        task: &mut T,
-        model: &T::Model,
-        step: u64,
-        bar: &ProgressBar,
-    ) -> anyhow::Result<()> {
-        let e = task.evaluate(&model.valid(), step)?;
-        bar.println(format!("eval @ {step}: {}", e.summary()));
-        self.log.push(Line::Eval(e.clone()))?;
-        task.plot(&self.log.lines, &self.out.join("loss.png"))?;
-        self.last_eval = Some(e);
-        Ok(())
-    }
-
-    /// Writes a step checkpoint (and `best/` when the evaluation of this very step is the
-    /// lowest so far), then prunes old ones. Never from non-finite weights.
-    fn checkpoint(
-        &mut self,
-        task: &T,
-        settings: &EngineSettings,
-        model: &T::Model,
-        optim: &AdamWOptimizer<T::Model, B>,
-        state: &mut TrainingState<T::DataState>,
-    ) -> anyhow::Result<()> {
-        if !all_finite(model) {
-            eprintln!(
-                "step {}: the weights hold non-finite values; no checkpoint written",
-                state.step
-            );
-            return Ok(());
-        }
-        state.data = task.data_state();
-        state.eval_loss = self
-            .last_eval
-            .as_ref()
-            .filter(|e| e.step() == state.step)
-            .and_then(|e| task.eval_loss(e))
-            .filter(|l| l.is_finite());
-        let improved = match (state.eval_loss, state.best_eval_loss) {
-            (Some(l), Some(best)) => l < best,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        if improved {
-            state.best_eval_loss = state.eval_loss;
-        }
-        let save = |name: &str| {
-            write_dir_atomically(&self.root, name, |tmp| {
-                task.save_model(tmp, model, state.step)?;
-                save_optimizer(tmp, model, optim)?;
-                // Last: its presence marks the directory complete.
-                std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
-                Ok(())
-            })
-        };
-        let dir = save(&step_dir_name(state.step))?;
-        if improved && settings.keep_best {
-            save(BEST_DIR)?;
-        }
-        prune_with(
-            &self.root,
-            settings.keep_last.max(1),
-            task.checkpoint_files(),
-        )?;
-        self.last_ckpt = Some(dir);
-        self.last_ckpt_step = Some(state.step);
-        Ok(())
-    }
-}
-
 /// The training loop of one replica. Rank 0 logs, evaluates and writes checkpoints; every
 /// replica reads the same data stream and trains on the micro-batches whose index is its
 /// rank modulo the world size, so `world` replicas with `grad_accum` micro-batches each
@@ -232,6 +147,7 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
         resume_from,
         mut model,
         mut state,
+        ema,
     } = prepared;
     let settings = task.settings();
     let (rank, world) = (sync.rank(), sync.world());
@@ -249,6 +165,7 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
             last_ckpt: resume_from.clone(),
             last_ckpt_step: resume_from.as_ref().map(|_| state.step),
             last_eval: None,
+            ema,
         })
     } else {
         None
@@ -307,6 +224,9 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
         window.1 += global.tokens;
         window.2 += global.images;
         let finite = global.finite;
+        if let Some(lead) = lead.as_mut().filter(|_| finite) {
+            lead.update_ema(&settings, &model, step);
+        }
         if finite {
             consecutive_bad = 0;
         } else {

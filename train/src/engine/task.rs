@@ -40,6 +40,9 @@ pub struct EngineSettings {
     pub max_consecutive_nonfinite: u32,
     /// The run's seed (recorded in the training state).
     pub seed: u64,
+    /// Cap of the EMA decay (see [`super::ema`]); 0: no EMA, the checkpoints hold the
+    /// trained weights.
+    pub ema_decay: f64,
 }
 
 /// One micro-batch's loss as two named parts (e.g. LM and diffusion loss, or
@@ -119,8 +122,15 @@ pub trait TrainTask<B: AutodiffBackend> {
     fn init_model(&self, device: &B::Device, materialize: bool) -> Self::Model;
     /// The model of checkpoint `dir`; errors when it does not fit this run's config.
     fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<Self::Model>;
-    /// Writes the model (and whatever inference needs beside it) into checkpoint `dir`.
-    fn save_model(&self, dir: &Path, model: &Self::Model, step: u64) -> anyhow::Result<()>;
+    /// Writes the model's inference weights (and whatever inference needs beside them)
+    /// into checkpoint `dir`: the EMA of the weights when the run keeps one, else the
+    /// trained weights ([`TrainTask::load_model`] reads them back).
+    fn save_model(
+        &self,
+        dir: &Path,
+        model: &<Self::Model as AutodiffModule<B>>::InnerModule,
+        step: u64,
+    ) -> anyhow::Result<()>;
     /// Opens the data stream, at `resume` when continuing a run.
     fn start_data(&mut self, resume: Option<&Self::DataState>) -> anyhow::Result<()>;
     /// Where the data stream stands after the last micro-batch taken.

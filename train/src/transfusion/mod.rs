@@ -15,6 +15,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use transfusion_data::batcher::TransfusionBatcher;
+use transfusion_data::files::write_file;
 use transfusion_data::packing::PackedRow;
 use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
@@ -250,6 +251,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
             keep_best: c.checkpoint.keep_best,
             max_consecutive_nonfinite: c.training.max_consecutive_nonfinite,
             seed: c.seed,
+            ema_decay: c.training.ema_decay,
         }
     }
 
@@ -259,8 +261,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
 
     fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
         let path = out.join(CONFIG_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&self.cfg)?)
-            .with_context(|| format!("cannot write {}", path.display()))
+        Ok(write_file(&path, serde_json::to_string_pretty(&self.cfg)?)?)
     }
 
     fn init_model(&self, device: &B::Device, materialize: bool) -> Transfusion<B> {
@@ -282,12 +283,17 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         Ok(model.with_precision(self.cfg.training.precision))
     }
 
-    fn save_model(&self, dir: &Path, model: &Transfusion<B>, step: u64) -> anyhow::Result<()> {
+    fn save_model(
+        &self,
+        dir: &Path,
+        model: &Transfusion<B::InnerBackend>,
+        step: u64,
+    ) -> anyhow::Result<()> {
         let mut meta = self.meta.clone();
         meta.step = step;
         save_model(dir, model, &meta, &self.tokenizer)?;
-        std::fs::write(
-            dir.join(CONFIG_FILE),
+        write_file(
+            &dir.join(CONFIG_FILE),
             serde_json::to_string_pretty(&self.cfg)?,
         )?;
         Ok(())

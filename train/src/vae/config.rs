@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use transfusion_data::source::SourceSpec;
 use transfusion_model::vae::{ReconLoss, VaeConfig};
 
-use crate::config::{OptimizerSection, ScheduleSection};
+use crate::config::{validate_optimizer, OptimizerSection, ScheduleSection};
 
 /// The run config file (in the run directory and in every checkpoint).
 pub const VAE_TRAIN_FILE: &str = "vae_train.json";
@@ -57,6 +57,10 @@ pub struct VaeTrainConfig {
     /// in configs written before it existed: 20).
     #[serde(default = "default_nonfinite")]
     pub max_consecutive_nonfinite: u32,
+    /// Cap of the decay of an EMA of the weights, in [0, 1) (0: none; see the training
+    /// engine's `ema` module).
+    #[serde(default)]
+    pub ema_decay: f64,
     /// Seed of every random choice.
     pub seed: u64,
 }
@@ -119,6 +123,7 @@ impl VaeTrainConfig {
             keep_last: 3,
             log_every: 10,
             max_consecutive_nonfinite: default_nonfinite(),
+            ema_decay: 0.0,
             seed: 0,
         })
     }
@@ -126,6 +131,13 @@ impl VaeTrainConfig {
     /// Checks the config; errors name the field.
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(!self.data.is_empty(), "VAE training: no --data source");
+        ensure!(self.steps >= 1, "steps must be >= 1, got {}", self.steps);
+        ensure!(
+            (0.0..1.0).contains(&self.ema_decay),
+            "ema_decay must be in [0, 1) (0: no EMA), got {}",
+            self.ema_decay
+        );
+        validate_optimizer(&self.optimizer, &self.schedule, self.steps)?;
         let f = self.vae.down_factor() as u32;
         ensure!(
             self.image_size > 0 && self.image_size % f == 0,

@@ -36,6 +36,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use image::RgbImage;
+use transfusion_data::files::{create_dir, write_file};
 use transfusion_data::image::save_png;
 use transfusion_data::rng::derive_seed;
 use transfusion_data::shapes::ShapesGenerator;
@@ -152,6 +153,7 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
             keep_best: false,
             max_consecutive_nonfinite: c.max_consecutive_nonfinite,
             seed: c.seed,
+            ema_decay: c.ema_decay,
         }
     }
 
@@ -160,12 +162,9 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
     }
 
     fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
-        let recon = out.join("recon");
-        std::fs::create_dir_all(&recon)
-            .with_context(|| format!("cannot create {}", recon.display()))?;
+        create_dir(&out.join("recon"))?;
         let path = out.join(VAE_TRAIN_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&self.cfg)?)
-            .with_context(|| format!("cannot write {}", path.display()))
+        Ok(write_file(&path, serde_json::to_string_pretty(&self.cfg)?)?)
     }
 
     fn init_model(&self, device: &B::Device, _materialize: bool) -> AutoencoderKl<B> {
@@ -188,10 +187,15 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         Ok(vae.model)
     }
 
-    fn save_model(&self, dir: &Path, model: &AutoencoderKl<B>, _step: u64) -> anyhow::Result<()> {
+    fn save_model(
+        &self,
+        dir: &Path,
+        model: &AutoencoderKl<B::InnerBackend>,
+        _step: u64,
+    ) -> anyhow::Result<()> {
         save_vae(dir, model, &self.vae_config)?;
-        std::fs::write(
-            dir.join(VAE_TRAIN_FILE),
+        write_file(
+            &dir.join(VAE_TRAIN_FILE),
             serde_json::to_string_pretty(&self.cfg)?,
         )?;
         Ok(())

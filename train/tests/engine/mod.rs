@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use transfusion_train::checkpoint::{list_checkpoints_with, read_training_state, BEST_DIR};
 use transfusion_train::config::{OptimizerSection, ScheduleSection};
 use transfusion_train::engine::{
-    run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, StepFigures, TaskLoss,
-    TrainTask, Work,
+    ema_decay_at, run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, StepFigures,
+    TaskLoss, TrainTask, Work, RAW_WEIGHTS_FILE,
 };
 use transfusion_train::metrics::{Line, Record};
 
@@ -81,6 +81,7 @@ impl Toy {
                 keep_best: true,
                 max_consecutive_nonfinite: 2,
                 seed: 5,
+                ema_decay: 0.0,
             },
             next: 0,
             scripted_evals: vec![3.0, 1.0, 2.0, 4.0],
@@ -124,7 +125,12 @@ impl TrainTask<B> for Toy {
             bias: Some(Param::from_tensor(b)),
         })
     }
-    fn save_model(&self, dir: &Path, model: &Linear<B>, _step: u64) -> anyhow::Result<()> {
+    fn save_model(
+        &self,
+        dir: &Path,
+        model: &<Linear<B> as AutodiffModule<B>>::InnerModule,
+        _step: u64,
+    ) -> anyhow::Result<()> {
         let w: Vec<f32> = model.weight.val().into_data().to_vec().unwrap();
         let b: Vec<f32> = model
             .bias
@@ -204,6 +210,107 @@ fn quiet(out: &Path) -> RunOptions {
 
 fn weights(dir: &Path) -> Vec<f32> {
     serde_json::from_str(&std::fs::read_to_string(dir.join("toy.json")).unwrap()).unwrap()
+}
+
+/// `[weight, bias]` of the trained weights the engine writes beside an EMA.
+fn raw_weights(dir: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(dir.join(RAW_WEIGHTS_FILE)).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    ["weight", "bias"]
+        .iter()
+        .map(|name| {
+            let data = file.tensor(name).unwrap().data().to_vec();
+            f32::from_le_bytes(data[..4].try_into().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn ema_decay_warms_up_then_holds_its_cap() {
+    assert_eq!(ema_decay_at(0.999, 0), 0.1);
+    assert_eq!(ema_decay_at(0.999, 10), 11.0 / 20.0);
+    assert_eq!(ema_decay_at(0.3, 3), 0.3); // (1 + 3) / 13 = 0.31 > cap
+    assert_eq!(ema_decay_at(0.999, 100_000), 0.999);
+}
+
+#[test]
+fn the_checkpoint_holds_the_ema_of_the_trained_weights() {
+    let device = Default::default();
+    let out = tempfile::tempdir().unwrap();
+    let mut toy = Toy::new(8);
+    toy.settings.ema_decay = 0.3;
+    toy.settings.checkpoint_every = 1;
+    toy.settings.keep_last = 100;
+    run_task(
+        &mut toy,
+        &quiet(out.path()),
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    let dir = |step: u64| out.path().join(format!("checkpoints/step-{step:08}"));
+    // The average starts at the weights after the first step, then folds in each step's.
+    let mut ema: Vec<f64> = raw_weights(&dir(1)).iter().map(|&v| v as f64).collect();
+    for n in 1..8u64 {
+        let d = ema_decay_at(0.3, n);
+        for (e, r) in ema.iter_mut().zip(raw_weights(&dir(n + 1))) {
+            *e = d * *e + (1.0 - d) * r as f64;
+        }
+    }
+    let saved = weights(&dir(8));
+    let raw = raw_weights(&dir(8));
+    for i in 0..2 {
+        // f32 arithmetic in the engine vs f64 here: a few ulps of values of order 1.
+        assert!(
+            (saved[i] as f64 - ema[i]).abs() < 2e-6,
+            "{saved:?} vs {ema:?}"
+        );
+        // The average lags the trained weights: the test can tell them apart.
+        assert!((saved[i] - raw[i]).abs() > 1e-3, "{saved:?} vs {raw:?}");
+    }
+}
+
+#[test]
+fn a_run_with_ema_resumes_exactly() {
+    let device = Default::default();
+    let with_ema = |steps| {
+        let mut toy = Toy::new(steps);
+        toy.settings.ema_decay = 0.5;
+        toy
+    };
+    let straight = tempfile::tempdir().unwrap();
+    run_task(
+        &mut with_ema(8),
+        &quiet(straight.path()),
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    let split = tempfile::tempdir().unwrap();
+    let mut first = quiet(split.path());
+    first.stop_at_step = Some(3);
+    run_task(
+        &mut with_ema(8),
+        &first,
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    let mut second = quiet(split.path());
+    second.resume = true;
+    let b = run_task(
+        &mut with_ema(8),
+        &second,
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap();
+    assert_eq!((b.started_at, b.steps), (3, 8));
+    let name = "checkpoints/step-00000008";
+    let (a, b) = (straight.path().join(name), split.path().join(name));
+    assert_eq!(weights(&a), weights(&b));
+    assert_eq!(raw_weights(&a), raw_weights(&b));
+    assert_ne!(weights(&a), raw_weights(&a));
 }
 
 #[test]
@@ -300,6 +407,28 @@ fn engine_resume_continues_exactly() {
         weights(&straight.path().join(name)),
         weights(&split.path().join(name))
     );
+
+    // A damaged optimizer state is named, with what to do, and nothing is written.
+    let optimizer = split.path().join(name).join("optimizer.mpk");
+    let bytes = std::fs::read(&optimizer).unwrap();
+    std::fs::write(&optimizer, &bytes[..bytes.len() / 2]).unwrap();
+    let mut third = quiet(split.path());
+    third.resume = true;
+    let err = run_task(
+        &mut Toy::new(10),
+        &third,
+        &mut EngineHooks::default(),
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(&optimizer.display().to_string())
+            && err.contains("damaged")
+            && !err.contains("version"),
+        "{err}"
+    );
+    assert!(!split.path().join("checkpoints/step-00000009").exists());
 }
 
 #[test]

@@ -200,3 +200,21 @@ fn a_preset_written_out_as_model_config_parses_back() {
     assert_eq!(got.prediction, Some(transfusion_model::Prediction::V));
     assert_eq!(got.patch_position_embedding, Some(true));
 }
+
+#[test]
+fn run_preset_tiny_trains_what_the_demo_trains() {
+    use transfusion_train::demo::{demo_config, DemoOptions};
+    let opts = DemoOptions::new("unused");
+    let demo = demo_config(&opts, "tok.json".as_ref()).unwrap();
+    let run = ExperimentConfig::quick("tiny", demo.data.train.clone(), opts.steps);
+    // The objective, the data layout and the optimizer schedule are the same.
+    assert_eq!(run.model, demo.model);
+    assert_eq!(run.model.prediction, Some(transfusion_model::Prediction::V));
+    assert_eq!(run.data.p_caption_first, demo.data.p_caption_first);
+    assert_eq!(run.data.caption_dropout, demo.data.caption_dropout);
+    assert_eq!(run.training.seq_len, demo.training.seq_len);
+    assert_eq!(run.training.batch_size, demo.training.batch_size);
+    assert_eq!(run.schedule, demo.schedule);
+    assert_eq!(run.optimizer, demo.optimizer);
+    assert_eq!(run.training.ema_decay, demo.training.ema_decay);
+}

@@ -26,6 +26,8 @@ pub fn tiny_model() -> TransfusionConfig {
 
 pub fn tiny_cfg(steps: u64) -> ExperimentConfig {
     let mut c = ExperimentConfig::quick("tiny", vec!["shapes:500".parse().unwrap()], steps);
+    // The tests' small model keeps the paper's objective (eps).
+    c.model.prediction = None;
     c.model.preset = None;
     c.model.config = Some(tiny_model());
     c.data.tokenizer = tokenizer_path();

@@ -27,6 +27,7 @@ pub mod resnet;
 pub mod rope;
 pub mod schedule;
 pub mod timestep;
+pub mod trigflow;
 pub mod unet;
 pub mod vae;
 

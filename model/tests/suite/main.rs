@@ -13,5 +13,6 @@ mod patch;
 mod precision;
 mod prediction;
 mod schedule;
+mod trigflow;
 mod vae_diffusers;
 mod vae_network;

@@ -225,6 +225,24 @@ fn raw_weights(dir: &Path) -> Vec<f32> {
         .collect()
 }
 
+/// One run of `make()` straight through, and one stopped after step 3 then resumed to the
+/// end (its started-at and final steps checked): the two run directories.
+fn straight_and_resumed_at_3(make: impl Fn() -> Toy) -> (tempfile::TempDir, tempfile::TempDir) {
+    let device = Default::default();
+    let run = |o: &RunOptions| run_task(&mut make(), o, &mut EngineHooks::default(), &device);
+    let straight = tempfile::tempdir().unwrap();
+    let end = run(&quiet(straight.path())).unwrap().steps;
+    let split = tempfile::tempdir().unwrap();
+    let mut first = quiet(split.path());
+    first.stop_at_step = Some(3);
+    assert_eq!(run(&first).unwrap().steps, 3);
+    let mut second = quiet(split.path());
+    second.resume = true;
+    let b = run(&second).unwrap();
+    assert_eq!((b.started_at, b.steps), (3, end));
+    (straight, split)
+}
+
 #[test]
 fn ema_decay_warms_up_then_holds_its_cap() {
     assert_eq!(ema_decay_at(0.999, 0), 0.1);
@@ -272,40 +290,11 @@ fn the_checkpoint_holds_the_ema_of_the_trained_weights() {
 
 #[test]
 fn a_run_with_ema_resumes_exactly() {
-    let device = Default::default();
-    let with_ema = |steps| {
-        let mut toy = Toy::new(steps);
+    let (straight, split) = straight_and_resumed_at_3(|| {
+        let mut toy = Toy::new(8);
         toy.settings.ema_decay = 0.5;
         toy
-    };
-    let straight = tempfile::tempdir().unwrap();
-    run_task(
-        &mut with_ema(8),
-        &quiet(straight.path()),
-        &mut EngineHooks::default(),
-        &device,
-    )
-    .unwrap();
-    let split = tempfile::tempdir().unwrap();
-    let mut first = quiet(split.path());
-    first.stop_at_step = Some(3);
-    run_task(
-        &mut with_ema(8),
-        &first,
-        &mut EngineHooks::default(),
-        &device,
-    )
-    .unwrap();
-    let mut second = quiet(split.path());
-    second.resume = true;
-    let b = run_task(
-        &mut with_ema(8),
-        &second,
-        &mut EngineHooks::default(),
-        &device,
-    )
-    .unwrap();
-    assert_eq!((b.started_at, b.steps), (3, 8));
+    });
     let name = "checkpoints/step-00000008";
     let (a, b) = (straight.path().join(name), split.path().join(name));
     assert_eq!(weights(&a), weights(&b));
@@ -373,35 +362,7 @@ fn engine_evaluates_checkpoints_and_keeps_the_best_on_its_cadence() {
 #[test]
 fn engine_resume_continues_exactly() {
     let device = Default::default();
-    let straight = tempfile::tempdir().unwrap();
-    run_task(
-        &mut Toy::new(8),
-        &quiet(straight.path()),
-        &mut EngineHooks::default(),
-        &device,
-    )
-    .unwrap();
-    let split = tempfile::tempdir().unwrap();
-    let mut first = quiet(split.path());
-    first.stop_at_step = Some(3);
-    let a = run_task(
-        &mut Toy::new(8),
-        &first,
-        &mut EngineHooks::default(),
-        &device,
-    )
-    .unwrap();
-    assert_eq!(a.steps, 3);
-    let mut second = quiet(split.path());
-    second.resume = true;
-    let b = run_task(
-        &mut Toy::new(8),
-        &second,
-        &mut EngineHooks::default(),
-        &device,
-    )
-    .unwrap();
-    assert_eq!((b.started_at, b.steps), (3, 8));
+    let (straight, split) = straight_and_resumed_at_3(|| Toy::new(8));
     let name = "checkpoints/step-00000008";
     assert_eq!(
         weights(&straight.path().join(name)),

@@ -115,32 +115,25 @@ pub struct FoundFiles {
     pub skipped: Vec<PathBuf>,
 }
 
-impl FoundFiles {
-    /// `""` when nothing was skipped, else `" (skipped N files of other types: a, b, ...)"`,
-    /// naming the first few.
-    pub fn skipped_note(&self) -> String {
-        if self.skipped.is_empty() {
-            return String::new();
-        }
-        const SHOWN: usize = 3;
-        let names: Vec<String> = self
-            .skipped
-            .iter()
-            .take(SHOWN)
-            .map(|p| p.display().to_string())
-            .collect();
-        let more = if self.skipped.len() > SHOWN {
-            ", ..."
-        } else {
-            ""
-        };
-        format!(
-            " (skipped {} file{} of other types: {}{more})",
-            self.skipped.len(),
-            if self.skipped.len() == 1 { "" } else { "s" },
-            names.join(", ")
-        )
+/// `""` when `skipped` is empty, else `" (skipped N files of other types: a, b, ...)"`,
+/// naming the first few (see [`FoundFiles::skipped`]).
+pub fn skipped_note(skipped: &[PathBuf]) -> String {
+    const SHOWN: usize = 3;
+    if skipped.is_empty() {
+        return String::new();
     }
+    let names: Vec<String> = skipped
+        .iter()
+        .take(SHOWN)
+        .map(|p| p.display().to_string())
+        .collect();
+    let more = if skipped.len() > SHOWN { ", ..." } else { "" };
+    format!(
+        " (skipped {} file{} of other types: {}{more})",
+        skipped.len(),
+        if skipped.len() == 1 { "" } else { "s" },
+        names.join(", ")
+    )
 }
 
 /// The files under `root`: `root` itself when it is a file (whatever its extension: a file

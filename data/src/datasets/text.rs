@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{collect_files, has_ext, FoundFiles, IndexedSource, Sample};
+use super::{collect_files, has_ext, skipped_note, FoundFiles, IndexedSource, Sample};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
 
@@ -64,7 +64,10 @@ impl TextSource {
         if found.files.is_empty() {
             return Err(DataError::invalid(
                 root,
-                format!("no .txt or .jsonl files found{}", found.skipped_note()),
+                format!(
+                    "no .txt or .jsonl files found{}",
+                    skipped_note(&found.skipped)
+                ),
             ));
         }
         let FoundFiles { files, skipped } = found;
@@ -180,11 +183,7 @@ impl IndexedSource for TextSource {
             TextSplit::File => "documents",
             TextSplit::Paragraph => "documents (txt: one per paragraph)",
         };
-        let skipped = FoundFiles {
-            files: Vec::new(),
-            skipped: self.inner.skipped.clone(),
-        }
-        .skipped_note();
+        let skipped = skipped_note(&self.inner.skipped);
         format!(
             "text {}: {} files, {} {unit}{skipped}",
             self.inner.root.display(),

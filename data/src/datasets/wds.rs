@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use super::brace::expand_braces;
 use super::skip::reason_of;
-use super::{collect_files, is_safe_relative, ImageData, RecordIter, Sample, SampleSource};
+use super::{
+    collect_files, is_safe_relative, skipped_note, ImageData, RecordIter, Sample, SampleSource,
+};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
 use crate::rng::Rng64;
@@ -51,7 +53,10 @@ impl WdsSource {
             if found.files.is_empty() {
                 return Err(DataError::invalid(
                     pattern,
-                    format!("directory holds no .tar shards{}", found.skipped_note()),
+                    format!(
+                        "directory holds no .tar shards{}",
+                        skipped_note(&found.skipped)
+                    ),
                 ));
             }
             found.files

@@ -23,11 +23,8 @@ pub struct TokenizerArgs {
 pub fn run(a: TokenizerArgs) -> anyhow::Result<()> {
     let trained = transfusion_data::tokenizer::train_bpe(&a.input, a.vocab_size)?;
     if !trained.skipped.is_empty() {
-        let found = transfusion_data::datasets::FoundFiles {
-            files: Vec::new(),
-            skipped: trained.skipped,
-        };
-        println!("not read:{}", found.skipped_note());
+        let note = transfusion_data::datasets::skipped_note(&trained.skipped);
+        println!("not read:{note}");
     }
     let tok = trained.tokenizer;
     tok.save(&a.out)?;

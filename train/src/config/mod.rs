@@ -316,7 +316,6 @@ impl ExperimentConfig {
     pub fn tiny_recipe(&mut self) {
         self.model.prediction = Some(Prediction::V);
         self.training.seq_len = 160;
-        self.training.batch_size = 8;
         self.schedule.lr = 2e-3;
         self.schedule.min_lr = 1e-4;
         self.schedule.warmup_steps = (self.training.steps / 20).max(1);

@@ -36,10 +36,9 @@ use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
 
-use crate::data::{build_pipeline, Split};
 use crate::engine::RunOptions;
-use crate::metrics::{EvalMetrics, EvalSplit};
-use crate::transfusion::evaluate;
+use crate::metrics::EvalMetrics;
+use crate::transfusion::evaluate_held_out;
 use crate::transfusion::{run_training, TrainHooks};
 use crate::ExperimentConfig;
 use captions::captioned_grid;
@@ -259,18 +258,14 @@ fn held_out_eval<B: burn::prelude::Backend>(
     device: &B::Device,
 ) -> anyhow::Result<EvalMetrics> {
     let cfg = demo_config(opts, tokenizer)?;
-    let m = &pipeline.meta.model;
     let tok = std::sync::Arc::new(pipeline.tokenizer.clone());
-    let mut held_out = build_pipeline(&cfg, m, &tok, Split::HeldOut, cfg.training.batch_size)?;
-    evaluate(
+    evaluate_held_out(
+        &cfg,
+        &pipeline.meta.model,
+        &tok,
         &pipeline.model,
-        &mut held_out,
-        cfg.eval.batches,
-        &cfg.eval.timesteps,
-        m.diffusion_loss_weight,
         device,
         pipeline.meta.step,
-        EvalSplit::of(&cfg.data.held_out, &cfg.data.train),
     )
 }
 

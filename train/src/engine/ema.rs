@@ -13,7 +13,7 @@
 //! The average starts at the initial weights (or, when a run without EMA is resumed with it,
 //! at the resumed weights).
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
 /// The raw (trained) weights in a checkpoint written with EMA on; `model.safetensors`
@@ -59,15 +59,6 @@ impl<M> Ema<M> {
             "EMA: the average and the raw weights have different parameters"
         );
     }
-}
-
-/// The average of an autodiff model, built from its inner module.
-pub fn ema_of<B, M>(model: &M, decay: f64) -> Ema<M::InnerModule>
-where
-    B: burn::tensor::backend::AutodiffBackend,
-    M: AutodiffModule<B>,
-{
-    Ema::new(model.valid(), decay)
 }
 
 /// Every float parameter, flattened, in visiting order.

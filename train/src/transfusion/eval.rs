@@ -1,10 +1,38 @@
 //! Held-out evaluation of a Transfusion model: [`evaluate`].
 
 use burn::prelude::*;
+use std::sync::Arc;
 use transfusion_data::pipeline::DataPipeline;
-use transfusion_model::Transfusion;
 
+use transfusion_data::tokenizer::TextTokenizer;
+use transfusion_model::{Transfusion, TransfusionConfig};
+
+use crate::config::ExperimentConfig;
+use crate::data::{build_pipeline, Split};
 use crate::metrics::{EvalMetrics, EvalSplit};
+
+/// [`evaluate`] on the held-out split `cfg` describes (its eval batches and timesteps),
+/// for the model of config `m` after `step` steps.
+pub fn evaluate_held_out<B: Backend>(
+    cfg: &ExperimentConfig,
+    m: &TransfusionConfig,
+    tokenizer: &Arc<TextTokenizer>,
+    model: &Transfusion<B>,
+    device: &B::Device,
+    step: u64,
+) -> anyhow::Result<EvalMetrics> {
+    let mut held_out = build_pipeline(cfg, m, tokenizer, Split::HeldOut, cfg.training.batch_size)?;
+    evaluate(
+        model,
+        &mut held_out,
+        cfg.eval.batches,
+        &cfg.eval.timesteps,
+        m.diffusion_loss_weight,
+        device,
+        step,
+        EvalSplit::of(&cfg.data.held_out, &cfg.data.train),
+    )
+}
 
 /// Loss on the evaluation split (`split` says which it is): LM NLL over all text targets, and the diffusion loss of the
 /// same images at each fixed timestep (the batch's timesteps replaced by `t`, its noise

@@ -23,7 +23,7 @@ use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::checkpoint::{load_model, save_model, ModelMeta};
 use transfusion_model::{Transfusion, TransfusionBatch, TransfusionConfig};
 
-pub use eval::evaluate;
+pub use eval::{evaluate, evaluate_held_out};
 
 use crate::checkpoint::{CONFIG_FILE, REQUIRED_FILES};
 use crate::config::ExperimentConfig;
@@ -32,7 +32,7 @@ use crate::engine::{
     accumulate, run_task, seeded_module, EngineHooks, EngineSettings, LocalStep, RunOptions,
     RunOutcome, StepFigures, TaskLoss, TrainTask, Work,
 };
-use crate::metrics::{EvalMetrics, EvalSplit, Line, StepMetrics};
+use crate::metrics::{EvalMetrics, Line, StepMetrics};
 use crate::plot::plot_losses;
 
 /// What a Transfusion run did.
@@ -371,23 +371,13 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         model: &Transfusion<B::InnerBackend>,
         step: u64,
     ) -> anyhow::Result<EvalMetrics> {
-        let c = &self.cfg;
-        let mut pipe = build_pipeline(
-            c,
+        let e = evaluate_held_out(
+            &self.cfg,
             &self.m,
             &self.tokenizer,
-            Split::HeldOut,
-            c.training.batch_size,
-        )?;
-        let e = evaluate::<B::InnerBackend>(
             model,
-            &mut pipe,
-            c.eval.batches,
-            &c.eval.timesteps,
-            self.m.diffusion_loss_weight,
             &self.device,
             step,
-            EvalSplit::of(&c.data.held_out, &c.data.train),
         )?;
         if let Some(p) = self.preview.as_mut() {
             p.preview(model, step, &self.out).context("preview hook")?;

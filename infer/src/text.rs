@@ -129,15 +129,20 @@ impl TokenSampler {
             let total: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= total);
         }
+        // Draw over the kept tokens in id order, not logit order: two near-tied logits that a
+        // rounding difference swaps (cached vs recomputed, CPU vs GPU) then move only the
+        // boundary between their intervals, not the intervals themselves.
+        let mut kept: Vec<(usize, f64)> = cand.iter().map(|c| c.0).zip(probs).collect();
+        kept.sort_by_key(|k| k.0);
         let u = self.rng.next_f64();
         let mut acc = 0.0;
-        for (j, p) in probs.iter().enumerate() {
+        for &(id, p) in &kept {
             acc += p;
             if u < acc {
-                return cand[j].0 as u32;
+                return id as u32;
             }
         }
-        cand[probs.len() - 1].0 as u32
+        kept[kept.len() - 1].0 as u32
     }
 }
 
@@ -224,6 +229,31 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn swapping_two_near_tied_logits_does_not_change_the_draws() {
+        // A rounding-sized change that reorders two near-equal logits (as cached and recomputed
+        // forwards may) must leave the drawn tokens alone: the draw walks tokens in id order.
+        let opts = TextOptions {
+            temperature: 1.0,
+            top_p: 1.0,
+            ..TextOptions::default()
+        };
+        let a = [1.0, 1.0 + 1e-6, 0.5, -1.0];
+        let b = [1.0 + 1e-6, 1.0, 0.5, -1.0];
+        let draw = |logits: &[f32]| {
+            let mut s = TokenSampler::new(11, 0);
+            (0..500)
+                .map(|_| s.sample(logits, &[], &opts))
+                .collect::<Vec<_>>()
+        };
+        let (da, db) = (draw(&a), draw(&b));
+        assert_eq!(da, db);
+        assert!(
+            da.contains(&0) && da.contains(&1),
+            "both tied tokens are drawn"
+        );
     }
 
     #[test]

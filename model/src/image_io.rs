@@ -91,16 +91,13 @@ pub fn init_image_adapter<B: Backend>(
 }
 
 impl<B: Backend> ImageAdapter<B> {
-    /// Embeds noisy latents as transformer tokens.
+    /// Embeds noisy latents as transformer tokens; `t` is each image's (possibly fractional)
+    /// timestep.
     ///
     /// # Shapes
     /// - `x_t`: `[N, c, H, W]`, `t`: `[N]`
     /// - tokens: `[N, n, d]`
-    pub fn encode(
-        &self,
-        x_t: Tensor<B, 4>,
-        t: Tensor<B, 1, Int>,
-    ) -> (Tensor<B, 3>, ImageContext<B>) {
+    pub fn encode(&self, x_t: Tensor<B, 4>, t: Tensor<B, 1>) -> (Tensor<B, 3>, ImageContext<B>) {
         let temb = self.timestep.forward(t);
         if let Some(unet) = &self.unet {
             let (tokens, skips) = unet.encode(x_t, &temb);

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod batch;
 pub mod block;
 pub mod config;
+pub mod consistency;
 pub mod image_io;
 pub mod kv_cache;
 pub mod loss;

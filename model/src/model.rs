@@ -122,14 +122,15 @@ impl<B: Backend> Transfusion<B> {
         self.tok_emb.forward(tokens)
     }
 
-    /// Embeds noisy latents as patch tokens (see [`ImageAdapter::encode`]).
+    /// Embeds noisy latents as patch tokens (see [`ImageAdapter::encode`]); `t` holds each
+    /// image's timestep, fractional for a continuous-time (consistency) model.
     ///
     /// # Shapes
     /// `x_t`: `[N, c, H, W]`, `t`: `[N]` -> `[N, n, d]`
     pub fn embed_image(
         &self,
         x_t: Tensor<B, 4>,
-        t: Tensor<B, 1, Int>,
+        t: Tensor<B, 1>,
     ) -> (Tensor<B, 3>, ImageContext<B>) {
         self.image.encode(x_t, t)
     }
@@ -251,7 +252,7 @@ impl<B: Backend> Transfusion<B> {
                 batch.noise.clone(),
                 batch.timesteps.clone(),
             );
-            self.embed_image(x_t, batch.timesteps.clone())
+            self.embed_image(x_t, batch.timesteps.clone().float())
         });
         let x = self.embed_sequence(
             batch.tokens,

@@ -4,12 +4,16 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
-/// Sinusoidal features of integer timesteps (the transformer's positional formula):
+/// Sinusoidal features of timesteps (the transformer's positional formula):
 /// `[cos(t * f_i), sin(t * f_i)]` with `f_i = 10000^(-i / (dim/2))`.
+///
+/// Times are real-valued: the integer steps `0..T` of diffusion training give exactly the
+/// features they always had, and consistency models condition on the fractional step of a
+/// continuous angle (see [`crate::trigflow::timestep_of_phi`]).
 ///
 /// # Shapes
 /// `t`: `[N]` -> `[N, dim]`
-pub fn sinusoidal_embedding<B: Backend>(t: Tensor<B, 1, Int>, dim: usize) -> Tensor<B, 2> {
+pub fn sinusoidal_embedding<B: Backend>(t: Tensor<B, 1>, dim: usize) -> Tensor<B, 2> {
     let device = t.device();
     let n = t.dims()[0];
     let half = dim / 2;
@@ -18,7 +22,7 @@ pub fn sinusoidal_embedding<B: Backend>(t: Tensor<B, 1, Int>, dim: usize) -> Ten
         .collect();
     let freqs = Tensor::<B, 1>::from_floats(freqs.as_slice(), &device).reshape([1, half]);
     // [N, 1] * [1, half] -> [N, half]
-    let args = t.float().reshape([n, 1]).expand([n, half]) * freqs.expand([n, half]);
+    let args = t.reshape([n, 1]).expand([n, half]) * freqs.expand([n, half]);
     Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
 }
 
@@ -57,9 +61,11 @@ pub struct TimestepEmbedder<B: Backend> {
 }
 
 impl<B: Backend> TimestepEmbedder<B> {
+    /// The embedding of (possibly fractional) timesteps `t`.
+    ///
     /// # Shapes
     /// `t`: `[N]` -> `[N, d_out]`
-    pub fn forward(&self, t: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
         let x = sinusoidal_embedding(t, self.d_freq);
         self.fc2.forward(silu(self.fc1.forward(x)))
     }

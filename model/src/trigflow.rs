@@ -27,6 +27,26 @@ pub fn phi_at(schedule: &NoiseSchedule, t: usize) -> f64 {
     phi_of_abar(schedule.alphas_cumprod[t])
 }
 
+/// The continuous timestep of angle `phi`: exactly `t` at `phi_at(schedule, t)`, linear in
+/// `phi` between neighbouring steps, clamped to `0..=T-1` outside the schedule's angles. A
+/// continuous-time model is conditioned on it (the timestep embedding takes real values).
+pub fn timestep_of_phi(schedule: &NoiseSchedule, phi: f64) -> f64 {
+    let last = schedule.len() - 1;
+    let at = |t: usize| phi_at(schedule, t);
+    if phi <= at(0) {
+        return 0.0;
+    }
+    if phi >= at(last) {
+        return last as f64;
+    }
+    // The first step whose angle is above `phi` (angles increase with `t`).
+    let hi = schedule
+        .alphas_cumprod
+        .partition_point(|&abar| phi_of_abar(abar) <= phi);
+    let (a, b) = (at(hi - 1), at(hi));
+    (hi - 1) as f64 + (phi - a) / (b - a)
+}
+
 /// The point at angle `phi` on the path from `x0` to `eps`: `cos phi x0 + sin phi eps`.
 ///
 /// # Shapes

@@ -94,7 +94,7 @@ impl<B: Backend> Rows<B> {
         n: usize,
         trace: Option<&Trace>,
     ) {
-        let tt = Tensor::<B, 1, Int>::zeros([self.len()], &self.device);
+        let tt = Tensor::<B, 1>::zeros([self.len()], &self.device);
         let (patches, _) = model.embed_image(x0, tt);
         let (positions, meta) = self.image_meta(n);
         self.append(model, patches, positions, meta, ForwardKind::Image, trace);

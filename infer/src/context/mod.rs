@@ -206,7 +206,7 @@ impl<B: Backend> Rows<B> {
         let b = self.len();
         assert_eq!(x_t.dims()[0], b, "image_eps needs one image per row");
         let tt = Tensor::<B, 1, Int>::from_ints(vec![t as i64; b].as_slice(), &self.device);
-        let (patches, ctx) = model.embed_image(x_t.clone(), tt.clone());
+        let (patches, ctx) = model.embed_image(x_t.clone(), tt.clone().float());
         let n = patches.dims()[1];
         let h = match self.policy {
             CachePolicy::Cached => self.cached_step(model, patches, trace),

@@ -7,6 +7,7 @@
 mod common;
 
 mod backends;
+mod consistency;
 mod mask;
 mod model;
 mod patch;

@@ -225,7 +225,7 @@ fn cache_matches_full_forward(cfg: TransfusionConfig) {
         burn::tensor::Distribution::Normal(0.0, 1.0),
         &dev,
     );
-    let t = Tensor::<B, 1, Int>::from_ints([321], &dev);
+    let t = Tensor::<B, 1>::from_floats([321.0], &dev);
     let (patches, ctx) = model.embed_image(x_t, t);
 
     // Full forward.

@@ -252,6 +252,8 @@ pub fn run_bench<B: Backend>(
     for (sampler, steps) in [
         (SamplerKind::Ddpm, opts.ddpm_steps),
         (SamplerKind::Ddim, opts.ddim_steps),
+        (SamplerKind::Consistency, 2),
+        (SamplerKind::Consistency, 1),
     ] {
         for cfg in [0.0, opts.cfg] {
             let o = ImageOptions {

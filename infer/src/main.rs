@@ -63,15 +63,24 @@ struct Sampling {
 
 #[derive(Args, Debug, Clone)]
 struct Diffusion {
-    /// Sampling steps, respaced over the 1000 training steps.
-    #[arg(long, default_value_t = 250)]
-    steps: usize,
-    /// Sampler: ddpm (ancestral) or ddim (deterministic).
+    /// Sampling steps, respaced over the 1000 training steps [default: 250 for ddpm, 50 for
+    /// ddim, 2 for consistency].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sampler: ddpm (ancestral), ddim (deterministic) or consistency (1 or 2 steps, for
+    /// consistency-distilled checkpoints).
     #[arg(long, default_value = "ddpm")]
     sampler: SamplerKind,
     /// Classifier-free guidance scale (0 or 1: no guidance).
     #[arg(long, default_value_t = 3.0)]
     cfg: f64,
+}
+
+impl Diffusion {
+    /// The steps asked for, or the sampler's default.
+    fn steps(&self) -> usize {
+        self.steps.unwrap_or(self.sampler.default_steps())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -204,7 +213,7 @@ fn text_opts(max_tokens: usize, s: &Sampling) -> TextOptions {
 fn image_opts(num: usize, d: &Diffusion, seed: u64) -> ImageOptions {
     ImageOptions {
         num,
-        steps: d.steps,
+        steps: d.steps(),
         sampler: d.sampler,
         cfg: d.cfg,
         seed,
@@ -273,7 +282,7 @@ impl BackendTask for Task {
                     pipe.check_size(size)?;
                 }
                 let opts = image_opts(c.num, &c.diffusion, c.seed);
-                let bar = progress(c.diffusion.steps as u64, "denoising");
+                let bar = progress(c.diffusion.steps() as u64, "denoising");
                 let x = pipe.image_tensor(&c.prompt, &opts, |done, total| {
                     bar.set_length(total as u64);
                     bar.set_position(done as u64);

@@ -264,6 +264,15 @@ impl<B: Backend> Pipeline<B> {
                 opts.steps
             );
         }
+        if let Some(max) = opts.sampler.max_steps() {
+            if opts.steps > max {
+                bail!(
+                    "the {} sampler takes 1..={max} steps, got {}",
+                    opts.sampler,
+                    opts.steps
+                );
+            }
+        }
         if !(opts.cfg.is_finite() && opts.cfg >= 0.0) {
             bail!(
                 "the guidance scale must be a finite number >= 0 (0 or 1: none), got {}",

@@ -1,6 +1,8 @@
 //! Diffusion samplers over the model's noise schedule: DDPM ancestral sampling with `S`
-//! steps respaced over the `T = 1000` training steps (the paper: 250), and deterministic
-//! DDIM (eta = 0) with any number of steps.
+//! steps respaced over the `T = 1000` training steps (the paper: 250), deterministic
+//! DDIM (eta = 0) with any number of steps, and the consistency sampler (sCM) with 1 or 2
+//! steps: predict `x_0` from pure noise at the schedule's end, and for a second step
+//! re-noise it to the angle [`PHI_MID`] and predict again.
 //!
 //! The predicted `x_0` is clipped to the autoencoder's bound (`[-1, 1]` in pixel space, none
 //! in a VAE's latent space). All randomness (the initial
@@ -14,6 +16,8 @@ use std::str::FromStr;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use transfusion_data::rng::Rng64;
+use transfusion_model::consistency::PHI_MID;
+use transfusion_model::trigflow::timestep_of_phi;
 use transfusion_model::NoiseSchedule;
 
 /// Which sampler runs the reverse process.
@@ -24,6 +28,40 @@ pub enum SamplerKind {
     Ddpm,
     /// DDIM with eta = 0 (deterministic given the initial noise).
     Ddim,
+    /// Consistency sampling in 1 or 2 steps (for consistency-distilled checkpoints).
+    Consistency,
+}
+
+impl SamplerKind {
+    /// The steps a sampler runs when none are asked for: the paper's 250 for DDPM, 50 for
+    /// DDIM, 2 for the consistency sampler.
+    pub fn default_steps(self) -> usize {
+        match self {
+            Self::Ddpm => 250,
+            Self::Ddim => 50,
+            Self::Consistency => 2,
+        }
+    }
+
+    /// The most steps the sampler can run (`None`: the schedule's length).
+    pub fn max_steps(self) -> Option<usize> {
+        match self {
+            Self::Consistency => Some(2),
+            Self::Ddpm | Self::Ddim => None,
+        }
+    }
+}
+
+/// The training steps a consistency sampler of `steps` steps (1 or 2) conditions on, in
+/// increasing order: the schedule's end (`phi_max`), preceded for two steps by the step
+/// whose angle is nearest [`PHI_MID`].
+pub fn consistency_timesteps(base: &NoiseSchedule, steps: usize) -> Vec<usize> {
+    let last = base.len() - 1;
+    if steps <= 1 {
+        return vec![last];
+    }
+    let mid = (timestep_of_phi(base, PHI_MID).round() as usize).min(last - 1);
+    vec![mid, last]
 }
 
 impl FromStr for SamplerKind {
@@ -32,7 +70,10 @@ impl FromStr for SamplerKind {
         match s.to_ascii_lowercase().as_str() {
             "ddpm" => Ok(Self::Ddpm),
             "ddim" => Ok(Self::Ddim),
-            other => Err(format!("unknown sampler `{other}`: use ddpm or ddim")),
+            "consistency" => Ok(Self::Consistency),
+            other => Err(format!(
+                "unknown sampler `{other}`: use ddpm, ddim or consistency"
+            )),
         }
     }
 }
@@ -42,6 +83,7 @@ impl fmt::Display for SamplerKind {
         f.write_str(match self {
             Self::Ddpm => "ddpm",
             Self::Ddim => "ddim",
+            Self::Consistency => "consistency",
         })
     }
 }
@@ -67,9 +109,13 @@ impl Sampler {
         steps: usize,
         x0_clip: Option<f64>,
     ) -> Self {
+        let schedule = match kind {
+            SamplerKind::Consistency => base.respaced_at(&consistency_timesteps(base, steps)),
+            SamplerKind::Ddpm | SamplerKind::Ddim => base.respaced(steps.max(1)),
+        };
         Self {
             kind,
-            schedule: base.respaced(steps.max(1)),
+            schedule,
             x0_clip,
         }
     }
@@ -88,7 +134,7 @@ impl Sampler {
     }
 
     /// One reverse step from step `i` to `i - 1`. `noise` draws fresh Gaussian noise of the
-    /// image shape (used by DDPM for `i > 0` only).
+    /// image shape (used by DDPM and the consistency sampler for `i > 0` only).
     ///
     /// # Shapes
     /// `x_t`, `eps`: `[N, c, H, W]` -> `[N, c, H, W]`
@@ -110,6 +156,15 @@ impl Sampler {
                 self.schedule.ddpm_step(x_t, eps, i, z, self.x0_clip)
             }
             SamplerKind::Ddim => self.schedule.ddim_step(x_t, eps, i, self.x0_clip),
+            SamplerKind::Consistency => {
+                let device = x_t.device();
+                let z = if i > 0 {
+                    noise.normal::<B>(x_t.dims(), &device)
+                } else {
+                    Tensor::zeros(x_t.dims(), &device)
+                };
+                self.schedule.consistency_step(x_t, eps, i, z, self.x0_clip)
+            }
         }
     }
 }
@@ -140,5 +195,47 @@ impl NoiseSource {
             rng.fill_normal(chunk);
         }
         Tensor::from_data(TensorData::new(data, shape), device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    #[test]
+    fn a_consistency_step_predicts_x0_clips_it_and_renoises_to_the_next_step() {
+        let base = NoiseSchedule::cosine(1000);
+        let s = Sampler::new(SamplerKind::Consistency, &base, 2, Some(1.0));
+        let [mid, last] = [s.schedule.timestep_map[0], s.schedule.timestep_map[1]];
+        let dev = Default::default();
+        let x = Tensor::<NdArray, 4>::from_floats([[[[0.3, -0.8]]]], &dev);
+        let eps = Tensor::<NdArray, 4>::from_floats([[[[0.2, -0.9]]]], &dev);
+        // Step 1 at t = 999 with its fresh noise drawn from stream (seed 5, image 0).
+        let mut noise = NoiseSource::new(5, 1);
+        let got: Vec<f32> = s
+            .step(x.clone(), eps.clone(), 1, &mut noise)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let z: Vec<f32> = NoiseSource::new(5, 1)
+            .normal::<NdArray>([1, 1, 1, 2], &dev)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let (a, b) = (base.alphas_cumprod[last], base.alphas_cumprod[mid]);
+        for (j, (xv, ev)) in [(0.3f64, 0.2f64), (-0.8, -0.9)].into_iter().enumerate() {
+            let x0 = ((xv - (1.0 - a).sqrt() * ev) / a.sqrt()).clamp(-1.0, 1.0);
+            let want = b.sqrt() * x0 + (1.0 - b).sqrt() * z[j] as f64;
+            assert!(
+                (got[j] as f64 - want).abs() < 1e-4,
+                "{j}: {} vs {want}",
+                got[j]
+            );
+        }
+        // The last step returns the predicted x0 itself.
+        let out: Vec<f32> = s.step(x, eps, 0, &mut noise).into_data().to_vec().unwrap();
+        let x0 = (0.3 - (1.0 - b).sqrt() * 0.2) / b.sqrt();
+        assert!((out[0] as f64 - x0.clamp(-1.0, 1.0)).abs() < 1e-5);
     }
 }

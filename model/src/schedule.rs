@@ -113,7 +113,16 @@ impl NoiseSchedule {
     /// A schedule of `steps` steps that keeps this schedule's `abar` at the spaced
     /// timesteps (the respacing used for 250-step DDPM sampling of a 1000-step model).
     pub fn respaced(&self, steps: usize) -> Self {
-        let keep = self.spaced_timesteps(steps);
+        self.respaced_at(&self.spaced_timesteps(steps))
+    }
+
+    /// A schedule whose steps are this schedule's steps `keep` (increasing), with their
+    /// `abar` kept.
+    pub fn respaced_at(&self, keep: &[usize]) -> Self {
+        assert!(
+            keep.windows(2).all(|w| w[0] < w[1]),
+            "respaced steps must increase"
+        );
         let mut last = 1.0;
         let betas = keep
             .iter()
@@ -231,6 +240,28 @@ impl NoiseSchedule {
         let eps = (x_t - x0.clone() * a.sqrt()) / (1.0 - a).sqrt();
         let ap = self.alphas_cumprod_prev[i];
         x0 * ap.sqrt() + eps * (1.0 - ap).sqrt()
+    }
+
+    /// One consistency-model step from step `i`: jump to the predicted (clipped) `x_0`, then,
+    /// for `i > 0`, re-noise it to step `i - 1` with the fresh Gaussian `noise` (ignored at
+    /// `i = 0`, where `x_0` is the result).
+    ///
+    /// With the model's velocity `F` at angle `phi`, the predicted `x_0` is the consistency
+    /// function `cos phi x - sin phi F` (see [`crate::trigflow::consistency_x0`]).
+    pub fn consistency_step<B: Backend, const D: usize>(
+        &self,
+        x_t: Tensor<B, D>,
+        eps: Tensor<B, D>,
+        i: usize,
+        noise: Tensor<B, D>,
+        clip: Option<f64>,
+    ) -> Tensor<B, D> {
+        let x0 = clip_x0(self.predict_x0(x_t, eps, i), clip);
+        if i == 0 {
+            return x0;
+        }
+        let a = self.alphas_cumprod[i - 1];
+        x0 * a.sqrt() + noise * (1.0 - a).sqrt()
     }
 }
 

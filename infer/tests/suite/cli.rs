@@ -195,6 +195,8 @@ fn bench_runs_on_a_checkpoint_and_on_the_tiny_preset() {
         "step time ratio full recompute / kv cache",
         "s per image (ddpm 3 steps",
         "s per image (ddim 2 steps",
+        "s per image (consistency 2 steps",
+        "s per image (consistency 1 steps",
         "images/s at batch 2",
         "text tokens/s (kv cache)",
         "text tokens/s (full recompute)",

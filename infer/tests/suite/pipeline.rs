@@ -657,3 +657,69 @@ fn model_json_refuses_unknown_and_missing_keys_and_reads_version_0() {
     );
     assert!(msg.contains("fingerprint"), "{msg}");
 }
+
+#[test]
+fn the_consistency_sampler_starts_at_phi_max_renoises_near_phi_mid_and_reuses_the_cache() {
+    use transfusion_infer::sampler::Sampler;
+    use transfusion_model::consistency::PHI_MID;
+    use transfusion_model::trigflow::phi_at;
+    use transfusion_model::NoiseSchedule;
+    let base = NoiseSchedule::cosine(1000);
+    let one = Sampler::new(SamplerKind::Consistency, &base, 1, Some(1.0));
+    assert_eq!(one.plan(), vec![(0, 999)]);
+    let two = Sampler::new(SamplerKind::Consistency, &base, 2, Some(1.0));
+    let plan = two.plan();
+    assert_eq!(plan[0], (1, 999));
+    let mid = plan[1].1;
+    // The nearest step: its angle is within half a step's angle of PHI_MID.
+    let half_step = 0.5 * (phi_at(&base, mid + 1) - phi_at(&base, mid - 1)) / 2.0;
+    assert!(
+        (phi_at(&base, mid) - PHI_MID).abs() <= half_step + 1e-12,
+        "{mid}"
+    );
+
+    let dir = checkpoint();
+    let cached = pipeline(dir.path());
+    let full = pipeline(dir.path()).with_cache_policy(CachePolicy::Recompute);
+    for (steps, cfg) in [(1, 0.0), (2, 3.0)] {
+        let o = img_opts(2, steps, SamplerKind::Consistency, cfg, 4);
+        let a = to_vec(cached.image_tensor("a red square", &o, |_, _| {}).unwrap());
+        let b = to_vec(full.image_tensor("a red square", &o, |_, _| {}).unwrap());
+        assert!(
+            max_diff(&a, &b) < TOL,
+            "{steps} steps: {}",
+            max_diff(&a, &b)
+        );
+    }
+    // One consistency step is DDIM's single step: x0 predicted at t = 999.
+    let c1 = img_opts(1, 1, SamplerKind::Consistency, 3.0, 8);
+    let d1 = img_opts(1, 1, SamplerKind::Ddim, 3.0, 8);
+    let a = to_vec(
+        cached
+            .image_tensor("a blue circle", &c1, |_, _| {})
+            .unwrap(),
+    );
+    let b = to_vec(
+        cached
+            .image_tensor("a blue circle", &d1, |_, _| {})
+            .unwrap(),
+    );
+    assert_eq!(a, b);
+    // The second step changes the image; a third is refused.
+    let c2 = img_opts(1, 2, SamplerKind::Consistency, 3.0, 8);
+    let two_steps = to_vec(
+        cached
+            .image_tensor("a blue circle", &c2, |_, _| {})
+            .unwrap(),
+    );
+    assert!(max_diff(&a, &two_steps) > 1e-3);
+    let c3 = img_opts(1, 3, SamplerKind::Consistency, 3.0, 8);
+    let err = cached
+        .image_tensor("a blue circle", &c3, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("consistency sampler takes 1..=2 steps"),
+        "{err}"
+    );
+}

@@ -24,13 +24,14 @@ pub struct DemoArgs {
     /// Held-out prompts and images to score.
     #[arg(long, default_value_t = 64)]
     pub eval_samples: usize,
-    /// DDIM steps for the text-to-image evaluation.
-    #[arg(long, default_value_t = 50)]
-    pub sampling_steps: usize,
+    /// Sampling steps of the text-to-image evaluation [default: the sampler's: 50 for ddim,
+    /// 250 for ddpm, 2 for consistency].
+    #[arg(long)]
+    pub sampling_steps: Option<usize>,
     /// Classifier-free guidance scale of the evaluation.
     #[arg(long, default_value_t = 3.0)]
     pub cfg: f64,
-    /// Sampler of the text-to-image evaluation: ddim or ddpm.
+    /// Sampler of the text-to-image evaluation: ddim, ddpm or consistency.
     #[arg(long, default_value = "ddim")]
     pub sampler: SamplerKind,
     /// Cap of the decay of an EMA of the weights, which is then scored (0: none).
@@ -59,7 +60,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     opts.train_budget = Duration::from_secs_f64(a.minutes * 60.0);
     opts.steps = a.steps;
     opts.eval_samples = a.eval_samples;
-    opts.sampling_steps = a.sampling_steps;
+    opts.sampling_steps = a.sampling_steps.unwrap_or(a.sampler.default_steps());
     opts.cfg_scale = a.cfg;
     opts.sampler = a.sampler;
     opts.checkpoint = a.checkpoint;

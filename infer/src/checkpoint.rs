@@ -220,9 +220,9 @@ pub fn save_weights<B: Backend, M: Module<B>>(model: &M, weights: &Path) -> anyh
 /// loaded in another type would make the first matmul panic. A tensor holding NaN or an
 /// infinity is refused (a load error naming it): such weights only produce NaN outputs.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct FloatsAsF32;
+pub struct FloatsAsFiniteF32;
 
-impl ModuleAdapter for FloatsAsF32 {
+impl ModuleAdapter for FloatsAsFiniteF32 {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
         if !matches!(
             snapshot.dtype,
@@ -268,7 +268,7 @@ pub fn load_weights<B: Backend, M: Module<B>>(
     weights: &Path,
     config: &str,
 ) -> anyhow::Result<M> {
-    let mut store = SafetensorsStore::from_file(weights).with_from_adapter(FloatsAsF32);
+    let mut store = SafetensorsStore::from_file(weights).with_from_adapter(FloatsAsFiniteF32);
     let result = model
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;

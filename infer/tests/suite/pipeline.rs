@@ -1,7 +1,7 @@
 //! The generation API on a tiny random checkpoint: KV cache vs recomputation, step shapes,
 //! guidance, seeds, batching, bad checkpoints.
 
-use crate::common::{checkpoint, max_diff, pipeline, to_vec, B};
+use crate::common::{checkpoint, epsilon_checkpoint, max_diff, pipeline, to_vec, B};
 use burn::prelude::*;
 use transfusion_infer::context::Rows;
 use transfusion_infer::guidance::Guidance;
@@ -20,7 +20,13 @@ fn img_opts(num: usize, steps: usize, sampler: SamplerKind, cfg: f64, seed: u64)
     }
 }
 
-const TOL: f32 = 1e-4;
+/// How far two computations of one sampled image (cached vs recomputed, batched vs alone)
+/// may differ. Every sampler's first step is at t = 999 and goes through the implied eps:
+/// `x_0 = (x - sqrt(1 - abar) eps) / sqrt(abar)` with `sqrt(abar_999) = 4.9e-5` turns one f32
+/// ulp of `x` (6e-8 near 1) into 1.2e-3, so paths that round differently agree to a few 1e-3
+/// (seen: 1.5e-3 in one of 30 runs of fresh random weights, against the old bound of 1e-4);
+/// a real mismatch moves whole pixels.
+const TOL: f32 = 5e-3;
 
 #[test]
 fn text_cached_equals_recomputed() {
@@ -454,7 +460,7 @@ fn the_training_layout_and_the_inference_rows_compute_the_same_thing() {
     // The same documents through the batcher and `forward_loss` (training) and through
     // the pipeline's rows (inference) must give the same LM log-likelihoods and the same
     // noise prediction: nothing in packing, positions, masks or image spans may differ.
-    let dir = checkpoint();
+    let dir = epsilon_checkpoint();
     let pipe = pipeline(dir.path());
     let model = &pipe.model;
     assert_eq!(model.prediction, transfusion_model::Prediction::Epsilon);

@@ -9,6 +9,7 @@ use transfusion_infer::pipeline::ImageOptions;
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::Pipeline;
 use transfusion_model::vae::VaeConfig;
+use transfusion_model::Prediction;
 
 /// 2x down-sampling, 4 latent channels, 8 base channels: 16px images -> [4, 8, 8].
 fn tiny_vae_config() -> VaeConfig {
@@ -23,6 +24,8 @@ fn latent_meta() -> ModelMeta {
     let tok = tokenizer();
     let mut model = tiny_config(tok.vocab_size());
     model.latent_channels = 4;
+    // eps: the unclipped-latents test needs the large x_0 an eps head implies at t = 999.
+    model.prediction = Some(Prediction::Epsilon);
     ModelMeta {
         image_size: 16,
         special_tokens: *tok.special(),

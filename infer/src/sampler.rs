@@ -145,24 +145,22 @@ impl Sampler {
         i: usize,
         noise: &mut NoiseSource,
     ) -> Tensor<B, 4> {
+        // Fresh noise for the steps that add some (none after the last step).
+        let mut fresh = |x: &Tensor<B, 4>| {
+            if i > 0 {
+                noise.normal::<B>(x.dims(), &x.device())
+            } else {
+                Tensor::zeros(x.dims(), &x.device())
+            }
+        };
         match self.kind {
             SamplerKind::Ddpm => {
-                let device = x_t.device();
-                let z = if i > 0 {
-                    noise.normal::<B>(x_t.dims(), &device)
-                } else {
-                    Tensor::zeros(x_t.dims(), &device)
-                };
+                let z = fresh(&x_t);
                 self.schedule.ddpm_step(x_t, eps, i, z, self.x0_clip)
             }
             SamplerKind::Ddim => self.schedule.ddim_step(x_t, eps, i, self.x0_clip),
             SamplerKind::Consistency => {
-                let device = x_t.device();
-                let z = if i > 0 {
-                    noise.normal::<B>(x_t.dims(), &device)
-                } else {
-                    Tensor::zeros(x_t.dims(), &device)
-                };
+                let z = fresh(&x_t);
                 self.schedule.consistency_step(x_t, eps, i, z, self.x0_clip)
             }
         }

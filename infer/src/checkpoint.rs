@@ -65,6 +65,23 @@ pub struct ModelMeta {
     /// Training step the weights come from (0 for an untrained model).
     #[serde(default)]
     pub step: u64,
+    /// Set when the model is consistency-distilled (`transfusion-train distill`): it draws
+    /// images in one or two steps with the consistency sampler, its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<ConsistencyMeta>,
+}
+
+/// What a consistency-distilled model records about its distillation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencyMeta {
+    /// The classifier-free guidance scale baked into it (its teacher's velocity was
+    /// guided at this scale): sample it without guidance.
+    pub distilled_guidance: f64,
+    /// Its default number of sampling steps (1 or 2).
+    pub sampling_steps: usize,
+    /// The teacher checkpoint it was distilled from.
+    pub teacher: PathBuf,
 }
 
 /// Writes weights, metadata and tokenizer into `dir` (created if missing).

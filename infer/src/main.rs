@@ -64,23 +64,17 @@ struct Sampling {
 #[derive(Args, Debug, Clone)]
 struct Diffusion {
     /// Sampling steps, respaced over the 1000 training steps [default: 250 for ddpm, 50 for
-    /// ddim, 2 for consistency].
+    /// ddim, the checkpoint's (2) for consistency].
     #[arg(long)]
     steps: Option<usize>,
-    /// Sampler: ddpm (ancestral), ddim (deterministic) or consistency (1 or 2 steps, for
-    /// consistency-distilled checkpoints).
-    #[arg(long, default_value = "ddpm")]
-    sampler: SamplerKind,
-    /// Classifier-free guidance scale (0 or 1: no guidance).
-    #[arg(long, default_value_t = 3.0)]
-    cfg: f64,
-}
-
-impl Diffusion {
-    /// The steps asked for, or the sampler's default.
-    fn steps(&self) -> usize {
-        self.steps.unwrap_or(self.sampler.default_steps())
-    }
+    /// Sampler: ddpm (ancestral), ddim (deterministic) or consistency (1 or 2 steps)
+    /// [default: consistency for a consistency-distilled checkpoint, else ddpm].
+    #[arg(long)]
+    sampler: Option<SamplerKind>,
+    /// Classifier-free guidance scale (0 or 1: no guidance) [default: 1 for a
+    /// consistency-distilled checkpoint (its guidance is baked in), else 3].
+    #[arg(long)]
+    cfg: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -210,12 +204,26 @@ fn text_opts(max_tokens: usize, s: &Sampling) -> TextOptions {
     }
 }
 
-fn image_opts(num: usize, d: &Diffusion, seed: u64) -> ImageOptions {
+/// The flags' image options over the checkpoint's defaults
+/// ([`Pipeline::default_image_options`]).
+fn image_opts<B: burn::prelude::Backend>(
+    pipe: &Pipeline<B>,
+    num: usize,
+    d: &Diffusion,
+    seed: u64,
+) -> ImageOptions {
+    let defaults = pipe.default_image_options();
+    let sampler = d.sampler.unwrap_or(defaults.sampler);
+    let steps = match (d.steps, d.sampler) {
+        (Some(s), _) => s,
+        (None, Some(k)) if k != defaults.sampler => k.default_steps(),
+        (None, _) => defaults.steps,
+    };
     ImageOptions {
         num,
-        steps: d.steps(),
-        sampler: d.sampler,
-        cfg: d.cfg,
+        steps,
+        sampler,
+        cfg: d.cfg.unwrap_or(defaults.cfg),
         seed,
     }
 }
@@ -281,8 +289,8 @@ impl BackendTask for Task {
                 if let Some(size) = c.size {
                     pipe.check_size(size)?;
                 }
-                let opts = image_opts(c.num, &c.diffusion, c.seed);
-                let bar = progress(c.diffusion.steps() as u64, "denoising");
+                let opts = image_opts(&pipe, c.num, &c.diffusion, c.seed);
+                let bar = progress(opts.steps as u64, "denoising");
                 let x = pipe.image_tensor(&c.prompt, &opts, |done, total| {
                     bar.set_length(total as u64);
                     bar.set_position(done as u64);
@@ -326,7 +334,7 @@ impl BackendTask for Task {
                 let pipe = load(&c.checkpoint)?;
                 let opts = GenerateOptions {
                     text: text_opts(c.max_tokens, &c.sampling),
-                    image: image_opts(1, &c.diffusion, c.sampling.seed),
+                    image: image_opts(&pipe, 1, &c.diffusion, c.sampling.seed),
                     max_images: c.max_images,
                 };
                 let segments = pipe.generate(&c.prompt, &opts)?;
@@ -386,6 +394,7 @@ fn preset_pipeline<B: burn::prelude::Backend>(
         special_tokens: *tokenizer.special(),
         autoencoder: AutoencoderRef::Pixel,
         step: 0,
+        consistency: None,
         model: config.clone(),
     };
     Pipeline::from_parts(config.init::<B>(device), meta, tokenizer)

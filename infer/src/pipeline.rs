@@ -119,6 +119,22 @@ impl<B: Backend> Pipeline<B> {
             .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))
     }
 
+    /// The image options this model samples with unless told otherwise: a
+    /// consistency-distilled model (see [`ModelMeta::consistency`]) uses the consistency
+    /// sampler at its recorded steps without guidance (its teacher's guidance is baked in);
+    /// any other model [`ImageOptions::default`] (DDPM, 250 steps, guidance 3).
+    pub fn default_image_options(&self) -> ImageOptions {
+        match &self.meta.consistency {
+            Some(c) => ImageOptions {
+                steps: c.sampling_steps,
+                sampler: SamplerKind::Consistency,
+                cfg: 1.0,
+                ..ImageOptions::default()
+            },
+            None => ImageOptions::default(),
+        }
+    }
+
     /// The same pipeline computing the decoder's products in `precision`, after checking
     /// that the backend supports it.
     pub fn with_precision(mut self, precision: Precision) -> Result<Self> {

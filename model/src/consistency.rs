@@ -22,11 +22,24 @@
 //! it diverged at lr 5e-4 and smeared the modes at 1e-4: those features turn within a
 //! thousandth of a radian, so the finite difference measures their wiggle, not the flow.
 //!
+//! Distilling a DDPM checkpoint therefore keeps to its timestep grid
+//! ([`proposal_step`]): each sample's angle is the proposal's draw rounded to the nearest
+//! training step, and the finite difference spans the neighbouring steps `t - 1` and
+//! `t + 1` (the cosine schedule's steps are `1.6e-3` rad apart, inside the measured sweet
+//! spot of [`DEFAULT_FD_STEP`]). The teacher is then only ever asked at the timesteps it
+//! was trained on, and the student's time features change only as much between the
+//! evaluations as they did in the teacher's training.
+//!
 //! Angles are per sample and live on the host (`&[f64]`); tensor code multiplies by their
 //! cosines and sines broadcast over each sample.
 
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
+
+use crate::timestep::sinusoidal_embedding;
+use crate::trigflow::{phi_at, timestep_of_phi};
+use crate::NoiseSchedule;
 
 /// sCM's proposal mean `P_mean` for `tau` in `tan phi = e^tau / sigma_d`.
 pub const PROPOSAL_MEAN: f64 = -1.0;
@@ -45,6 +58,74 @@ pub const TANGENT_NORM_EPS: f64 = 0.1;
 /// The angle of a proposal draw `tau` (`tan phi = e^tau` with `sigma_d = 1`), in `(0, pi/2)`.
 pub fn proposal_phi(tau: f64) -> f64 {
     tau.exp().atan()
+}
+
+/// The training step of a proposal draw `tau` on `schedule`'s grid: the step nearest the
+/// angle [`proposal_phi`]`(tau)`, kept inside `1..=T-2` so that both neighbours exist
+/// for the central difference.
+pub fn proposal_step(schedule: &NoiseSchedule, tau: f64) -> usize {
+    let last = schedule.len() - 1;
+    let t = timestep_of_phi(schedule, proposal_phi(tau)).round() as usize;
+    t.clamp(1, last - 1)
+}
+
+/// The central difference's neighbours of grid step `t` and the angle between them:
+/// `(t - 1, t + 1, phi_{t+1} - phi_{t-1})`, and the signed angle from `t` to each.
+pub fn grid_neighbours(schedule: &NoiseSchedule, t: usize) -> GridNeighbours {
+    let phi = phi_at(schedule, t);
+    GridNeighbours {
+        behind: t - 1,
+        ahead: t + 1,
+        to_behind: phi_at(schedule, t - 1) - phi,
+        to_ahead: phi_at(schedule, t + 1) - phi,
+    }
+}
+
+/// See [`grid_neighbours`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GridNeighbours {
+    /// The step before.
+    pub behind: usize,
+    /// The step after.
+    pub ahead: usize,
+    /// `phi_{t-1} - phi_t` (negative).
+    pub to_behind: f64,
+    /// `phi_{t+1} - phi_t` (positive).
+    pub to_ahead: f64,
+}
+
+/// The learned log-weight `w` of [`adaptive_weighted_loss`] for each sample's timestep: a
+/// linear map of the timestep's sinusoidal features, zero at initialisation (every weight
+/// 1). It only shapes the distillation loss; inference never uses it.
+#[derive(Module, Debug)]
+pub struct AdaptiveWeight<B: Backend> {
+    /// Features to log-weight, `d_freq -> 1`.
+    pub linear: Linear<B>,
+    /// Width of the sinusoidal features.
+    pub d_freq: usize,
+}
+
+impl<B: Backend> AdaptiveWeight<B> {
+    /// A zero log-weight over `d_freq` sinusoidal features.
+    pub fn new(d_freq: usize, device: &B::Device) -> Self {
+        Self {
+            linear: LinearConfig::new(d_freq, 1)
+                .with_initializer(Initializer::Zeros)
+                .init(device),
+            d_freq,
+        }
+    }
+
+    /// The log-weight of each sample's timestep.
+    ///
+    /// # Shapes
+    /// `t`: `[N]` -> `[N]`
+    pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 1> {
+        let n = t.dims()[0];
+        self.linear
+            .forward(sinusoidal_embedding(t, self.d_freq))
+            .reshape([n])
+    }
 }
 
 /// A per-sample factor `[N, 1, .., 1]` expanded to `shape`: `g(phi_i)` for sample `i`.
@@ -114,6 +195,20 @@ pub fn normalize_tangent<B: Backend, const D: usize>(g: Tensor<B, D>) -> Tensor<
     let mut column = [1usize; D];
     column[0] = n;
     g / norm.reshape(column).expand(shape)
+}
+
+/// The distillation loss summed over the samples (the engine divides by the step's image
+/// count): `sum_i [ e^{-w_i} mse_i + w_i ]`, see [`adaptive_weighted_loss`].
+///
+/// # Shapes
+/// - `student`, `target`: `[N, ..]`; `log_weight`: `[N]`; output `[1]`
+pub fn adaptive_weighted_loss_sum<B: Backend, const D: usize>(
+    student: Tensor<B, D>,
+    target: Tensor<B, D>,
+    log_weight: Tensor<B, 1>,
+) -> Tensor<B, 1> {
+    let n = student.dims()[0];
+    adaptive_weighted_loss(student, target, log_weight).mul_scalar(n as f64)
 }
 
 /// The distillation loss `mean_i [ e^{-w_i} mse_i + w_i ]`: `mse_i` is sample `i`'s mean

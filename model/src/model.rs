@@ -240,43 +240,83 @@ impl<B: Backend> Transfusion<B> {
         self.prediction.to_eps(&self.schedule(), out, x_t, t)
     }
 
+    /// Runs one packed batch whose images are the noisy latents `x_t` at timesteps `t`
+    /// (fractional for a continuous-time model; `None` when the batch holds no image):
+    /// the final-normed hidden state of every position and the image head's output.
+    ///
+    /// # Shapes
+    /// - `x_t`: `[N, c, H, W]`, `t`: `[N]`
+    /// - output: hidden `[b*s, d]`, image head `[N, c, H, W]`
+    pub fn forward_packed(
+        &self,
+        batch: &TransfusionBatch<B>,
+        image: Option<(Tensor<B, 4>, Tensor<B, 1>)>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 4>>) {
+        let [b, s] = batch.tokens.dims();
+        let n_img = batch.num_images();
+        let image = image.map(|(x_t, t)| self.embed_image(x_t, t));
+        let x = self.embed_sequence(
+            batch.tokens.clone(),
+            image.as_ref().map(|(p, _)| p.clone()),
+            batch.source_index.clone(),
+        );
+        let meta = SpanMeta::full_rows(batch.span_ids.clone(), batch.doc_ids.clone());
+        let hidden = self.forward_embeddings(
+            x,
+            batch.positions.clone(),
+            meta,
+            None,
+            CacheMode::ReadOnly,
+        );
+        let d = hidden.dims()[2];
+        let flat = hidden.reshape([b * s, d]);
+        let out = image.map(|(patches, ctx)| {
+            let [_, n, _] = patches.dims();
+            // [N*n, d] -> [N, n, d]
+            let img_hidden = flat
+                .clone()
+                .select(0, batch.patch_positions.clone())
+                .reshape([n_img, n, d]);
+            self.image_head(img_hidden, &ctx)
+        });
+        (flat, out)
+    }
+
+    /// The mean next-token loss over the batch's text targets and their count, from the
+    /// hidden states of [`Transfusion::forward_packed`].
+    ///
+    /// # Shapes
+    /// - `hidden`: `[b*s, d]`; output `[1]`, `[1]`
+    pub fn lm_loss(
+        &self,
+        hidden: Tensor<B, 2>,
+        batch: &TransfusionBatch<B>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let [b, s] = batch.tokens.dims();
+        let logits = self.lm_logits(hidden);
+        masked_cross_entropy(
+            logits,
+            batch.targets.clone().reshape([b * s]),
+            batch.lm_mask.clone().reshape([b * s]),
+        )
+    }
+
     /// The training forward pass: noises the batch's latents, runs the whole packed
     /// sequence once, and returns `L_LM`, `L_DDPM` and their weighted sum.
     pub fn forward_loss(&self, batch: TransfusionBatch<B>) -> TransfusionLoss<B> {
-        let [b, s] = batch.tokens.dims();
         let device = batch.tokens.device();
-        let n_img = batch.num_images();
-        let image = (n_img > 0).then(|| {
+        let image = (batch.num_images() > 0).then(|| {
             let x_t = self.schedule().q_sample(
                 batch.latents.clone(),
                 batch.noise.clone(),
                 batch.timesteps.clone(),
             );
-            self.embed_image(x_t, batch.timesteps.clone().float())
+            (x_t, batch.timesteps.clone().float())
         });
-        let x = self.embed_sequence(
-            batch.tokens,
-            image.as_ref().map(|(p, _)| p.clone()),
-            batch.source_index,
-        );
-        let meta = SpanMeta::full_rows(batch.span_ids, batch.doc_ids);
-        let hidden = self.forward_embeddings(x, batch.positions, meta, None, CacheMode::ReadOnly);
-        let d = hidden.dims()[2];
-        let flat = hidden.reshape([b * s, d]);
-
-        let logits = self.lm_logits(flat.clone());
-        let (lm, lm_targets) = masked_cross_entropy(
-            logits,
-            batch.targets.reshape([b * s]),
-            batch.lm_mask.reshape([b * s]),
-        );
-
-        let (diffusion, per_image) = match image {
-            Some((patches, ctx)) => {
-                let [_, n, _] = patches.dims();
-                // [N*n, d] -> [N, n, d]
-                let img_hidden = flat.select(0, batch.patch_positions).reshape([n_img, n, d]);
-                let out = self.image_head(img_hidden, &ctx);
+        let (flat, out) = self.forward_packed(&batch, image);
+        let (lm, lm_targets) = self.lm_loss(flat, &batch);
+        let (diffusion, per_image) = match out {
+            Some(out) => {
                 let target = self.prediction.target(
                     &self.schedule(),
                     batch.latents,

@@ -34,6 +34,7 @@ pub mod data;
 #[cfg(feature = "collective")]
 pub mod ddp;
 pub mod demo;
+pub mod distill;
 pub mod engine;
 pub mod metrics;
 pub mod optim;

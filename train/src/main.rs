@@ -39,6 +39,9 @@ enum Command {
     /// The main job: train the tiny preset on synthetic shapes, then score text-to-image
     /// and image-to-text on held-out samples and write grids and a report.
     Demo(demo::DemoArgs),
+    /// Consistency distillation (sCD): turn a checkpoint into one that draws images in 1
+    /// or 2 steps, keeping its text and captioning.
+    Distill(distill::DistillArgs),
     /// Serve Burn's global collective orchestrator for a multi-machine data-parallel run
     /// (feature `collective`).
     Orchestrator(ddp::OrchestratorArgs),
@@ -58,6 +61,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Orchestrator(a) => ddp::orchestrator(&a),
         Command::Demo(a) => demo::run(a),
+        Command::Distill(a) => distill::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),

@@ -13,7 +13,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::metrics::MetricsLine;
+use crate::distill::DistillStepMetrics;
+use crate::metrics::{EvalMetrics, Line, MetricsLine};
 
 const W: i32 = 900;
 const H: i32 = 520;
@@ -212,6 +213,36 @@ pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
         Series::line("train diffusion", ema(&diff), RED_),
         Series::dots("held-out LM NLL", elm, DBLUE),
         Series::dots("held-out diffusion", ediff, DRED),
+    ];
+    plot_series(&series, path)
+}
+
+/// Draws a distillation's curves into `path` (PNG): the training LM loss and the held-out
+/// LM NLL and image-velocity MSE. (The adaptive-weighted consistency loss goes negative
+/// and has no place on a log scale; it is in `metrics.jsonl`.)
+pub fn plot_distill(
+    lines: &[Line<DistillStepMetrics, EvalMetrics>],
+    path: &Path,
+) -> anyhow::Result<()> {
+    let (mut lm, mut elm, mut ediff) = (vec![], vec![], vec![]);
+    for l in lines {
+        match l {
+            Line::Train(m) if !m.skipped_this => lm.push((m.step, m.lm)),
+            Line::Eval(e) => {
+                elm.push((e.step, e.lm_nll));
+                if !e.diffusion.is_empty() {
+                    let mean =
+                        e.diffusion.iter().map(|(_, v)| v).sum::<f64>() / e.diffusion.len() as f64;
+                    ediff.push((e.step, mean));
+                }
+            }
+            _ => {}
+        }
+    }
+    let series: Vec<Series> = vec![
+        Series::line("train LM", ema(&lm), BLUE),
+        Series::dots("held-out LM NLL", elm, DBLUE),
+        Series::dots("held-out velocity MSE", ediff, DRED),
     ];
     plot_series(&series, path)
 }

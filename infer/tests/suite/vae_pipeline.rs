@@ -31,6 +31,7 @@ fn latent_meta() -> ModelMeta {
         special_tokens: *tok.special(),
         autoencoder: AutoencoderRef::Pixel,
         step: 0,
+        consistency: None,
         model,
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
+use transfusion_infer::checkpoint::load_meta;
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_train::demo::{run_demo, DemoOptions};
@@ -28,12 +29,14 @@ pub struct DemoArgs {
     /// 250 for ddpm, 2 for consistency].
     #[arg(long)]
     pub sampling_steps: Option<usize>,
-    /// Classifier-free guidance scale of the evaluation.
-    #[arg(long, default_value_t = 3.0)]
-    pub cfg: f64,
-    /// Sampler of the text-to-image evaluation: ddim, ddpm or consistency.
-    #[arg(long, default_value = "ddim")]
-    pub sampler: SamplerKind,
+    /// Classifier-free guidance scale of the evaluation [default: 3; 1 for a
+    /// consistency-distilled --checkpoint, whose guidance is baked in].
+    #[arg(long)]
+    pub cfg: Option<f64>,
+    /// Sampler of the text-to-image evaluation: ddim, ddpm or consistency [default: ddim;
+    /// consistency for a consistency-distilled --checkpoint].
+    #[arg(long)]
+    pub sampler: Option<SamplerKind>,
     /// Cap of the decay of an EMA of the weights, which is then scored (0: none).
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
@@ -60,9 +63,22 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     opts.train_budget = Duration::from_secs_f64(a.minutes * 60.0);
     opts.steps = a.steps;
     opts.eval_samples = a.eval_samples;
-    opts.sampling_steps = a.sampling_steps.unwrap_or(a.sampler.default_steps());
-    opts.cfg_scale = a.cfg;
-    opts.sampler = a.sampler;
+    // A consistency-distilled checkpoint samples with its own sampler, unguided.
+    let distilled = match &a.checkpoint {
+        Some(dir) => load_meta(dir)?.consistency,
+        None => None,
+    };
+    let (sampler, steps, cfg) = match &distilled {
+        Some(c) => (SamplerKind::Consistency, c.sampling_steps, 1.0),
+        None => (opts.sampler, opts.sampling_steps, opts.cfg_scale),
+    };
+    opts.sampler = a.sampler.unwrap_or(sampler);
+    opts.sampling_steps = match (a.sampling_steps, a.sampler) {
+        (Some(s), _) => s,
+        (None, Some(k)) if k != sampler => k.default_steps(),
+        (None, _) => steps,
+    };
+    opts.cfg_scale = a.cfg.unwrap_or(cfg);
     opts.checkpoint = a.checkpoint;
     opts.ema_decay = a.ema_decay;
     dispatch(a.device, DemoTask(opts))?

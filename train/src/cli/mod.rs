@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cache;
 pub mod ddp;
 pub mod demo;
+pub mod distill;
 pub mod inspect;
 pub mod plot;
 pub mod run;

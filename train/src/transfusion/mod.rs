@@ -155,25 +155,44 @@ pub fn accumulate_grads<B: AutodiffBackend>(
 }
 
 /// The training batches: read directly, or by a background thread.
-enum Feed {
+pub(crate) enum Feed {
     Direct(DataPipeline),
     Prefetch(Prefetcher),
 }
 
 impl Feed {
-    fn next_rows(&mut self) -> anyhow::Result<Vec<PackedRow>> {
+    /// The training stream of `cfg` (prefetched when `data.prefetch > 0`), at `resume`
+    /// when continuing a run.
+    pub(crate) fn start(
+        cfg: &ExperimentConfig,
+        m: &TransfusionConfig,
+        tokenizer: &Arc<TextTokenizer>,
+        resume: Option<&PipelineState>,
+    ) -> anyhow::Result<Self> {
+        let mut pipeline =
+            build_pipeline(cfg, m, tokenizer, Split::Train, cfg.training.batch_size)?;
+        if let Some(state) = resume {
+            pipeline.restore(state)?;
+        }
+        Ok(if cfg.data.prefetch > 0 {
+            Feed::Prefetch(Prefetcher::spawn(pipeline, cfg.data.prefetch)?)
+        } else {
+            Feed::Direct(pipeline)
+        })
+    }
+    pub(crate) fn next_rows(&mut self) -> anyhow::Result<Vec<PackedRow>> {
         Ok(match self {
             Feed::Direct(p) => p.next_rows()?,
             Feed::Prefetch(p) => p.next_rows()?,
         })
     }
-    fn batcher(&self) -> &TransfusionBatcher {
+    pub(crate) fn batcher(&self) -> &TransfusionBatcher {
         match self {
             Feed::Direct(p) => p.batcher(),
             Feed::Prefetch(p) => p.batcher(),
         }
     }
-    fn state(&self) -> PipelineState {
+    pub(crate) fn state(&self) -> PipelineState {
         match self {
             Feed::Direct(p) => p.state(),
             Feed::Prefetch(p) => p.state(),
@@ -214,6 +233,7 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
             image_size: cfg.data.image_size,
             autoencoder: autoencoder_for(cfg)?,
             step: 0,
+            consistency: None,
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -300,22 +320,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
     }
 
     fn start_data(&mut self, resume: Option<&PipelineState>) -> anyhow::Result<()> {
-        let c = &self.cfg;
-        let mut pipeline = build_pipeline(
-            c,
-            &self.m,
-            &self.tokenizer,
-            Split::Train,
-            c.training.batch_size,
-        )?;
-        if let Some(state) = resume {
-            pipeline.restore(state)?;
-        }
-        self.feed = Some(if c.data.prefetch > 0 {
-            Feed::Prefetch(Prefetcher::spawn(pipeline, c.data.prefetch)?)
-        } else {
-            Feed::Direct(pipeline)
-        });
+        self.feed = Some(Feed::start(&self.cfg, &self.m, &self.tokenizer, resume)?);
         Ok(())
     }
 

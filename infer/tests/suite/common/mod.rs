@@ -39,6 +39,7 @@ pub fn tiny_meta(tok: &TextTokenizer) -> ModelMeta {
         special_tokens: *tok.special(),
         autoencoder: AutoencoderRef::Pixel,
         step: 0,
+        consistency: None,
         model,
     }
 }

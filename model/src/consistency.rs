@@ -95,8 +95,8 @@ pub struct GridNeighbours {
 }
 
 /// The learned log-weight `w` of [`adaptive_weighted_loss`] for each sample's timestep: a
-/// linear map of the timestep's sinusoidal features, zero at initialisation (every weight
-/// 1). It only shapes the distillation loss; inference never uses it.
+/// linear map of the timestep's sinusoidal features plus a bias. It only shapes the
+/// distillation loss; inference never uses it.
 #[derive(Module, Debug)]
 pub struct AdaptiveWeight<B: Backend> {
     /// Features to log-weight, `d_freq -> 1`.
@@ -106,14 +106,19 @@ pub struct AdaptiveWeight<B: Backend> {
 }
 
 impl<B: Backend> AdaptiveWeight<B> {
-    /// A zero log-weight over `d_freq` sinusoidal features.
-    pub fn new(d_freq: usize, device: &B::Device) -> Self {
-        Self {
-            linear: LinearConfig::new(d_freq, 1)
-                .with_initializer(Initializer::Zeros)
-                .init(device),
-            d_freq,
-        }
+    /// A constant log-weight `initial` over `d_freq` sinusoidal features (zero weights,
+    /// bias `initial`).
+    ///
+    /// The distillation's squared error is at most `1 / D` at the start (the target is
+    /// `F^- + g` with `||g|| < 1` over `D` values), so `initial = -ln D` puts
+    /// `e^{-w} mse` near 1 from the first step; from 0 it would take the weight hundreds of
+    /// steps to get there while the consistency term's gradient is `D` times too small.
+    pub fn new(d_freq: usize, initial: f64, device: &B::Device) -> Self {
+        let mut linear = LinearConfig::new(d_freq, 1)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
+        linear.bias = linear.bias.map(|b| b.map(|t| t.add_scalar(initial)));
+        Self { linear, d_freq }
     }
 
     /// The log-weight of each sample's timestep.

@@ -261,13 +261,8 @@ impl<B: Backend> Transfusion<B> {
             batch.source_index.clone(),
         );
         let meta = SpanMeta::full_rows(batch.span_ids.clone(), batch.doc_ids.clone());
-        let hidden = self.forward_embeddings(
-            x,
-            batch.positions.clone(),
-            meta,
-            None,
-            CacheMode::ReadOnly,
-        );
+        let hidden =
+            self.forward_embeddings(x, batch.positions.clone(), meta, None, CacheMode::ReadOnly);
         let d = hidden.dims()[2];
         let flat = hidden.reshape([b * s, d]);
         let out = image.map(|(patches, ctx)| {

@@ -2,6 +2,7 @@
 //! exact resume, and an end-to-end run where both losses fall.
 
 mod common;
+mod distill;
 mod engine;
 
 use std::sync::Arc;

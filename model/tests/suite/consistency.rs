@@ -11,8 +11,9 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::TensorData;
 use transfusion_model::consistency::{
-    adaptive_weighted_loss, central_difference, consistency_tangent, normalize_tangent, per_sample,
-    proposal_phi, DEFAULT_FD_STEP, PHI_MID, PROPOSAL_MEAN, PROPOSAL_STD,
+    adaptive_weighted_loss, central_difference, consistency_tangent, grid_neighbours,
+    normalize_tangent, per_sample, proposal_phi, proposal_step, AdaptiveWeight, DEFAULT_FD_STEP,
+    PHI_MID, PROPOSAL_MEAN, PROPOSAL_STD,
 };
 use transfusion_model::timestep::sinusoidal_embedding;
 use transfusion_model::trigflow::{consistency_x0, phi_at, timestep_of_phi};
@@ -433,4 +434,43 @@ fn a_distilled_toy_student_draws_in_two_steps_what_the_teacher_draws_in_many() {
             }
         }
     }
+}
+
+#[test]
+fn proposal_steps_stay_on_the_grid_with_both_neighbours() {
+    let s = NoiseSchedule::cosine(1000);
+    // The proposal's median angle atan(e^-1) = 0.3554 rad is near step 225 of the cosine
+    // schedule; the nearest step is the rounded continuous step.
+    let median = proposal_step(&s, -1.0);
+    assert_eq!(
+        median as f64,
+        timestep_of_phi(&s, 1f64.exp().recip().atan()).round()
+    );
+    assert!((200..250).contains(&median), "{median}");
+    // Far tails clamp inside 1..=998 so that t - 1 and t + 1 exist.
+    assert_eq!(proposal_step(&s, -30.0), 1);
+    assert_eq!(proposal_step(&s, 30.0), 998);
+    for t in [1, 225, 700, 998] {
+        let n = grid_neighbours(&s, t);
+        assert_eq!((n.behind, n.ahead), (t - 1, t + 1));
+        assert!((n.to_ahead - (phi_at(&s, t + 1) - phi_at(&s, t))).abs() < 1e-15);
+        assert!((n.to_behind - (phi_at(&s, t - 1) - phi_at(&s, t))).abs() < 1e-15);
+        // The cosine schedule is nearly uniform in the angle: the central difference
+        // spans 2 x 1.57e-3 rad, within 10% either side.
+        assert!(n.to_ahead > 0.0 && n.to_behind < 0.0);
+        let span = n.to_ahead - n.to_behind;
+        assert!(
+            (span - 2.0 * 1.5708e-3).abs() < 3.2e-4,
+            "t {t}: span {span}"
+        );
+    }
+}
+
+#[test]
+fn the_adaptive_weight_starts_at_its_initial_value_for_every_step() {
+    let device = Default::default();
+    let w = AdaptiveWeight::<NdArray>::new(16, -8.07, &device);
+    let t = Tensor::<NdArray, 1>::from_floats([0.0, 1.0, 500.5, 999.0], &device);
+    let out: Vec<f32> = w.forward(t).to_data().to_vec().unwrap();
+    assert_eq!(out, vec![-8.07f32; 4]);
 }

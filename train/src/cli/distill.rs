@@ -119,5 +119,12 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
     opts.resume = a.resume;
     opts.overwrite = a.overwrite;
     opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
-    dispatch(a.device, DistillJob { cfg, settings, opts })?
+    dispatch(
+        a.device,
+        DistillJob {
+            cfg,
+            settings,
+            opts,
+        },
+    )?
 }

@@ -128,7 +128,9 @@ fn teacher_velocity<B: Backend>(
 ) -> Tensor<B, 4> {
     let teacher = inputs.teacher;
     let (_, out) = teacher.forward_packed(packed, Some((x_t.clone(), t.clone())));
-    let conditional = out.expect("the batch has images").select(0, gen_idx.clone());
+    let conditional = out
+        .expect("the batch has images")
+        .select(0, gen_idx.clone());
     if (inputs.guidance - 1.0).abs() < f64::EPSILON {
         return conditional;
     }
@@ -157,14 +159,19 @@ fn student_derivative<B: Backend>(
 ) -> Tensor<B, 4> {
     let schedule = student.schedule();
     let device = x_t.device();
-    let near: Vec<_> = steps.iter().map(|&s| grid_neighbours(&schedule, s)).collect();
+    let near: Vec<_> = steps
+        .iter()
+        .map(|&s| grid_neighbours(&schedule, s))
+        .collect();
     let shape = velocity.dims();
     let at = |offset: &dyn Fn(usize) -> (f64, usize)| {
         let phi_shift: Vec<f64> = (0..steps.len()).map(|i| offset(i).0).collect();
         let step: Vec<f32> = (0..steps.len()).map(|i| offset(i).1 as f32).collect();
         // [G, c, H, W]: each generation image moved along the velocity by its angle shift.
         let moved = velocity.clone() * per_sample::<B, 4>(&phi_shift, |d| d, shape, &device);
-        let x = x_t.clone().select_assign(0, gen_idx.clone(), moved, IndexingUpdateOp::Add);
+        let x = x_t
+            .clone()
+            .select_assign(0, gen_idx.clone(), moved, IndexingUpdateOp::Add);
         let zeros = Tensor::<B, 1>::zeros([steps.len()], &device);
         let to_step = Tensor::<B, 1>::from_floats(step.as_slice(), &device)
             - t.clone().select(0, gen_idx.clone());
@@ -172,7 +179,8 @@ fn student_derivative<B: Backend>(
             .clone()
             .select_assign(0, gen_idx.clone(), zeros + to_step, IndexingUpdateOp::Add);
         let (_, out) = student.forward_packed(packed, Some((x, t)));
-        out.expect("the batch has images").select(0, gen_idx.clone())
+        out.expect("the batch has images")
+            .select(0, gen_idx.clone())
     };
     let ahead = at(&|i| (near[i].to_ahead, near[i].ahead));
     let behind = at(&|i| (near[i].to_behind, near[i].behind));

@@ -270,6 +270,12 @@ impl<B: AutodiffBackend> DistillTask<B> {
         })
     }
 
+    /// `-ln D` with `D` the values of one latent (see [`AdaptiveWeight::new`]).
+    fn initial_log_weight(&self) -> f64 {
+        let d = self.m.latent_channels * self.m.latent_size * self.m.latent_size;
+        -(d as f64).ln()
+    }
+
     fn write_configs(&self, dir: &Path) -> anyhow::Result<()> {
         write_file(
             &dir.join(CONFIG_FILE),
@@ -321,7 +327,11 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
     fn init_model(&self, device: &B::Device, _materialize: bool) -> ConsistencyStudent<B> {
         ConsistencyStudent {
             model: self.student.clone(),
-            weight: AdaptiveWeight::new(ADAPTIVE_WEIGHT_FEATURES, device),
+            weight: AdaptiveWeight::new(
+                ADAPTIVE_WEIGHT_FEATURES,
+                self.initial_log_weight(),
+                device,
+            ),
         }
     }
 
@@ -338,7 +348,7 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
             );
         }
         let weight = load_weights(
-            AdaptiveWeight::new(ADAPTIVE_WEIGHT_FEATURES, device),
+            AdaptiveWeight::new(ADAPTIVE_WEIGHT_FEATURES, self.initial_log_weight(), device),
             &dir.join(ADAPTIVE_WEIGHT_FILE),
             "the adaptive loss weight",
         )?;

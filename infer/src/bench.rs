@@ -264,8 +264,9 @@ pub fn run_bench<B: Backend>(
             };
             let s = image_secs(pipe, &prompt, &o)?;
             let g = cfg_label(cfg);
+            let unit = if steps == 1 { "step" } else { "steps" };
             report.push(
-                format!("s per image ({sampler} {steps} steps, {g}, batch 1)"),
+                format!("s per image ({sampler} {steps} {unit}, {g}, batch 1)"),
                 s,
                 "s",
             );

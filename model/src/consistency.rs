@@ -24,11 +24,13 @@
 //!
 //! Distilling a DDPM checkpoint therefore keeps to its timestep grid
 //! ([`proposal_step`]): each sample's angle is the proposal's draw rounded to the nearest
-//! training step, and the finite difference spans the neighbouring steps `t - 1` and
-//! `t + 1` (the cosine schedule's steps are `1.6e-3` rad apart, inside the measured sweet
-//! spot of [`DEFAULT_FD_STEP`]). The teacher is then only ever asked at the timesteps it
-//! was trained on, and the student's time features change only as much between the
-//! evaluations as they did in the teacher's training.
+//! training step, and the finite difference spans grid steps `t - k` and `t + k`
+//! ([`grid_neighbours`]), so the teacher and the student are only ever asked at the
+//! timesteps they were trained on. A trained network is not smooth from one step to the
+//! next (its time features turn within a few steps), so `k` is a measured setting of the
+//! distillation, not the `f32` optimum of a smooth function ([`DEFAULT_FD_STEP`]): the
+//! error, about `h^2 |third derivative| / 6 + jitter / h`, favours a wide step when the
+//! jitter dominates.
 //!
 //! Angles are per sample and live on the host (`&[f64]`); tensor code multiplies by their
 //! cosines and sines broadcast over each sample.
@@ -61,23 +63,27 @@ pub fn proposal_phi(tau: f64) -> f64 {
 }
 
 /// The training step of a proposal draw `tau` on `schedule`'s grid: the step nearest the
-/// angle [`proposal_phi`]`(tau)`, kept inside `1..=T-2` so that both neighbours exist
-/// for the central difference.
-pub fn proposal_step(schedule: &NoiseSchedule, tau: f64) -> usize {
+/// angle [`proposal_phi`]`(tau)`, kept inside `span..=T-1-span` so that both neighbours
+/// of [`grid_neighbours`] exist.
+pub fn proposal_step(schedule: &NoiseSchedule, tau: f64, span: usize) -> usize {
     let last = schedule.len() - 1;
+    assert!(
+        span >= 1 && 2 * span <= last,
+        "span {span} does not fit {last} steps"
+    );
     let t = timestep_of_phi(schedule, proposal_phi(tau)).round() as usize;
-    t.clamp(1, last - 1)
+    t.clamp(span, last - span)
 }
 
-/// The central difference's neighbours of grid step `t` and the angle between them:
-/// `(t - 1, t + 1, phi_{t+1} - phi_{t-1})`, and the signed angle from `t` to each.
-pub fn grid_neighbours(schedule: &NoiseSchedule, t: usize) -> GridNeighbours {
+/// The central difference's neighbours of grid step `t`, `span` steps either side, and
+/// the signed angle from `t` to each.
+pub fn grid_neighbours(schedule: &NoiseSchedule, t: usize, span: usize) -> GridNeighbours {
     let phi = phi_at(schedule, t);
     GridNeighbours {
-        behind: t - 1,
-        ahead: t + 1,
-        to_behind: phi_at(schedule, t - 1) - phi,
-        to_ahead: phi_at(schedule, t + 1) - phi,
+        behind: t - span,
+        ahead: t + span,
+        to_behind: phi_at(schedule, t - span) - phi,
+        to_ahead: phi_at(schedule, t + span) - phi,
     }
 }
 

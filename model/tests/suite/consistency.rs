@@ -441,17 +441,23 @@ fn proposal_steps_stay_on_the_grid_with_both_neighbours() {
     let s = NoiseSchedule::cosine(1000);
     // The proposal's median angle atan(e^-1) = 0.3554 rad is near step 225 of the cosine
     // schedule; the nearest step is the rounded continuous step.
-    let median = proposal_step(&s, -1.0);
+    let median = proposal_step(&s, -1.0, 1);
     assert_eq!(
         median as f64,
         timestep_of_phi(&s, 1f64.exp().recip().atan()).round()
     );
     assert!((200..250).contains(&median), "{median}");
-    // Far tails clamp inside 1..=998 so that t - 1 and t + 1 exist.
-    assert_eq!(proposal_step(&s, -30.0), 1);
-    assert_eq!(proposal_step(&s, 30.0), 998);
+    // Far tails clamp inside span..=999-span so that t - span and t + span exist.
+    assert_eq!(proposal_step(&s, -30.0, 1), 1);
+    assert_eq!(proposal_step(&s, 30.0, 1), 998);
+    assert_eq!(proposal_step(&s, -30.0, 16), 16);
+    assert_eq!(proposal_step(&s, 30.0, 16), 983);
+    assert_eq!(proposal_step(&s, -1.0, 16), median);
+    let n = grid_neighbours(&s, 300, 16);
+    assert_eq!((n.behind, n.ahead), (284, 316));
+    assert!((n.to_ahead - (phi_at(&s, 316) - phi_at(&s, 300))).abs() < 1e-15);
     for t in [1, 225, 700, 998] {
-        let n = grid_neighbours(&s, t);
+        let n = grid_neighbours(&s, t, 1);
         assert_eq!((n.behind, n.ahead), (t - 1, t + 1));
         assert!((n.to_ahead - (phi_at(&s, t + 1) - phi_at(&s, t))).abs() < 1e-15);
         assert!((n.to_behind - (phi_at(&s, t - 1) - phi_at(&s, t))).abs() < 1e-15);

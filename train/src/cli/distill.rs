@@ -37,6 +37,12 @@ pub struct DistillArgs {
     /// Classifier-free guidance scale baked into the student.
     #[arg(long, default_value_t = 3.0)]
     pub cfg: f64,
+    /// Weight of the consistency loss against the LM loss.
+    #[arg(long, default_value_t = transfusion_train::distill::DEFAULT_CONSISTENCY_WEIGHT)]
+    pub consistency_weight: f64,
+    /// Grid steps either side of the finite difference of the student's derivative.
+    #[arg(long, default_value_t = transfusion_train::distill::DEFAULT_DERIVATIVE_SPAN)]
+    pub derivative_span: usize,
     /// Peak learning rate [default: 2e-4].
     #[arg(long)]
     pub lr: Option<f64>,
@@ -109,6 +115,8 @@ fn resolve(a: &DistillArgs) -> anyhow::Result<(ExperimentConfig, DistillSettings
     }
     let mut settings = DistillSettings::new(teacher, a.steps);
     settings.guidance = a.cfg;
+    settings.consistency_weight = a.consistency_weight;
+    settings.derivative_span = a.derivative_span;
     Ok((cfg, settings))
 }
 

@@ -56,14 +56,14 @@ pub fn generation_images(rows: &[PackedRow], special: &SpecialTokens) -> Vec<usi
 /// Builds the micro-batch of `rows`: every generation image gets a proposal step (sCM's
 /// log-normal proposal on the angle, rounded to the grid, see
 /// [`transfusion_model::consistency::proposal_step`]) and fresh noise, drawn from the
-/// stream `(seed, draw)`, so a resumed run draws the same.
+/// stream `(seed, draw)`, so a resumed run draws the same. Steps keep `span` steps from
+/// either end of the schedule (the derivative's neighbours).
 pub fn distill_batch<B: Backend>(
     rows: &[PackedRow],
     batcher: &TransfusionBatcher,
     special: &SpecialTokens,
-    schedule: &NoiseSchedule,
-    seed: u64,
-    draw: u64,
+    (schedule, span): (&NoiseSchedule, usize),
+    (seed, draw): (u64, u64),
     device: &B::Device,
 ) -> anyhow::Result<DistillBatch<B>> {
     let generation = generation_images(rows, special);
@@ -79,7 +79,7 @@ pub fn distill_batch<B: Backend>(
     for &img in &generation {
         rng.fill_normal(&mut normal);
         let tau = PROPOSAL_MEAN + PROPOSAL_STD * normal[0] as f64;
-        let t = proposal_step(schedule, tau);
+        let t = proposal_step(schedule, tau, span);
         steps.push(t);
         arrays.timesteps[img] = t as i64;
         rng.fill_normal(&mut arrays.noise[img * per_image..(img + 1) * per_image]);

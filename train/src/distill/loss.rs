@@ -34,10 +34,14 @@ pub struct DistillLossInputs<'a, B: Backend> {
     pub guidance: f64,
     /// The tangent warm-up factor `r` in `[0, 1]`.
     pub warmup: f64,
+    /// Weight of the consistency part against the LM part.
+    pub weight: f64,
+    /// Grid steps either side of the derivative's central difference.
+    pub derivative_span: usize,
 }
 
 /// The loss parts of one micro-batch: `[LM NLL summed over the text targets, consistency
-/// loss summed over the generation images]`, weighted `1` and the model's `lambda`.
+/// loss summed over the generation images]`, weighted `1` and `inputs.weight`.
 pub fn distill_loss<B: AutodiffBackend>(
     student: &ConsistencyStudent<B>,
     batch: DistillBatch<B::InnerBackend>,
@@ -89,7 +93,7 @@ pub fn distill_loss<B: AutodiffBackend>(
                 (&x_t, &t),
                 &gen_idx,
                 &velocity,
-                &batch.steps,
+                (&batch.steps, inputs.derivative_span),
             );
             let phi: Vec<f64> = batch.steps.iter().map(|&s| phi_at(&schedule, s)).collect();
             let tangent = normalize_tangent(consistency_tangent(
@@ -109,7 +113,7 @@ pub fn distill_loss<B: AutodiffBackend>(
     };
     TaskLoss {
         sums: [lm_sum, consistency],
-        weights: [1.0, student.model.loss_weight],
+        weights: [1.0, inputs.weight],
     }
 }
 
@@ -142,9 +146,9 @@ fn teacher_velocity<B: Backend>(
 }
 
 /// `dF^-/dphi` of the student (without gradient) along the teacher's trajectory at the
-/// generation images, by a central difference over the neighbouring grid steps:
-/// `(F(x + d_+ v, phi_{t+1}) - F(x + d_- v, phi_{t-1})) / (d_+ - d_-)` with
-/// `d_± = phi_{t±1} - phi_t`. The other images stay as they are.
+/// generation images, by a central difference over the grid steps `span` either side:
+/// `(F(x + d_+ v, phi_{t+k}) - F(x + d_- v, phi_{t-k})) / (d_+ - d_-)` with
+/// `d_± = phi_{t±k} - phi_t`. The other images stay as they are.
 ///
 /// # Shapes
 /// - `x_t`: `[N, c, H, W]`, `t`: `[N]`, `gen_idx`: `[G]`, `velocity`: `[G, c, H, W]`;
@@ -155,13 +159,13 @@ fn student_derivative<B: Backend>(
     (x_t, t): (&Tensor<B, 4>, &Tensor<B, 1>),
     gen_idx: &Tensor<B, 1, Int>,
     velocity: &Tensor<B, 4>,
-    steps: &[usize],
+    (steps, span): (&[usize], usize),
 ) -> Tensor<B, 4> {
     let schedule = student.schedule();
     let device = x_t.device();
     let near: Vec<_> = steps
         .iter()
-        .map(|&s| grid_neighbours(&schedule, s))
+        .map(|&s| grid_neighbours(&schedule, s, span))
         .collect();
     let shape = velocity.dims();
     let at = |offset: &dyn Fn(usize) -> (f64, usize)| {

@@ -63,6 +63,10 @@ pub const DISTILL_CHECKPOINT_FILES: &[&str] = &[
     STATE_FILE,
     "optimizer.mpk",
 ];
+/// Default of [`DistillSettings::consistency_weight`].
+pub const DEFAULT_CONSISTENCY_WEIGHT: f64 = 0.02;
+/// Default of [`DistillSettings::derivative_span`].
+pub const DEFAULT_DERIVATIVE_SPAN: usize = 16;
 /// Width of the adaptive weight's sinusoidal timestep features.
 const ADAPTIVE_WEIGHT_FEATURES: usize = 64;
 
@@ -82,6 +86,15 @@ pub struct DistillSettings {
     pub tangent_warmup_steps: u64,
     /// Sampling steps recorded as the student's default (1 or 2).
     pub sampling_steps: usize,
+    /// Weight of the consistency loss against the LM loss (weight 1). The adaptive weight
+    /// scales the consistency loss's gradient to about that of a unit-size error per
+    /// sample, a few hundred times the gradient of the teacher's `lambda * MSE` at the end
+    /// of its training; at weight `lambda` the LM loss drowned in it (captioning collapsed
+    /// within 200 steps on the demo checkpoint).
+    pub consistency_weight: f64,
+    /// Grid steps either side of the central difference of the student's derivative
+    /// (`k`; the cosine schedule's steps are 1.56e-3 rad apart).
+    pub derivative_span: usize,
 }
 
 impl DistillSettings {
@@ -93,6 +106,8 @@ impl DistillSettings {
             guidance: 3.0,
             tangent_warmup_steps: steps / 5,
             sampling_steps: 2,
+            consistency_weight: DEFAULT_CONSISTENCY_WEIGHT,
+            derivative_span: DEFAULT_DERIVATIVE_SPAN,
         }
     }
 
@@ -233,6 +248,11 @@ impl<B: AutodiffBackend> DistillTask<B> {
             settings.guidance >= 1.0,
             "--cfg {}: the distilled guidance scale must be at least 1",
             settings.guidance
+        );
+        anyhow::ensure!(
+            (1..=100).contains(&settings.derivative_span),
+            "the derivative's span must be 1 to 100 grid steps, not {}",
+            settings.derivative_span
         );
         anyhow::ensure!(
             (1..=2).contains(&settings.sampling_steps),
@@ -408,9 +428,8 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
             &rows,
             feed.batcher(),
             self.tokenizer.special(),
-            &self.teacher.schedule(),
-            self.cfg.seed,
-            draw,
+            (&self.teacher.schedule(), self.settings.derivative_span),
+            (self.cfg.seed, draw),
             device,
         )?;
         let targets: f32 = batch.packed.lm_mask.clone().sum().into_scalar().elem();
@@ -432,6 +451,8 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
             teacher: &self.teacher,
             guidance: self.settings.guidance,
             warmup: self.settings.warmup_at(step),
+            weight: self.settings.consistency_weight,
+            derivative_span: self.settings.derivative_span,
         };
         distill_loss(model, batch, &inputs)
     }

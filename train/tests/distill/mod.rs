@@ -90,8 +90,17 @@ fn the_batch_redraws_generation_images_and_pairs_them_with_unconditional_rows() 
     let batcher = TransfusionBatcher::new([3, 16, 16], 4, special.pad, 7);
     let schedule = NoiseSchedule::cosine(1000);
     let device = Default::default();
-    let make =
-        |draw| distill_batch::<I>(&rows, &batcher, &special, &schedule, 3, draw, &device).unwrap();
+    let make = |draw| {
+        distill_batch::<I>(
+            &rows,
+            &batcher,
+            &special,
+            (&schedule, 1),
+            (3, draw),
+            &device,
+        )
+        .unwrap()
+    };
     let plain = batcher.arrays(&rows).unwrap();
     let a = make(0);
     assert_eq!(a.generation, vec![0, 2]);
@@ -150,9 +159,8 @@ fn at_the_start_the_consistency_loss_is_the_initial_weight_unless_guided_or_warm
         &rows,
         &batcher,
         &special,
-        &teacher.schedule(),
-        1,
-        0,
+        (&teacher.schedule(), 4),
+        (1, 0),
         &device,
     )
     .unwrap();
@@ -161,6 +169,8 @@ fn at_the_start_the_consistency_loss_is_the_initial_weight_unless_guided_or_warm
             teacher: &teacher,
             guidance,
             warmup,
+            weight: 1.0,
+            derivative_span: 4,
         };
         let loss = distill_loss(&student, batch.clone(), &inputs);
         loss.sums[1].clone().into_scalar() as f64
@@ -186,6 +196,8 @@ fn at_the_start_the_consistency_loss_is_the_initial_weight_unless_guided_or_warm
         teacher: &teacher,
         guidance: 1.0,
         warmup: 0.0,
+        weight: 1.0,
+        derivative_span: 4,
     };
     let lm = distill_loss(&student, batch, &inputs).sums[0]
         .clone()

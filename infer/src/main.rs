@@ -212,19 +212,12 @@ fn image_opts<B: burn::prelude::Backend>(
     d: &Diffusion,
     seed: u64,
 ) -> ImageOptions {
-    let defaults = pipe.default_image_options();
-    let sampler = d.sampler.unwrap_or(defaults.sampler);
-    let steps = match (d.steps, d.sampler) {
-        (Some(s), _) => s,
-        (None, Some(k)) if k != defaults.sampler => k.default_steps(),
-        (None, _) => defaults.steps,
-    };
     ImageOptions {
         num,
-        steps,
-        sampler,
-        cfg: d.cfg.unwrap_or(defaults.cfg),
         seed,
+        ..pipe
+            .default_image_options()
+            .with_overrides(d.sampler, d.steps, d.cfg)
     }
 }
 

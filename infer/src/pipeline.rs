@@ -74,6 +74,45 @@ pub struct ImageOptions {
     pub seed: u64,
 }
 
+impl ImageOptions {
+    /// The options a model samples with unless told otherwise: a consistency-distilled
+    /// model (see [`ModelMeta::consistency`]) uses the consistency sampler at its recorded
+    /// steps without guidance (its teacher's guidance is baked in); any other model
+    /// `fallback`.
+    pub fn for_model(meta: &ModelMeta, fallback: ImageOptions) -> ImageOptions {
+        match &meta.consistency {
+            Some(c) => ImageOptions {
+                steps: c.sampling_steps,
+                sampler: SamplerKind::Consistency,
+                cfg: 1.0,
+                ..fallback
+            },
+            None => fallback,
+        }
+    }
+
+    /// These options with what the user asked for: a sampler other than these options'
+    /// without steps takes its own default steps ([`SamplerKind::default_steps`]).
+    pub fn with_overrides(
+        self,
+        sampler: Option<SamplerKind>,
+        steps: Option<usize>,
+        cfg: Option<f64>,
+    ) -> ImageOptions {
+        let steps = match (steps, sampler) {
+            (Some(s), _) => s,
+            (None, Some(k)) if k != self.sampler => k.default_steps(),
+            (None, _) => self.steps,
+        };
+        ImageOptions {
+            steps,
+            sampler: sampler.unwrap_or(self.sampler),
+            cfg: cfg.unwrap_or(self.cfg),
+            ..self
+        }
+    }
+}
+
 /// The most memory one image batch may be estimated to need (see
 /// [`Pipeline::check_image_options`]); beyond it generation could only abort on allocation.
 pub const MAX_GENERATION_GIB: f64 = 64.0;
@@ -119,20 +158,10 @@ impl<B: Backend> Pipeline<B> {
             .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))
     }
 
-    /// The image options this model samples with unless told otherwise: a
-    /// consistency-distilled model (see [`ModelMeta::consistency`]) uses the consistency
-    /// sampler at its recorded steps without guidance (its teacher's guidance is baked in);
-    /// any other model [`ImageOptions::default`] (DDPM, 250 steps, guidance 3).
+    /// The image options this model samples with unless told otherwise (see
+    /// [`ImageOptions::for_model`] over [`ImageOptions::default`]).
     pub fn default_image_options(&self) -> ImageOptions {
-        match &self.meta.consistency {
-            Some(c) => ImageOptions {
-                steps: c.sampling_steps,
-                sampler: SamplerKind::Consistency,
-                cfg: 1.0,
-                ..ImageOptions::default()
-            },
-            None => ImageOptions::default(),
-        }
+        ImageOptions::for_model(&self.meta, ImageOptions::default())
     }
 
     /// The same pipeline computing the decoder's products in `precision`, after checking

@@ -196,7 +196,7 @@ fn bench_runs_on_a_checkpoint_and_on_the_tiny_preset() {
         "s per image (ddpm 3 steps",
         "s per image (ddim 2 steps",
         "s per image (consistency 2 steps",
-        "s per image (consistency 1 steps",
+        "s per image (consistency 1 step,",
         "images/s at batch 2",
         "text tokens/s (kv cache)",
         "text tokens/s (full recompute)",

@@ -729,3 +729,36 @@ fn the_consistency_sampler_starts_at_phi_max_renoises_near_phi_mid_and_reuses_th
         "{err}"
     );
 }
+
+#[test]
+fn a_consistency_model_samples_with_its_own_defaults_unless_told_otherwise() {
+    use transfusion_infer::checkpoint::ConsistencyMeta;
+    let mut meta = crate::common::tiny_meta(&crate::common::tokenizer());
+    let plain = ImageOptions::for_model(&meta, ImageOptions::default());
+    assert_eq!(
+        (plain.sampler, plain.steps, plain.cfg),
+        (SamplerKind::Ddpm, 250, 3.0)
+    );
+    meta.consistency = Some(ConsistencyMeta {
+        distilled_guidance: 3.0,
+        sampling_steps: 2,
+        teacher: "teacher".into(),
+    });
+    let d = ImageOptions::for_model(&meta, ImageOptions::default());
+    assert_eq!(
+        (d.sampler, d.steps, d.cfg),
+        (SamplerKind::Consistency, 2, 1.0)
+    );
+    // Flags win; another sampler without steps takes its own default steps.
+    let o = d
+        .clone()
+        .with_overrides(Some(SamplerKind::Ddim), None, Some(2.0));
+    assert_eq!((o.sampler, o.steps, o.cfg), (SamplerKind::Ddim, 50, 2.0));
+    let o = d.clone().with_overrides(None, Some(1), None);
+    assert_eq!(
+        (o.sampler, o.steps, o.cfg),
+        (SamplerKind::Consistency, 1, 1.0)
+    );
+    let o = d.with_overrides(Some(SamplerKind::Consistency), None, None);
+    assert_eq!(o.steps, 2);
+}

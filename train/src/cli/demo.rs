@@ -7,6 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_infer::checkpoint::load_meta;
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_infer::pipeline::ImageOptions;
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_train::demo::{run_demo, DemoOptions};
 
@@ -64,21 +65,20 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     opts.steps = a.steps;
     opts.eval_samples = a.eval_samples;
     // A consistency-distilled checkpoint samples with its own sampler, unguided.
-    let distilled = match &a.checkpoint {
-        Some(dir) => load_meta(dir)?.consistency,
-        None => None,
+    let demo = ImageOptions {
+        steps: opts.sampling_steps,
+        sampler: opts.sampler,
+        cfg: opts.cfg_scale,
+        ..ImageOptions::default()
     };
-    let (sampler, steps, cfg) = match &distilled {
-        Some(c) => (SamplerKind::Consistency, c.sampling_steps, 1.0),
-        None => (opts.sampler, opts.sampling_steps, opts.cfg_scale),
+    let defaults = match &a.checkpoint {
+        Some(dir) => ImageOptions::for_model(&load_meta(dir)?, demo),
+        None => demo,
     };
-    opts.sampler = a.sampler.unwrap_or(sampler);
-    opts.sampling_steps = match (a.sampling_steps, a.sampler) {
-        (Some(s), _) => s,
-        (None, Some(k)) if k != sampler => k.default_steps(),
-        (None, _) => steps,
-    };
-    opts.cfg_scale = a.cfg.unwrap_or(cfg);
+    let image = defaults.with_overrides(a.sampler, a.sampling_steps, a.cfg);
+    opts.sampler = image.sampler;
+    opts.sampling_steps = image.steps;
+    opts.cfg_scale = image.cfg;
     opts.checkpoint = a.checkpoint;
     opts.ema_decay = a.ema_decay;
     dispatch(a.device, DemoTask(opts))?

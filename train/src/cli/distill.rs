@@ -28,8 +28,9 @@ pub struct DistillArgs {
     /// required when the checkpoint has none].
     #[arg(long = "data")]
     pub data: Vec<SourceSpec>,
-    /// Optimizer steps planned (the learning-rate schedule's length).
-    #[arg(long, default_value_t = 1000)]
+    /// Optimizer steps planned (the learning-rate schedule's length; 150 distilled the
+    /// demo checkpoint, see the README).
+    #[arg(long, default_value_t = 150)]
     pub steps: u64,
     /// Stop after this many minutes (with a checkpoint and an evaluation).
     #[arg(long, value_parser = super::parse_minutes)]

@@ -185,6 +185,15 @@ pub fn smooth(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
     ema(points)
 }
 
+/// An evaluation's points: its LM NLL, and the mean of its per-timestep image losses.
+fn eval_points(e: &EvalMetrics, lm: &mut Vec<(u64, f64)>, image: &mut Vec<(u64, f64)>) {
+    lm.push((e.step, e.lm_nll));
+    if !e.diffusion.is_empty() {
+        let mean = e.diffusion.iter().map(|(_, v)| v).sum::<f64>() / e.diffusion.len() as f64;
+        image.push((e.step, mean));
+    }
+}
+
 /// Draws the curves of `lines` into `path` (PNG).
 pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
     let (mut total, mut lm, mut diff, mut elm, mut ediff) =
@@ -196,14 +205,7 @@ pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
                 lm.push((m.step, m.lm));
                 diff.push((m.step, m.diffusion));
             }
-            MetricsLine::Eval(e) => {
-                elm.push((e.step, e.lm_nll));
-                if !e.diffusion.is_empty() {
-                    let mean =
-                        e.diffusion.iter().map(|(_, v)| v).sum::<f64>() / e.diffusion.len() as f64;
-                    ediff.push((e.step, mean));
-                }
-            }
+            MetricsLine::Eval(e) => eval_points(e, &mut elm, &mut ediff),
             _ => {}
         }
     }
@@ -228,14 +230,7 @@ pub fn plot_distill(
     for l in lines {
         match l {
             Line::Train(m) if !m.skipped_this => lm.push((m.step, m.lm)),
-            Line::Eval(e) => {
-                elm.push((e.step, e.lm_nll));
-                if !e.diffusion.is_empty() {
-                    let mean =
-                        e.diffusion.iter().map(|(_, v)| v).sum::<f64>() / e.diffusion.len() as f64;
-                    ediff.push((e.step, mean));
-                }
-            }
+            Line::Eval(e) => eval_points(e, &mut elm, &mut ediff),
             _ => {}
         }
     }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_infer::device::{dispatch, BackendTask};
 use transfusion_train::checkpoint::{read_config, CONFIG_FILE};
 use transfusion_train::config::ExperimentConfig;
 use transfusion_train::distill::{distill_config, run_distill, DistillSettings, DISTILL_FILE};
@@ -50,16 +50,9 @@ pub struct DistillArgs {
     /// Rows per micro-batch [default: the teacher run's].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Continue the distillation in OUT from its newest checkpoint (its settings and
-    /// config are reused).
-    #[arg(long)]
-    pub resume: bool,
-    /// Start afresh even when OUT holds an earlier run.
-    #[arg(long, conflicts_with = "resume")]
-    pub overwrite: bool,
-    /// Device: auto, cpu, wgpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    /// Resume, overwrite and the device.
+    #[command(flatten)]
+    pub run: super::RunDirFlags,
 }
 
 struct DistillJob {
@@ -93,7 +86,7 @@ impl BackendTask for DistillJob {
 /// The settings and config of a fresh distillation, or of the one in OUT with --resume.
 fn resolve(a: &DistillArgs) -> anyhow::Result<(ExperimentConfig, DistillSettings)> {
     let saved = a.out.join(DISTILL_FILE);
-    if a.resume && saved.is_file() {
+    if a.run.resume && saved.is_file() {
         let text = std::fs::read_to_string(&saved)
             .with_context(|| format!("cannot read {}", saved.display()))?;
         let settings: DistillSettings = serde_json::from_str(&text)
@@ -125,11 +118,11 @@ fn resolve(a: &DistillArgs) -> anyhow::Result<(ExperimentConfig, DistillSettings
 pub fn run(a: DistillArgs) -> anyhow::Result<()> {
     let (cfg, settings) = resolve(&a)?;
     let mut opts = RunOptions::new(&a.out);
-    opts.resume = a.resume;
-    opts.overwrite = a.overwrite;
+    opts.resume = a.run.resume;
+    opts.overwrite = a.run.overwrite;
     opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     dispatch(
-        a.device,
+        a.run.device,
         DistillJob {
             cfg,
             settings,

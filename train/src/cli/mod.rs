@@ -12,6 +12,26 @@ pub mod tokenizer;
 pub mod vae;
 pub mod vae_bench;
 
+use clap::Args;
+use transfusion_infer::device::DeviceChoice;
+
+/// The flags every training subcommand (`run`, `vae`, `distill`) shares.
+#[derive(Args, Debug, Clone)]
+pub struct RunDirFlags {
+    /// Continue the run in OUT from its newest complete checkpoint (same schedule
+    /// position, data order and random streams; without flags that describe a run, with
+    /// the run's own config).
+    #[arg(long)]
+    pub resume: bool,
+    /// Start fresh even when OUT holds an earlier run, removing its checkpoints and
+    /// metrics (without this or --resume such an OUT is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Device: auto, cpu, wgpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
 /// Most minutes a time budget may have (about two years; larger values overflow a duration).
 pub const MAX_MINUTES: f64 = 1e6;
 

@@ -7,7 +7,7 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_infer::device::{dispatch, BackendTask};
 use transfusion_model::Precision;
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::ExperimentConfig;
@@ -21,18 +21,9 @@ pub struct RunArgs {
     /// Experiment config (TOML). Without it, `--preset` and `--data` describe the run.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Continue from the newest complete checkpoint in OUT/checkpoints (same schedule
-    /// position, data order and random streams). Without --config/--preset the
-    /// checkpoint's own config is used.
-    #[arg(long)]
-    pub resume: bool,
-    /// Start fresh even when OUT holds an earlier run, removing its checkpoints and
-    /// metrics (without this or --resume such an OUT is refused).
-    #[arg(long, conflicts_with = "resume")]
-    pub overwrite: bool,
-    /// Device: auto, cpu, wgpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    /// Resume, overwrite and the device.
+    #[command(flatten)]
+    pub run: super::RunDirFlags,
     /// Data-parallel training (--devices, multi-node flags; feature `collective`).
     #[command(flatten)]
     pub ddp: ddp::DdpArgs,
@@ -102,7 +93,7 @@ pub fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option
             ExperimentConfig::from_toml_file(path)?,
             path.parent().map(|p| p.to_path_buf()),
         )
-    } else if a.resume && a.preset.is_none() && a.data.is_empty() {
+    } else if a.run.resume && a.preset.is_none() && a.data.is_empty() {
         let root = a.out.join("checkpoints");
         let dir = latest_checkpoint(&root).with_context(|| {
             format!(
@@ -162,12 +153,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let tok = transfusion_train::data::load_tokenizer(&cfg, dir.as_deref())?;
     cfg.validate(tok.vocab_size())?;
     let mut opts = RunOptions::new(&a.out);
-    opts.resume = a.resume;
-    opts.overwrite = a.overwrite;
+    opts.resume = a.run.resume;
+    opts.overwrite = a.run.overwrite;
     opts.config_dir = dir;
     opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     if a.ddp.requested() {
         return ddp::run(&a.ddp, cfg, opts);
     }
-    dispatch(a.device, RunTask { cfg, opts })?
+    dispatch(a.run.device, RunTask { cfg, opts })?
 }

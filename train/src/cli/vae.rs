@@ -6,7 +6,7 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_infer::device::{dispatch, BackendTask};
 use transfusion_model::vae::ReconLoss;
 use transfusion_train::vae::{
     read_vae_train_config, run_vae_training, VaeRunOptions, VaeTrainConfig,
@@ -50,17 +50,9 @@ pub struct VaeArgs {
     /// Evaluate every N steps.
     #[arg(long)]
     pub eval_every: Option<u64>,
-    /// Continue from the newest checkpoint in OUT/checkpoints (without --data: with the
-    /// run's own config).
-    #[arg(long)]
-    pub resume: bool,
-    /// Start fresh even when OUT holds an earlier run, removing its checkpoints and
-    /// metrics (without this or --resume such an OUT is refused).
-    #[arg(long, conflicts_with = "resume")]
-    pub overwrite: bool,
-    /// Device: auto, cpu, wgpu, cuda[:N].
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    /// Resume, overwrite and the device.
+    #[command(flatten)]
+    pub run: super::RunDirFlags,
 }
 
 struct VaeRun {
@@ -98,7 +90,7 @@ impl BackendTask for VaeRun {
 }
 
 fn build_vae_config(a: &VaeArgs) -> anyhow::Result<VaeTrainConfig> {
-    let mut cfg = if a.resume && a.data.is_empty() {
+    let mut cfg = if a.run.resume && a.data.is_empty() {
         read_vae_train_config(&a.out).with_context(|| {
             format!(
                 "--resume without --data: no run config in {} to continue",
@@ -150,7 +142,7 @@ fn build_vae_config(a: &VaeArgs) -> anyhow::Result<VaeTrainConfig> {
 pub fn run(a: VaeArgs) -> anyhow::Result<()> {
     let cfg = build_vae_config(&a)?;
     let mut opts = VaeRunOptions::new(&a.out);
-    opts.resume = a.resume;
-    opts.overwrite = a.overwrite;
-    dispatch(a.device, VaeRun { cfg, opts })?
+    opts.resume = a.run.resume;
+    opts.overwrite = a.run.overwrite;
+    dispatch(a.run.device, VaeRun { cfg, opts })?
 }

@@ -49,7 +49,7 @@ use crate::engine::{
 };
 use crate::metrics::{EvalMetrics, Line};
 use crate::plot::plot_distill;
-use crate::transfusion::{evaluate_held_out, Feed};
+use crate::transfusion::{engine_settings, evaluate_held_out, Feed};
 
 /// The distillation's own settings, written to `distill.json` in the run directory and
 /// every checkpoint.
@@ -178,22 +178,10 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
     type Eval = EvalMetrics;
 
     fn settings(&self) -> EngineSettings {
-        let c = &self.cfg;
+        // No keep-best: the held-out losses do not measure few-step sampling.
         EngineSettings {
-            steps: c.training.steps,
-            grad_accum: c.training.grad_accum,
-            grad_clip: c.training.grad_clip,
-            optimizer: c.optimizer.clone(),
-            schedule: c.schedule.clone(),
-            log_every: c.training.log_every,
-            eval_every: c.eval.every,
-            eval_at_end: c.eval.at_end,
-            checkpoint_every: c.checkpoint.every,
-            keep_last: c.checkpoint.keep_last,
             keep_best: false,
-            max_consecutive_nonfinite: c.training.max_consecutive_nonfinite,
-            seed: c.seed,
-            ema_decay: c.training.ema_decay,
+            ..engine_settings(&self.cfg)
         }
     }
 

@@ -200,6 +200,27 @@ impl Feed {
     }
 }
 
+/// The engine's settings of an experiment config (steps, accumulation, clipping,
+/// optimizer, schedule, cadences, checkpoint policy, non-finite limit, seed, EMA).
+pub fn engine_settings(c: &ExperimentConfig) -> EngineSettings {
+    EngineSettings {
+        steps: c.training.steps,
+        grad_accum: c.training.grad_accum,
+        grad_clip: c.training.grad_clip,
+        optimizer: c.optimizer.clone(),
+        schedule: c.schedule.clone(),
+        log_every: c.training.log_every,
+        eval_every: c.eval.every,
+        eval_at_end: c.eval.at_end,
+        checkpoint_every: c.checkpoint.every,
+        keep_last: c.checkpoint.keep_last,
+        keep_best: c.checkpoint.keep_best,
+        max_consecutive_nonfinite: c.training.max_consecutive_nonfinite,
+        seed: c.seed,
+        ema_decay: c.training.ema_decay,
+    }
+}
+
 /// Transfusion pretraining on the experiment config's data.
 pub struct TransfusionTask<'h, B: AutodiffBackend> {
     cfg: ExperimentConfig,
@@ -256,23 +277,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
     type Eval = EvalMetrics;
 
     fn settings(&self) -> EngineSettings {
-        let c = &self.cfg;
-        EngineSettings {
-            steps: c.training.steps,
-            grad_accum: c.training.grad_accum,
-            grad_clip: c.training.grad_clip,
-            optimizer: c.optimizer.clone(),
-            schedule: c.schedule.clone(),
-            log_every: c.training.log_every,
-            eval_every: c.eval.every,
-            eval_at_end: c.eval.at_end,
-            checkpoint_every: c.checkpoint.every,
-            keep_last: c.checkpoint.keep_last,
-            keep_best: c.checkpoint.keep_best,
-            max_consecutive_nonfinite: c.training.max_consecutive_nonfinite,
-            seed: c.seed,
-            ema_decay: c.training.ema_decay,
-        }
+        engine_settings(&self.cfg)
     }
 
     fn checkpoint_files(&self) -> &'static [&'static str] {

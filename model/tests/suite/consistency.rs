@@ -461,14 +461,17 @@ fn proposal_steps_stay_on_the_grid_with_both_neighbours() {
         assert_eq!((n.behind, n.ahead), (t - 1, t + 1));
         assert!((n.to_ahead - (phi_at(&s, t + 1) - phi_at(&s, t))).abs() < 1e-15);
         assert!((n.to_behind - (phi_at(&s, t - 1) - phi_at(&s, t))).abs() < 1e-15);
-        // The cosine schedule is nearly uniform in the angle: the central difference
-        // spans 2 x 1.57e-3 rad, within 10% either side.
+        // The cosine schedule is nearly uniform in the angle away from t = 0: the central
+        // difference spans 2 x 1.56e-3 rad within 2% (3.07e-3 at t = 998); the first steps
+        // are wider (5.3e-3 at t = 1, numpy's figure for the same schedule).
         assert!(n.to_ahead > 0.0 && n.to_behind < 0.0);
         let span = n.to_ahead - n.to_behind;
-        assert!(
-            (span - 2.0 * 1.5708e-3).abs() < 3.2e-4,
-            "t {t}: span {span}"
-        );
+        let bound = if t == 1 {
+            (5.2e-3, 5.5e-3)
+        } else {
+            (3.05e-3, 3.13e-3)
+        };
+        assert!(span > bound.0 && span < bound.1, "t {t}: span {span}");
     }
 }
 

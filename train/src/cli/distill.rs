@@ -47,6 +47,9 @@ pub struct DistillArgs {
     /// Peak learning rate [default: 2e-4].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Seed of the data stream and the distillation's draws [default: the teacher run's].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Rows per micro-batch [default: the teacher run's].
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -103,6 +106,9 @@ fn resolve(a: &DistillArgs) -> anyhow::Result<(ExperimentConfig, DistillSettings
     if let Some(lr) = a.lr {
         cfg.schedule.lr = lr;
         cfg.schedule.min_lr = cfg.schedule.min_lr.min(lr);
+    }
+    if let Some(seed) = a.seed {
+        cfg.seed = seed;
     }
     if let Some(b) = a.batch_size {
         cfg.training.batch_size = b;

@@ -176,12 +176,12 @@ fn student_derivative<B: Backend>(
         let x = x_t
             .clone()
             .select_assign(0, gen_idx.clone(), moved, IndexingUpdateOp::Add);
-        let zeros = Tensor::<B, 1>::zeros([steps.len()], &device);
+        // [G]: from each generation image's step to its neighbour's.
         let to_step = Tensor::<B, 1>::from_floats(step.as_slice(), &device)
             - t.clone().select(0, gen_idx.clone());
         let t = t
             .clone()
-            .select_assign(0, gen_idx.clone(), zeros + to_step, IndexingUpdateOp::Add);
+            .select_assign(0, gen_idx.clone(), to_step, IndexingUpdateOp::Add);
         let (_, out) = student.forward_packed(packed, Some((x, t)));
         out.expect("the batch has images")
             .select(0, gen_idx.clone())

@@ -283,11 +283,12 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
             // Often bitwise equal, but two fresh runs in one process already differ in the
             // last bits (NdArray's kernels), and AdamW's normalisation amplifies that over a
             // few steps, most in lm_head's rows of unseen tokens (gradients near eps):
-            // measured 1.3e-5 there between the two runs' step-3 checkpoints, before any
-            // resume; 3e-8 to 2e-7 elsewhere. A wrong resume (lr position, data order, RNG)
-            // moves weights by about the learning rate (3e-3), 60x this bound.
+            // measured 1.3e-5 there with lazily drawn initial weights, 5.4e-5 (in about
+            // half the runs) since every weight is drawn at init; 3e-8 to 2e-7 elsewhere. A
+            // wrong resume (lr position, data order, RNG) moves weights by about the
+            // learning rate (3e-3), 10x this bound.
             assert!(
-                m <= 5e-5,
+                m <= 3e-4,
                 "tensor {na} differs after resume: max abs diff {m}"
             );
         }

@@ -2,7 +2,8 @@
 //! clipping, the warmup + cosine schedule, and one training engine ([`engine`]) that owns
 //! the loop (accumulation, the replicas' sync, the non-finite policy, atomic and exactly
 //! resumable checkpoints, evaluation cadence, metrics and loss plots) for every task:
-//! Transfusion pretraining ([`transfusion`]) and VAE training ([`vae`]).
+//! Transfusion pretraining ([`transfusion`]), VAE training ([`vae`]) and consistency
+//! distillation ([`distill`]).
 //!
 //! The entry points are [`run_training`] and [`vae::run_vae_training`] (generic over
 //! `B: AutodiffBackend`; the binary picks the backend with

@@ -9,8 +9,9 @@
 //! A [`TrainTask`] supplies what differs between runs: the model and its init, the batch
 //! stream, the loss with its named parts, the evaluation, the checkpoint's own files and
 //! the plot. An exponential moving average of the weights ([`ema`]) is the engine's too.
-//! Transfusion pretraining ([`crate::transfusion::TransfusionTask`]) and VAE
-//! training ([`crate::vae::VaeTask`]) are the two tasks today.
+//! Transfusion pretraining ([`crate::transfusion::TransfusionTask`]), VAE training
+//! ([`crate::vae::VaeTask`]) and consistency distillation
+//! ([`crate::distill::DistillTask`]) are the tasks today.
 
 pub mod ema;
 pub mod init;

@@ -33,6 +33,8 @@ pub struct DistillBatch<B: Backend> {
     pub generation: Vec<usize>,
     /// The grid step of each generation image (the same as in `packed.timesteps`).
     pub steps: Vec<usize>,
+    /// Text targets of the LM loss (counted on the host, before the batch is on the device).
+    pub text_targets: u64,
 }
 
 /// The images of `rows` that end their document, as indices in batch image order.
@@ -90,7 +92,9 @@ pub fn distill_batch<B: Backend>(
             Ok(batcher.to_tensors::<B>(batcher.arrays(&uncond)?, device))
         })
         .transpose()?;
+    let text_targets = arrays.lm_mask.iter().filter(|&&m| m > 0.0).count() as u64;
     Ok(DistillBatch {
+        text_targets,
         packed: batcher.to_tensors::<B>(arrays, device),
         unconditional,
         generation,

@@ -20,7 +20,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use transfusion_data::files::write_file;
@@ -281,11 +280,10 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
             (self.cfg.seed, draw),
             device,
         )?;
-        let targets: f32 = batch.packed.lm_mask.clone().sum().into_scalar().elem();
         let work = Work {
             tokens: rows.iter().map(|r| r.used() as u64).sum(),
             images: batch.packed.num_images() as u64,
-            units: [targets.round() as u64, batch.generation.len() as u64],
+            units: [batch.text_targets, batch.generation.len() as u64],
         };
         Ok(Some((batch, work)))
     }

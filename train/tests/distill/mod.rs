@@ -104,6 +104,9 @@ fn the_batch_redraws_generation_images_and_pairs_them_with_unconditional_rows() 
     let plain = batcher.arrays(&rows).unwrap();
     let a = make(0);
     assert_eq!(a.generation, vec![0, 2]);
+    let targets = plain.lm_mask.iter().filter(|&&m| m > 0.0).count() as u64;
+    assert_eq!(a.text_targets, targets);
+    assert!(targets > 0);
     let t: Vec<i64> = a.packed.timesteps.to_data().to_vec().unwrap();
     // The captioned image keeps its step and noise; the others take their proposal step.
     assert_eq!(t[1], 20);

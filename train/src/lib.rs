@@ -37,6 +37,7 @@ pub mod ddp;
 pub mod demo;
 pub mod distill;
 pub mod engine;
+pub mod llm_import;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -42,6 +42,9 @@ enum Command {
     /// Consistency distillation (sCD): turn a checkpoint into one that draws images in 1
     /// or 2 steps, keeping its text and captioning.
     Distill(distill::DistillArgs),
+    /// Start from a pretrained language model: a Hugging Face Llama-family folder becomes a
+    /// checkpoint (its decoder, the Transfusion special tokens, fresh image adapters).
+    ImportLlm(import_llm::ImportLlmArgs),
     /// Serve Burn's global collective orchestrator for a multi-machine data-parallel run
     /// (feature `collective`).
     Orchestrator(ddp::OrchestratorArgs),
@@ -62,6 +65,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Orchestrator(a) => ddp::orchestrator(&a),
         Command::Demo(a) => demo::run(a),
         Command::Distill(a) => distill::run(a),
+        Command::ImportLlm(a) => import_llm::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),

@@ -4,6 +4,7 @@
 mod common;
 mod distill;
 mod engine;
+mod import_llm;
 
 use std::sync::Arc;
 

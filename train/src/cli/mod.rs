@@ -5,6 +5,7 @@ pub mod cache;
 pub mod ddp;
 pub mod demo;
 pub mod distill;
+pub mod import_llm;
 pub mod inspect;
 pub mod plot;
 pub mod run;

@@ -45,10 +45,15 @@ pub enum AutoencoderRef {
 }
 
 /// The version of `model.json` this build writes (key `format`). Version 1 files name
-/// every key of the model config and nothing else. Files without the key are version 0
+/// every key of the model config and nothing else; version 2 adds `modality_weights`
+/// (version 1 files lack it: shared weights). Files without the key are version 0
 /// (written before it existed): a model-config key they lack takes the default documented
 /// on [`TransfusionConfig`], which is what those files meant when they were written.
-pub const META_FORMAT: u64 = 1;
+pub const META_FORMAT: u64 = 2;
+
+/// Model-config keys added after format 1, with the format that added them: an older file
+/// may lack them (their absence means what the file meant when it was written).
+const ADDED_KEYS: [(&str, u64); 1] = [("modality_weights", 2)];
 
 /// Everything inference needs besides the weights and the tokenizer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -167,7 +172,15 @@ pub fn parse_meta(text: &str) -> anyhow::Result<MetaFile> {
     if !unknown.is_empty() {
         bail!("unknown key(s) in `model`: {unknown:?}");
     }
-    let missing: Vec<&String> = known.keys().filter(|k| !written.contains(k)).collect();
+    let missing: Vec<&String> = known
+        .keys()
+        .filter(|k| !written.contains(k))
+        .filter(|k| {
+            !ADDED_KEYS
+                .iter()
+                .any(|(a, since)| a == k && format < *since)
+        })
+        .collect();
     if format >= 1 && !missing.is_empty() {
         bail!("`model` lacks key(s) {missing:?} (format {format} names every key)");
     }

@@ -69,6 +69,9 @@ pub struct LayerContext<'a, B: Backend> {
     pub past: Option<&'a LayerKv<B>>,
     /// The type of the matrix products.
     pub precision: Precision,
+    /// `[b, s]`, `true` at the new positions that are image patches: set when the model
+    /// has untied modality weights (see [`crate::block::DecoderBlock`]).
+    pub image_positions: Option<Tensor<B, 2, Bool>>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -83,23 +86,53 @@ impl<B: Backend> Attention<B> {
     /// The projections and the attention run in `ctx.precision`; keys/values are returned
     /// (and cached) in f32.
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> (Tensor<B, 3>, LayerKv<B>) {
+        let (q, k, v) = self.project(x, ctx);
+        let (out, kv) = self.attend(q, k, v, ctx);
+        (self.output(out, ctx), kv)
+    }
+
+    /// The rotated queries and keys, and the values, of the new positions.
+    ///
+    /// # Shapes
+    /// - `x`: `[b, s, d]`; output `[b, h, s, hd]`, `[b, h_kv, s, hd]`, `[b, h_kv, s, hd]`
+    pub fn project(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, _] = x.dims();
-        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let precision = ctx.precision;
+        let hd = self.head_dim;
         // [b, s, h*hd] -> [b, s, h, hd] -> [b, h, s, hd]
         let split = |t: Tensor<B, 3>, heads| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let proj = |w: &Linear<B>, x| precision.linear(w, x);
-        let q = apply_rope(split(proj(&self.wq, x.clone()), h), ctx.rope);
-        let k = apply_rope(split(proj(&self.wk, x.clone()), hkv), ctx.rope);
-        let v = split(proj(&self.wv, x), hkv);
+        let proj = |w: &Linear<B>, x| ctx.precision.linear(w, x);
+        let q = apply_rope(split(proj(&self.wq, x.clone()), self.n_heads), ctx.rope);
+        let k = apply_rope(split(proj(&self.wk, x.clone()), self.n_kv_heads), ctx.rope);
+        let v = split(proj(&self.wv, x), self.n_kv_heads);
+        (q, k, v)
+    }
+
+    /// Attends the new positions' queries to `ctx.past` followed by their own keys/values.
+    ///
+    /// # Shapes
+    /// - `q`: `[b, h, s, hd]`, `k`, `v`: `[b, h_kv, s, hd]`
+    /// - output: `[b, s, h*hd]` (before the output projection); keys/values as given
+    pub fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        ctx: &LayerContext<B>,
+    ) -> (Tensor<B, 3>, LayerKv<B>) {
+        let [b, h, s, hd] = q.dims();
+        let precision = ctx.precision;
         let new = LayerKv { key: k, value: v };
         let all = match ctx.past {
             Some(p) => p.clone().append(new.clone()),
             None => new.clone(),
         };
         let lk = all.key.dims()[2];
-        let k = repeat_kv(all.key, h / hkv);
-        let v = repeat_kv(all.value, h / hkv);
+        let k = repeat_kv(all.key, h / self.n_kv_heads);
+        let v = repeat_kv(all.value, h / self.n_kv_heads);
         // [b, s, lk] -> [b, h, s, lk]
         let mask = ctx
             .mask
@@ -110,8 +143,15 @@ impl<B: Backend> Attention<B> {
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
         let out = precision.to_f32(out);
         // [b, h, s, hd] -> [b, s, h*hd]
-        let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
-        (precision.linear(&self.wo, out), new)
+        (out.swap_dims(1, 2).reshape([b, s, h * hd]), new)
+    }
+
+    /// The output projection.
+    ///
+    /// # Shapes
+    /// `[b, s, h*hd] -> [b, s, d]`
+    pub fn output(&self, out: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
+        ctx.precision.linear(&self.wo, out)
     }
 }
 

@@ -1,5 +1,8 @@
-//! One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+//! One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`; with untied
+//! modality weights ([`crate::config::ModalityWeights::Untied`]) image positions use their
+//! own norms, projections and MLP, while attention stays one over the whole sequence.
 
+use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
@@ -21,6 +24,9 @@ pub struct DecoderBlockConfig {
     /// RMSNorm epsilon.
     #[config(default = 1e-5)]
     pub norm_eps: f64,
+    /// A second set of weights for image positions, initialised as a copy of the text set.
+    #[config(default = false)]
+    pub untied: bool,
 }
 
 impl DecoderBlockConfig {
@@ -31,12 +37,58 @@ impl DecoderBlockConfig {
                 .with_epsilon(self.norm_eps)
                 .init(device)
         };
-        DecoderBlock {
+        let text = LayerWeights {
             attn_norm: norm(),
             attn: AttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads).init(device),
             mlp_norm: norm(),
             mlp: SwiGluMlpConfig::new(self.d_model, self.d_hidden).init(device),
+        };
+        let image = self.untied.then(|| text.copy());
+        DecoderBlock {
+            attn_norm: text.attn_norm,
+            attn: text.attn,
+            mlp_norm: text.mlp_norm,
+            mlp: text.mlp,
+            image,
         }
+    }
+}
+
+/// One modality's weights of a layer.
+#[derive(Module, Debug)]
+pub struct LayerWeights<B: Backend> {
+    /// Norm before attention.
+    pub attn_norm: RmsNorm<B>,
+    /// The attention projections (the attention itself is shared by the modalities).
+    pub attn: Attention<B>,
+    /// Norm before the MLP.
+    pub mlp_norm: RmsNorm<B>,
+    /// SwiGLU MLP.
+    pub mlp: SwiGluMlp<B>,
+}
+
+impl<B: Backend> LayerWeights<B> {
+    /// The same values as new parameters (their own ids, so they train apart).
+    pub fn copy(&self) -> Self {
+        // A lazily initialised parameter's clone would draw values of its own: draw first.
+        struct Touch;
+        impl<B: Backend> ModuleVisitor<B> for Touch {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                let _ = param.val();
+            }
+        }
+        self.visit(&mut Touch);
+        struct Fresh;
+        impl<B: Backend> ModuleMapper<B> for Fresh {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let (_, tensor, _) = param.consume();
+                Param::initialized(ParamId::new(), tensor)
+            }
+        }
+        self.clone().map(&mut Fresh)
     }
 }
 
@@ -51,6 +103,8 @@ pub struct DecoderBlock<B: Backend> {
     pub mlp_norm: RmsNorm<B>,
     /// SwiGLU MLP.
     pub mlp: SwiGluMlp<B>,
+    /// The image positions' own weights (untied modality weights); `None`: shared.
+    pub image: Option<LayerWeights<B>>,
 }
 
 impl<B: Backend> DecoderBlock<B> {
@@ -61,10 +115,46 @@ impl<B: Backend> DecoderBlock<B> {
     /// `ctx.precision`. Also returns the new positions' keys/values (see
     /// [`Attention::forward`]).
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> (Tensor<B, 3>, LayerKv<B>) {
-        let normed = self.attn_norm.forward(x.clone());
-        let (a, kv) = self.attn.forward(normed, ctx);
+        let (Some(image), Some(at_image)) = (&self.image, &ctx.image_positions) else {
+            let normed = self.attn_norm.forward(x.clone());
+            let (a, kv) = self.attn.forward(normed, ctx);
+            let x = x + a;
+            let x = x.clone() + self.mlp.forward(self.mlp_norm.forward(x), ctx.precision);
+            return (x, kv);
+        };
+        let [b, s, d] = x.dims();
+        // [b, s] -> [b, s, d]: true where the image weights apply
+        let pick = at_image.clone().reshape([b, s, 1]).expand([b, s, d]);
+        let choose = |text: Tensor<B, 3>, img: Tensor<B, 3>| text.mask_where(pick.clone(), img);
+        let normed = choose(
+            self.attn_norm.forward(x.clone()),
+            image.attn_norm.forward(x.clone()),
+        );
+        let (q, k, v) = self.attn.project(normed.clone(), ctx);
+        let (qi, ki, vi) = image.attn.project(normed, ctx);
+        let heads = |t: &Tensor<B, 4>| {
+            let [_, h, _, hd] = t.dims();
+            // [b, s] -> [b, h, s, hd]
+            at_image.clone().reshape([b, 1, s, 1]).expand([b, h, s, hd])
+        };
+        let (q, k, v) = (
+            q.clone().mask_where(heads(&q), qi),
+            k.clone().mask_where(heads(&k), ki),
+            v.clone().mask_where(heads(&v), vi),
+        );
+        let (out, kv) = self.attn.attend(q, k, v, ctx);
+        let a = choose(
+            self.attn.output(out.clone(), ctx),
+            image.attn.output(out, ctx),
+        );
         let x = x + a;
-        let x = x.clone() + self.mlp.forward(self.mlp_norm.forward(x), ctx.precision);
-        (x, kv)
+        let m = choose(
+            self.mlp
+                .forward(self.mlp_norm.forward(x.clone()), ctx.precision),
+            image
+                .mlp
+                .forward(image.mlp_norm.forward(x.clone()), ctx.precision),
+        );
+        (x + m, kv)
     }
 }

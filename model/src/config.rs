@@ -15,6 +15,20 @@ pub enum ImageIoConfig {
     Unet(UNetConfig),
 }
 
+/// Whether image positions share the decoder's weights with text (the paper) or have
+/// their own (LMFusion's modality-specific weights).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModalityWeights {
+    /// One set of weights for every position.
+    #[default]
+    Shared,
+    /// Every decoder layer holds a second set of norms, attention projections and MLP used
+    /// at image positions (initialised as a copy of the text set); attention itself stays
+    /// one over the whole sequence.
+    Untied,
+}
+
 /// Shape of the U-Net patch adapter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UNetConfig {
@@ -87,6 +101,8 @@ pub struct TransfusionConfig {
     /// Adds a fixed 2D sin-cos position embedding to every patch token of the linear
     /// adapter (absent or false: RoPE's 1D positions only, as the paper).
     pub patch_position_embedding: Option<bool>,
+    /// Shared or untied decoder weights for the two modalities (absent: shared).
+    pub modality_weights: Option<ModalityWeights>,
 }
 
 /// The largest model [`TransfusionConfig::validate`] accepts, in GiB of f32 weights (a
@@ -181,6 +197,11 @@ impl TransfusionConfig {
         "paper_1_4b",
         "paper_7b",
     ];
+
+    /// Whether image positions have their own decoder weights.
+    pub fn untied(&self) -> bool {
+        self.modality_weights == Some(ModalityWeights::Untied)
+    }
 
     /// Head dimension `hd`.
     pub fn head_dim(&self) -> usize {

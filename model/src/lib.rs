@@ -18,6 +18,7 @@ pub mod kv_cache;
 pub mod loss;
 pub mod mask;
 pub mod mlp;
+pub mod modality;
 pub mod model;
 pub mod params;
 pub mod patch;
@@ -33,7 +34,7 @@ pub mod unet;
 pub mod vae;
 
 pub use batch::TransfusionBatch;
-pub use config::{ImageIoConfig, TransfusionConfig, UNetConfig};
+pub use config::{ImageIoConfig, ModalityWeights, TransfusionConfig, UNetConfig};
 pub use kv_cache::KvCache;
 pub use loss::TransfusionLoss;
 pub use model::Transfusion;

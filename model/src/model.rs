@@ -39,6 +39,7 @@ impl TransfusionConfig {
                 .map(|_| {
                     DecoderBlockConfig::new(d, self.n_heads, self.n_kv_heads, self.d_hidden)
                         .with_norm_eps(self.norm_eps)
+                        .with_untied(self.untied())
                         .init(device)
                 })
                 .collect(),
@@ -183,6 +184,12 @@ impl<B: Backend> Transfusion<B> {
             None => meta.clone(),
         };
         let mask = transfusion_mask(&meta, &keys);
+        // [b, s]: the patch positions, for untied modality weights
+        let image_positions = self
+            .blocks
+            .iter()
+            .any(|b| b.image.is_some())
+            .then(|| meta.span.clone().greater_elem(0));
         let mut x = x;
         for (l, block) in self.blocks.iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
@@ -191,6 +198,7 @@ impl<B: Backend> Transfusion<B> {
                 mask: &mask,
                 past: past.as_ref(),
                 precision: self.precision,
+                image_positions: image_positions.clone(),
             };
             let (out, kv) = block.forward(x, &ctx);
             x = out;

@@ -21,10 +21,11 @@ use transfusion_model::TransfusionConfig;
 
 use crate::config::ExperimentConfig;
 
-/// Finds the tokenizer file: as given (relative to the working directory), else relative
-/// to `base` (the config file's directory), else relative to the workspace root this
-/// binary was built from (so `assets/tokenizer.json` works from anywhere in a checkout).
-pub fn resolve_tokenizer(path: &Path, base: Option<&Path>) -> PathBuf {
+/// Finds a file a config names (the tokenizer, an init checkpoint): as given (relative to
+/// the working directory), else relative to `base` (the config file's directory), else
+/// relative to the workspace root this binary was built from (so `assets/tokenizer.json`
+/// works from anywhere in a checkout).
+pub fn resolve_path(path: &Path, base: Option<&Path>) -> PathBuf {
     if path.is_absolute() || path.exists() {
         return path.to_path_buf();
     }
@@ -44,7 +45,7 @@ pub fn load_tokenizer(
     cfg: &ExperimentConfig,
     base: Option<&Path>,
 ) -> anyhow::Result<TextTokenizer> {
-    let path = resolve_tokenizer(&cfg.data.tokenizer, base);
+    let path = resolve_path(&cfg.data.tokenizer, base);
     TextTokenizer::from_file(&path)
         .map_err(|e| anyhow::anyhow!("data.tokenizer = {}: {e}", path.display()))
 }

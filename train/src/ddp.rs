@@ -116,7 +116,7 @@ pub fn run_training_ddp<B: AutodiffBackend>(
     // checkpoint to resume from (a shared filesystem, or a copy of OUT/checkpoints).
     let (preview, mut engine_hooks) = hooks.split();
     let mut lead_task = TransfusionTask::<B>::new(cfg, opts, &devices[0], preview)?;
-    let prepared = prepare(&mut lead_task, opts, &devices[0], true)?;
+    let prepared = prepare(&mut lead_task, opts, &devices[0])?;
     let replicas: Vec<_> = devices[1..]
         .iter()
         .map(|d| prepared.replica_on(d))

@@ -3,7 +3,8 @@
 //! the loop (accumulation, the replicas' sync, the non-finite policy, atomic and exactly
 //! resumable checkpoints, evaluation cadence, metrics and loss plots) for every task:
 //! Transfusion pretraining ([`transfusion`]), VAE training ([`vae`]) and consistency
-//! distillation ([`distill`]).
+//! distillation ([`distill`]). [`llm_import`] turns a Hugging Face Llama-family model into
+//! a checkpoint to start from (`model.init`).
 //!
 //! The entry points are [`run_training`] and [`vae::run_vae_training`] (generic over
 //! `B: AutodiffBackend`; the binary picks the backend with

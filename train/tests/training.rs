@@ -5,6 +5,7 @@ mod common;
 mod distill;
 mod engine;
 mod import_llm;
+mod modality;
 
 use std::sync::Arc;
 

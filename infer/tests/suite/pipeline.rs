@@ -627,6 +627,17 @@ fn model_json_refuses_unknown_and_missing_keys_and_reads_version_0() {
     let mut v = written.clone();
     v["model"].as_object_mut().unwrap().remove("prediction");
     assert!(load_err(&v).contains("prediction"));
+    // `modality_weights` came with format 2: a version-1 file may lack it (shared weights,
+    // as the shipped checkpoints), a version-2 file may not.
+    let mut v = written.clone();
+    v["model"]
+        .as_object_mut()
+        .unwrap()
+        .remove("modality_weights");
+    assert!(load_err(&v).contains("modality_weights"));
+    v["format"] = serde_json::json!(1);
+    let meta = parse_meta(&v.to_string()).unwrap().meta;
+    assert_eq!(meta.model.modality_weights, None);
     // A newer format.
     let mut v = written.clone();
     v["format"] = serde_json::json!(META_FORMAT + 1);

@@ -9,7 +9,7 @@ use clap::Args;
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::{Precision, TransfusionConfig};
 use transfusion_train::bench::{run_bench, BenchConfig};
-use transfusion_train::data::resolve_tokenizer;
+use transfusion_train::data::resolve_path;
 
 /// Flags of `bench`.
 #[derive(Args, Debug, Clone)]
@@ -101,7 +101,7 @@ impl BackendTask for BenchTask {
 
 /// Runs the benchmark and prints the report.
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let tok_path = resolve_tokenizer(&a.tokenizer, None);
+    let tok_path = resolve_path(&a.tokenizer, None);
     let tokenizer = Arc::new(
         transfusion_data::tokenizer::TextTokenizer::from_file(&tok_path)
             .with_context(|| format!("tokenizer {}", tok_path.display()))?,

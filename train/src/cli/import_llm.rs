@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_model::ModalityWeights;
 use transfusion_train::llm_import::{import_llm, AdapterChoice, ImportOptions};
 
 /// Flags of `import-llm`.
@@ -27,6 +28,10 @@ pub struct ImportLlmArgs {
     /// Image adapter.
     #[arg(long, value_enum, default_value_t = AdapterChoice::Linear)]
     pub adapter: AdapterChoice,
+    /// Decoder weights for image positions: shared with text, or untied (a copy of every
+    /// layer's weights, for `run --init OUT --freeze-text`).
+    #[arg(long, value_enum, default_value_t = ModalityChoice::Shared)]
+    pub modality_weights: ModalityChoice,
     /// Seed of the new weights (image adapters, new token rows).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -39,6 +44,10 @@ impl BackendTask for ImportLlmArgs {
             image_size: self.image_size,
             patch_size: self.patch,
             adapter: self.adapter,
+            modality_weights: match self.modality_weights {
+                ModalityChoice::Shared => ModalityWeights::Shared,
+                ModalityChoice::Untied => ModalityWeights::Untied,
+            },
             seed: self.seed,
         };
         let i = import_llm::<B::InnerBackend>(&self.from, &self.out, &opts, &device)?;
@@ -75,6 +84,15 @@ impl BackendTask for ImportLlmArgs {
         );
         Ok(())
     }
+}
+
+/// `--modality-weights` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ModalityChoice {
+    /// One set of decoder weights for text and images.
+    Shared,
+    /// Image positions get their own copy.
+    Untied,
 }
 
 /// Imports on the CPU (the import reads and writes files; no device work).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use transfusion_data::source::{SourceOptions, SourceSpec};
-use transfusion_train::data::resolve_tokenizer;
+use transfusion_train::data::resolve_path;
 
 /// Flags of `inspect`.
 #[derive(Args, Debug)]
@@ -29,7 +29,7 @@ pub struct InspectArgs {
 
 /// Prints the description (and the throughput figures).
 pub fn run(a: InspectArgs) -> anyhow::Result<()> {
-    let tok_path = resolve_tokenizer(&a.tokenizer, None);
+    let tok_path = resolve_path(&a.tokenizer, None);
     let tok = transfusion_data::tokenizer::TextTokenizer::from_file(&tok_path).ok();
     if tok.is_none() {
         eprintln!(

@@ -59,6 +59,14 @@ pub struct RunArgs {
     /// Stop after this many minutes of training (with a checkpoint and an evaluation).
     #[arg(long, value_parser = super::parse_minutes)]
     pub minutes: Option<f64>,
+    /// Start from this checkpoint's weights (e.g. one `import-llm` wrote); its model config,
+    /// tokenizer and image size are used (sets model.init).
+    #[arg(long, conflicts_with = "preset")]
+    pub init: Option<PathBuf>,
+    /// Keep the text weights fixed (needs untied modality weights; sets
+    /// training.freeze_text).
+    #[arg(long)]
+    pub freeze_text: bool,
     /// Print the resolved config as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -140,6 +148,13 @@ pub fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option
     if let Some(t) = &a.tokenizer {
         cfg.data.tokenizer = t.clone();
     }
+    if a.freeze_text {
+        cfg.training.freeze_text = true;
+    }
+    if let Some(i) = &a.init {
+        cfg.model.init = Some(i.clone());
+    }
+    cfg.apply_init(dir.as_deref())?;
     Ok((cfg, dir))
 }
 

@@ -21,8 +21,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use transfusion_data::mixture::Balance;
 use transfusion_data::source::SourceSpec;
-use transfusion_model::{Precision, Prediction, TransfusionConfig};
+use transfusion_model::{ModalityWeights, Precision, Prediction, TransfusionConfig};
 
+mod init;
 mod toml_file;
 mod validate;
 pub use validate::validate_optimizer;
@@ -88,6 +89,15 @@ pub struct ModelSection {
     /// What the image head predicts, `epsilon` (the paper) or `v` (overrides the preset).
     #[serde(default)]
     pub prediction: Option<Prediction>,
+    /// Shared or untied decoder weights for text and image positions (overrides the
+    /// preset's shared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modality_weights: Option<ModalityWeights>,
+    /// A checkpoint whose weights a fresh run starts from (e.g. one `import-llm` wrote):
+    /// its model config, tokenizer and image size replace the run's
+    /// ([`ExperimentConfig::apply_init`]). A resumed run continues from its own checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 /// Data sources and sequence layout.
@@ -234,6 +244,12 @@ pub struct TrainingSection {
     /// weights are kept beside it for resuming.
     #[serde(default)]
     pub ema_decay: f64,
+    /// Keep the text weights fixed: the token embedding, every layer's text norms,
+    /// projections and MLP, the final norm and the LM head get no gradient and no optimizer
+    /// state, so a model started from a language model (`import-llm`) keeps its text
+    /// behaviour exactly. Needs untied modality weights.
+    #[serde(default)]
+    pub freeze_text: bool,
 }
 
 fn one() -> usize {
@@ -329,6 +345,8 @@ impl ExperimentConfig {
                 config: None,
                 lambda: None,
                 prediction: None,
+                modality_weights: None,
+                init: None,
             },
             data: DataSection {
                 train: data,
@@ -359,6 +377,7 @@ impl ExperimentConfig {
                 log_every: 1,
                 precision: Precision::F32,
                 ema_decay: 0.0,
+                freeze_text: false,
             },
             checkpoint: CheckpointSection {
                 every: (steps / 4).max(1),

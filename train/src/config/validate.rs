@@ -27,6 +27,9 @@ impl ExperimentConfig {
         if let Some(p) = self.model.prediction {
             cfg.prediction = Some(p);
         }
+        if let Some(w) = self.model.modality_weights {
+            cfg.modality_weights = Some(w);
+        }
         Ok(cfg)
     }
 
@@ -135,6 +138,14 @@ impl ExperimentConfig {
             return bad(
                 "training.ema_decay",
                 format!("must be in [0, 1) (0: no EMA), got {}", t.ema_decay),
+            );
+        }
+        if t.freeze_text && !m.untied() {
+            return bad(
+                "training.freeze_text",
+                "needs untied modality weights (model.modality_weights = \"untied\", or \
+                 `import-llm --modality-weights untied`): with shared weights the frozen text \
+                 weights are the whole decoder",
             );
         }
         if t.max_consecutive_nonfinite == 0 {

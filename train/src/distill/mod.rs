@@ -192,15 +192,15 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         self.write_configs(out)
     }
 
-    fn init_model(&self, device: &B::Device, _materialize: bool) -> ConsistencyStudent<B> {
-        ConsistencyStudent {
+    fn init_model(&self, device: &B::Device) -> anyhow::Result<ConsistencyStudent<B>> {
+        Ok(ConsistencyStudent {
             model: self.student.clone(),
             weight: AdaptiveWeight::new(
                 ADAPTIVE_WEIGHT_FEATURES,
                 self.initial_log_weight(),
                 device,
             ),
-        }
+        })
     }
 
     fn load_model(

@@ -106,6 +106,8 @@ pub fn distill_config(
         config: Some(meta.model.clone()),
         lambda: None,
         prediction: None,
+        modality_weights: None,
+        init: None,
     };
     cfg.data.tokenizer = teacher.join(TOKENIZER_FILE);
     cfg.data.image_size = meta.image_size;

@@ -11,10 +11,12 @@
 //! ```
 //!
 //! The average starts at the initial weights (or, when a run without EMA is resumed with it,
-//! at the resumed weights).
+//! at the resumed weights). Frozen parameters (no gradient, e.g. `training.freeze_text`)
+//! are not blended: their average stays bit-identical to them.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 
 /// The raw (trained) weights in a checkpoint written with EMA on; `model.safetensors`
 /// holds the average.
@@ -41,10 +43,14 @@ impl<M> Ema<M> {
         Self { model, decay }
     }
 
-    /// Folds `raw` (the weights after optimizer update number `n`) into the average.
-    pub fn update<B: Backend>(&mut self, raw: &M, n: u64)
-    where
-        M: Module<B>,
+    /// Folds `raw` (the trained weights after optimizer update number `n`) into the
+    /// average.
+    pub fn update<B: AutodiffBackend, R: AutodiffModule<B, InnerModule = M>>(
+        &mut self,
+        raw: &R,
+        n: u64,
+    ) where
+        M: Module<B::InnerBackend>,
     {
         let d = ema_decay_at(self.decay, n);
         let mut collect = FlatParams::<B>(Vec::new());
@@ -61,29 +67,37 @@ impl<M> Ema<M> {
     }
 }
 
-/// Every float parameter, flattened, in visiting order.
-struct FlatParams<B: Backend>(Vec<Tensor<B, 1>>);
+/// Every float parameter that trains, flattened, in visiting order (`None` for a frozen
+/// one).
+struct FlatParams<B: AutodiffBackend>(Vec<Option<Tensor<B::InnerBackend, 1>>>);
 
-impl<B: Backend> ModuleVisitor<B> for FlatParams<B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for FlatParams<B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let value = param.val();
+        if !value.is_require_grad() {
+            self.0.push(None);
+            return;
+        }
         let n = value.shape().num_elements();
-        self.0.push(value.reshape([n]));
+        self.0.push(Some(value.inner().reshape([n])));
     }
 }
 
 /// `ema = d * ema + (1 - d) * raw`, parameter by parameter in visiting order.
-struct Blend<B: Backend, I: Iterator<Item = Tensor<B, 1>>> {
+struct Blend<B: Backend, I: Iterator<Item = Option<Tensor<B, 1>>>> {
     raw: I,
     decay: f64,
 }
 
-impl<B: Backend, I: Iterator<Item = Tensor<B, 1>>> ModuleMapper<B> for Blend<B, I> {
+impl<B: Backend, I: Iterator<Item = Option<Tensor<B, 1>>>> ModuleMapper<B> for Blend<B, I> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let raw = self
             .raw
             .next()
             .expect("EMA: the average has more parameters than the raw weights");
+        let Some(raw) = raw else {
+            return param;
+        };
         let d = self.decay;
         param.map(|ema| {
             let shape = ema.shape();

@@ -9,15 +9,12 @@ static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// process-wide lock: Burn's backend RNG is global, so two runs initialising at the same
 /// time (tests, the demo) would otherwise interleave their draws and get different weights.
 ///
-/// Burn creates parameters lazily: their random values are drawn at first use. With
-/// `materialize`, every parameter is drawn before the lock is released, which is what a
-/// module needs before it is copied (a copy of a lazy parameter draws its own values, so
-/// data-parallel replicas are copies of a materialised model). A materialised module's
-/// values differ from a lazy one's with the same seed (the draws happen in another order).
+/// Burn creates parameters lazily (their values drawn at first use); every parameter is
+/// drawn here, before the lock is released. That also makes the module safe to copy (a copy
+/// of a lazy parameter would draw its own values): data-parallel replicas are copies.
 pub fn seeded_module<B: Backend, M: Module<B>>(
     device: &B::Device,
     seed: u64,
-    materialize: bool,
     init: impl FnOnce() -> M,
 ) -> M {
     struct Touch;
@@ -31,9 +28,7 @@ pub fn seeded_module<B: Backend, M: Module<B>>(
     let module = init();
     // Lazy parameters would draw at first use, after the lock is released, from the global
     // RNG another run of the process (a test beside it) may be drawing from at that moment:
-    // the Transfusion resume test failed 7 runs in 12 that way. Every parameter is drawn
-    // here; `materialize = false` only skips nothing any more (kept for the callers).
-    let _ = materialize;
+    // the Transfusion resume test failed 7 runs in 12 that way.
     module.visit(&mut Touch);
     module
 }

@@ -41,7 +41,7 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Lead<B, T> {
             return;
         }
         match self.ema.as_mut() {
-            Some(ema) => ema.update::<B::InnerBackend>(&model.valid(), step),
+            Some(ema) => ema.update::<B, _>(model, step),
             None => self.ema = Some(Ema::new(model.valid(), settings.ema_decay)),
         }
     }

@@ -49,13 +49,11 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Prepared<B, T> {
 }
 
 /// Sets up the run directory (leftovers of interrupted checkpoint writes removed, the
-/// task's run files written) and builds or loads the model on `device`. `materialize`:
-/// draw a fresh model's parameters now, for data-parallel runs that copy it.
+/// task's run files written) and builds or loads the model on `device`.
 pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
     task: &mut T,
     opts: &RunOptions,
     device: &B::Device,
-    materialize: bool,
 ) -> anyhow::Result<Prepared<B, T>> {
     let out = &opts.out;
     let root = out.join("checkpoints");
@@ -100,7 +98,7 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
             (model, state)
         }
         None => (
-            task.init_model(device, materialize),
+            task.init_model(device)?,
             TrainingState::fresh(settings.seed),
         ),
     };

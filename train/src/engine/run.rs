@@ -109,7 +109,7 @@ pub fn run_task<B: AutodiffBackend, T: TrainTask<B>>(
     hooks: &mut EngineHooks<T::Step>,
     device: &B::Device,
 ) -> anyhow::Result<RunOutcome<T::Step, T::Eval>> {
-    let prepared = prepare::<B, T>(task, opts, device, false)?;
+    let prepared = prepare::<B, T>(task, opts, device)?;
     train_loop(task, opts, hooks, device, prepared, &mut SingleDevice)
 }
 

@@ -118,8 +118,9 @@ pub trait TrainTask<B: AutodiffBackend> {
     fn checkpoint_files(&self) -> &'static [&'static str];
     /// Writes the run's own files into the fresh or resumed run directory (its config).
     fn write_run_files(&self, out: &Path) -> anyhow::Result<()>;
-    /// A fresh model from the seed (`materialize`: see [`super::seeded_module`]).
-    fn init_model(&self, device: &B::Device, materialize: bool) -> Self::Model;
+    /// The model a fresh run starts from: drawn from the seed (see
+    /// [`super::seeded_module`]), or the weights the task is told to start from.
+    fn init_model(&self, device: &B::Device) -> anyhow::Result<Self::Model>;
     /// The model of checkpoint `dir`; errors when it does not fit this run's config.
     fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<Self::Model>;
     /// Writes the model's inference weights (and whatever inference needs beside them)

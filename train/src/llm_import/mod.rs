@@ -17,7 +17,9 @@
 //! normal with the embedding table's standard deviation. Their LM-head rows: `<|eos|>`
 //! copies the model's EOS row; the others are the mean row (their logit is the mean logit,
 //! never the largest, so greedy text is unchanged). The image adapters are freshly
-//! initialised from the seed. The checkpoint is pixel space, v-prediction.
+//! initialised from the seed. The checkpoint is pixel space, v-prediction. With untied
+//! modality weights every layer's image weights start as a copy of its text weights, and
+//! `run --init CKPT --freeze-text` trains the image side only.
 
 mod hf_config;
 mod hf_weights;
@@ -31,7 +33,9 @@ use transfusion_data::tokenizer::{TextTokenizer, SPECIAL_TOKENS};
 use transfusion_infer::checkpoint::{save_model, AutoencoderRef, ModelMeta, TOKENIZER_FILE};
 use transfusion_model::config::ConfigError;
 use transfusion_model::prediction::Prediction;
-use transfusion_model::{ImageIoConfig, Transfusion, TransfusionConfig, UNetConfig};
+use transfusion_model::{
+    ImageIoConfig, ModalityWeights, Transfusion, TransfusionConfig, UNetConfig,
+};
 
 pub use hf_config::{LlamaHfConfig, SUPPORTED_MODEL_TYPES};
 pub use hf_weights::{HfTensor, HfWeights, INDEX_FILE, SINGLE_FILE};
@@ -129,6 +133,9 @@ pub struct ImportOptions {
     pub patch_size: usize,
     /// Image adapter.
     pub adapter: AdapterChoice,
+    /// Shared decoder weights, or untied: image positions get a copy of every layer's
+    /// weights to train while the text set keeps the language model's.
+    pub modality_weights: ModalityWeights,
     /// Seed of the new weights (adapters, new embedding rows).
     pub seed: u64,
 }
@@ -139,6 +146,7 @@ impl Default for ImportOptions {
             image_size: 32,
             patch_size: 4,
             adapter: AdapterChoice::Linear,
+            modality_weights: ModalityWeights::Shared,
             seed: 0,
         }
     }
@@ -204,12 +212,16 @@ pub fn load_llama<B: Backend>(
     let vocab_size = hf.vocab_size.max(tokenizer.vocab_size());
     let m = model_config(&hf, vocab_size, opts)?;
     let weights = HfWeights::open(from)?;
-    let fresh = seeded_module(device, opts.seed, false, || m.init::<B>(device));
+    let fresh = seeded_module(device, opts.seed, || m.init::<B>(device));
     let new_ids: Vec<(&'static str, u32)> = new_tokens
         .iter()
         .map(|t| (*t, tokenizer.token_id(t).expect("added")))
         .collect();
-    let model = map_weights(fresh, &weights, &hf, &tokenizer, &new_ids, device)?;
+    let mut model = map_weights(fresh, &weights, &hf, &tokenizer, &new_ids, device)?;
+    if opts.modality_weights == ModalityWeights::Untied {
+        // The image weights were drawn with the fresh model: copy the imported text set.
+        model = model.untie_modalities();
+    }
     let meta = ModelMeta {
         model: m,
         special_tokens: *tokenizer.special(),
@@ -290,7 +302,8 @@ fn model_config(
     .with_rope_theta(hf.rope_theta)
     .with_norm_eps(hf.rms_norm_eps)
     .with_prediction(Some(Prediction::V))
-    .with_patch_position_embedding(Some(linear));
+    .with_patch_position_embedding(Some(linear))
+    .with_modality_weights(Some(opts.modality_weights));
     m.validate()?;
     Ok(m)
 }

@@ -97,14 +97,13 @@ impl<B: AutodiffBackend> TrainHooks<B> {
     }
 }
 
-/// A fresh Transfusion model of `m` from `seed` (see [`seeded_module`]; lazily drawn
-/// parameters).
+/// A fresh Transfusion model of `m` from `seed` (see [`seeded_module`]).
 pub fn seeded_init<B: Backend>(
     m: &TransfusionConfig,
     device: &B::Device,
     seed: u64,
 ) -> Transfusion<B> {
-    seeded_module(device, seed, false, || m.init::<B>(device))
+    seeded_module(device, seed, || m.init::<B>(device))
 }
 
 /// The training loss of one packed batch as sums: the NLL summed over the text targets and
@@ -242,6 +241,9 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
         device: &B::Device,
         preview: Option<&'h mut (dyn PreviewHook<B::InnerBackend> + 'static)>,
     ) -> anyhow::Result<Self> {
+        let mut cfg = cfg.clone();
+        cfg.apply_init(opts.config_dir.as_deref())?;
+        let cfg = &cfg;
         let tokenizer = Arc::new(load_tokenizer(cfg, opts.config_dir.as_deref())?);
         let m = cfg.validate(tokenizer.vocab_size())?;
         cfg.training
@@ -269,6 +271,18 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
     }
 }
 
+impl<B: AutodiffBackend> TransfusionTask<'_, B> {
+    /// The run's precision, and its text weights frozen when `training.freeze_text`.
+    fn prepared(&self, model: Transfusion<B>) -> Transfusion<B> {
+        let model = model.with_precision(self.cfg.training.precision);
+        if self.cfg.training.freeze_text {
+            model.freeze_text()
+        } else {
+            model
+        }
+    }
+}
+
 impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
     type Model = Transfusion<B>;
     type Batch = TransfusionBatch<B>;
@@ -289,11 +303,26 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         Ok(write_file(&path, serde_json::to_string_pretty(&self.cfg)?)?)
     }
 
-    fn init_model(&self, device: &B::Device, materialize: bool) -> Transfusion<B> {
-        seeded_module(device, self.cfg.seed, materialize, || {
-            self.m.init::<B>(device)
-        })
-        .with_precision(self.cfg.training.precision)
+    fn init_model(&self, device: &B::Device) -> anyhow::Result<Transfusion<B>> {
+        let model = match &self.cfg.model.init {
+            Some(dir) => {
+                let (model, saved, _) = load_model::<B>(dir, device)
+                    .with_context(|| format!("model.init = {}", dir.display()))?;
+                // lambda is a training choice; everything else must be the checkpoint's.
+                let mut want = self.m.clone();
+                want.diffusion_loss_weight = saved.model.diffusion_loss_weight;
+                if saved.model != want {
+                    bail!(
+                        "model.init = {}: its model config differs from this run's (load the \
+                         config with `ExperimentConfig::apply_init`)",
+                        dir.display()
+                    );
+                }
+                model
+            }
+            None => seeded_module(device, self.cfg.seed, || self.m.init::<B>(device)),
+        };
+        Ok(self.prepared(model))
     }
 
     fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<Transfusion<B>> {
@@ -305,7 +334,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
                 dir.display()
             );
         }
-        Ok(model.with_precision(self.cfg.training.precision))
+        Ok(self.prepared(model))
     }
 
     fn save_model(

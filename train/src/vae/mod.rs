@@ -167,11 +167,10 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         Ok(write_file(&path, serde_json::to_string_pretty(&self.cfg)?)?)
     }
 
-    fn init_model(&self, device: &B::Device, _materialize: bool) -> AutoencoderKl<B> {
-        // Always materialised: the VAE's init has been drawn eagerly since its first run.
-        seeded_module(device, self.cfg.seed, true, || {
+    fn init_model(&self, device: &B::Device) -> anyhow::Result<AutoencoderKl<B>> {
+        Ok(seeded_module(device, self.cfg.seed, || {
             self.cfg.vae.init::<B>(device)
-        })
+        }))
     }
 
     fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<AutoencoderKl<B>> {

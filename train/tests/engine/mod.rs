@@ -107,10 +107,10 @@ impl TrainTask<B> for Toy {
         std::fs::create_dir_all(out)?;
         Ok(())
     }
-    fn init_model(&self, device: &burn::tensor::Device<B>, materialize: bool) -> Linear<B> {
-        seeded_module(device, self.settings.seed, materialize, || {
+    fn init_model(&self, device: &burn::tensor::Device<B>) -> anyhow::Result<Linear<B>> {
+        Ok(seeded_module(device, self.settings.seed, || {
             LinearConfig::new(1, 1).init(device)
-        })
+        }))
     }
     fn load_model(
         &mut self,

@@ -1,0 +1,33 @@
+//! Starting a run from a checkpoint's weights (`model.init`, `run --init`).
+
+use std::path::Path;
+
+use anyhow::Context;
+use transfusion_infer::checkpoint::{load_meta, TOKENIZER_FILE};
+
+use super::ExperimentConfig;
+use crate::data::resolve_path;
+
+impl ExperimentConfig {
+    /// With `model.init` set, makes the run build the model the checkpoint's weights fit:
+    /// its model config (the run's `model.lambda` still applies), its tokenizer and its
+    /// image size replace the run's; `model.preset`, `model.prediction` and
+    /// `model.modality_weights` are cleared.
+    /// A relative path is resolved like the tokenizer's (see [`resolve_path`]); `base` is
+    /// the config file's directory. Applying it twice changes nothing.
+    pub fn apply_init(&mut self, base: Option<&Path>) -> anyhow::Result<()> {
+        let Some(init) = &self.model.init else {
+            return Ok(());
+        };
+        let dir = resolve_path(init, base);
+        let meta = load_meta(&dir).with_context(|| format!("model.init = {}", init.display()))?;
+        self.model.preset = None;
+        self.model.prediction = None;
+        self.model.modality_weights = None;
+        self.model.config = Some(meta.model);
+        self.data.tokenizer = dir.join(TOKENIZER_FILE);
+        self.data.image_size = meta.image_size;
+        self.model.init = Some(dir);
+        Ok(())
+    }
+}

@@ -61,10 +61,12 @@ pub struct Attention<B: Backend> {
 /// pass and handed down from the block to its attention.
 #[derive(Debug)]
 pub struct LayerContext<'a, B: Backend> {
-    /// RoPE tables for the `s` new positions.
-    pub rope: &'a RopeTables<B>,
-    /// `[b, s, past + s]`, `true` = masked.
-    pub mask: &'a Tensor<B, 3, Bool>,
+    /// RoPE tables for the `s` new positions, for the query heads.
+    pub rope_q: &'a RopeTables<B>,
+    /// RoPE tables for the `s` new positions, for the key/value heads.
+    pub rope_k: &'a RopeTables<B>,
+    /// `[b, h, s, past + s]`, `true` = masked (dense: built once per forward pass).
+    pub mask: &'a Tensor<B, 4, Bool>,
     /// This layer's cached keys/values (`past` positions), if any.
     pub past: Option<&'a LayerKv<B>>,
     /// The type of the matrix products.
@@ -80,7 +82,7 @@ impl<B: Backend> Attention<B> {
     /// Returns the output and the new positions' keys/values (for the caller to cache).
     ///
     /// # Shapes
-    /// - `x`: `[b, s, d]`; `ctx.mask`: `[b, s, past + s]`
+    /// - `x`: `[b, s, d]`; `ctx.mask`: `[b, h, s, past + s]`
     /// - output: `[b, s, d]`; returned keys/values `[b, h_kv, s, hd]`
     ///
     /// The projections and the attention run in `ctx.precision`; keys/values are returned
@@ -102,13 +104,12 @@ impl<B: Backend> Attention<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
-        // [b, s, h*hd] -> [b, s, h, hd] -> [b, h, s, hd]
-        let split = |t: Tensor<B, 3>, heads| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let proj = |w: &Linear<B>, x| ctx.precision.linear(w, x);
-        let q = apply_rope(split(proj(&self.wq, x.clone()), self.n_heads), ctx.rope);
-        let k = apply_rope(split(proj(&self.wk, x.clone()), self.n_kv_heads), ctx.rope);
-        let v = split(proj(&self.wv, x), self.n_kv_heads);
-        (q, k, v)
+        // [b, s, h*hd] -> [b, s, h, hd] (rotated in this layout) -> [b, h, s, hd]
+        let heads = |w: &Linear<B>, x, h| ctx.precision.linear(w, x).reshape([b, s, h, hd]);
+        let q = apply_rope(heads(&self.wq, x.clone(), self.n_heads), ctx.rope_q);
+        let k = apply_rope(heads(&self.wk, x.clone(), self.n_kv_heads), ctx.rope_k);
+        let v = heads(&self.wv, x, self.n_kv_heads);
+        (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
     }
 
     /// Attends the new positions' queries to `ctx.past` followed by their own keys/values.
@@ -130,15 +131,9 @@ impl<B: Backend> Attention<B> {
             Some(p) => p.clone().append(new.clone()),
             None => new.clone(),
         };
-        let lk = all.key.dims()[2];
         let k = repeat_kv(all.key, h / self.n_kv_heads);
         let v = repeat_kv(all.value, h / self.n_kv_heads);
-        // [b, s, lk] -> [b, h, s, lk]
-        let mask = ctx
-            .mask
-            .clone()
-            .reshape([b, 1, s, lk])
-            .expand([b, h, s, lk]);
+        let mask = ctx.mask.clone();
         let [q, k, v] = [q, k, v].map(|t| precision.to_compute(t));
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
         let out = precision.to_f32(out);

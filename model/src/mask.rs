@@ -117,6 +117,35 @@ impl<B: Backend> SpanMeta<B> {
 /// - `query`: `[b, l_q]` tensors; `key`: `[b, l_k]` tensors
 /// - output: `[b, l_q, l_k]`
 pub fn transfusion_mask<B: Backend>(query: &SpanMeta<B>, key: &SpanMeta<B>) -> Tensor<B, 3, Bool> {
+    allowed(query, key).bool_not()
+}
+
+/// [`transfusion_mask`] for `heads` attention heads, dense: built once per forward pass and
+/// shared by every layer (masking against a broadcast view makes CPU backends copy it in
+/// every layer, forward and backward).
+///
+/// # Shapes
+/// - `query`: `[b, l_q]` tensors; `key`: `[b, l_k]` tensors
+/// - output: `[b, heads, l_q, l_k]`
+pub fn transfusion_mask_heads<B: Backend>(
+    query: &SpanMeta<B>,
+    key: &SpanMeta<B>,
+    heads: usize,
+) -> Tensor<B, 4, Bool> {
+    let allowed = allowed(query, key);
+    let [b, lq, lk] = allowed.dims();
+    // [b, l_q, l_k] -> [b, heads, l_q, l_k]; the negation writes it densely
+    allowed
+        .reshape([b, 1, lq, lk])
+        .expand([b, heads, lq, lk])
+        .bool_not()
+}
+
+/// `true` where a query position may attend to a key position.
+///
+/// # Shapes
+/// `[b, l_q]`, `[b, l_k]` tensors -> `[b, l_q, l_k]`
+fn allowed<B: Backend>(query: &SpanMeta<B>, key: &SpanMeta<B>) -> Tensor<B, 3, Bool> {
     let [b, lq] = query.index.dims();
     let lk = key.index.dims()[1];
     let q = |t: &Tensor<B, 2, Int>| t.clone().reshape([b, lq, 1]).expand([b, lq, lk]);
@@ -129,7 +158,7 @@ pub fn transfusion_mask<B: Backend>(query: &SpanMeta<B>, key: &SpanMeta<B>) -> T
         .equal(k(&key.span))
         .bool_and(q_span.not_equal_elem(0));
     let same_doc = q(&query.doc).equal(k(&key.doc));
-    causal.bool_or(same_image).bool_and(same_doc).bool_not()
+    causal.bool_or(same_image).bool_and(same_doc)
 }
 
 /// Reference implementation on plain slices, one row: `allowed[i][j]`.

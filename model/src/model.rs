@@ -13,7 +13,7 @@ use crate::config::TransfusionConfig;
 use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::{CacheMode, KvCache};
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
-use crate::mask::{transfusion_mask, SpanMeta};
+use crate::mask::{transfusion_mask_heads, SpanMeta};
 use crate::patch::num_patches;
 use crate::precision::Precision;
 use crate::prediction::Prediction;
@@ -178,12 +178,16 @@ impl<B: Backend> Transfusion<B> {
         mut cache: Option<&mut KvCache<B>>,
         mode: CacheMode,
     ) -> Tensor<B, 3> {
-        let rope = rope_tables(positions, self.head_dim, self.rope_theta);
+        let attn = &self.blocks[0].attn;
+        let (h, h_kv) = (attn.n_heads, attn.n_kv_heads);
+        let rope_q = rope_tables(positions.clone(), self.head_dim, self.rope_theta, h);
+        let rope_k =
+            (h_kv != h).then(|| rope_tables(positions, self.head_dim, self.rope_theta, h_kv));
         let keys = match cache.as_ref().and_then(|c| c.meta.clone()) {
             Some(past) => past.cat(meta.clone()),
             None => meta.clone(),
         };
-        let mask = transfusion_mask(&meta, &keys);
+        let mask = transfusion_mask_heads(&meta, &keys, h);
         // [b, s]: the patch positions, for untied modality weights
         let image_positions = self
             .blocks
@@ -194,7 +198,8 @@ impl<B: Backend> Transfusion<B> {
         for (l, block) in self.blocks.iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
             let ctx = LayerContext {
-                rope: &rope,
+                rope_q: &rope_q,
+                rope_k: rope_k.as_ref().unwrap_or(&rope_q),
                 mask: &mask,
                 past: past.as_ref(),
                 precision: self.precision,

@@ -3,15 +3,21 @@
 //! Layout: the half-split convention (`rotate_half`) of Llama checkpoints in the wild: the
 //! first `hd/2` features pair with the last `hd/2`. Positions are given per token, so packed
 //! documents restart at 0 and cached decoding continues at any offset.
+//!
+//! Rotation runs in the projections' own `[b, s, h, hd]` layout against tables built once per
+//! forward pass at that full shape, so every product is between two dense tensors of one
+//! shape (CPU backends take a slow strided path for broadcasts and transposed views).
 
 use burn::prelude::*;
 
-/// Cosine and sine tables for one call, broadcastable over heads.
+/// Cosine and sine tables for one call and one head count, dense `[b, s, heads, hd]`: the
+/// cosine repeated over both halves, the sine with its first half negated, so that
+/// `rot(x) = x * cos + swap_halves(x) * sin`.
 #[derive(Clone, Debug)]
 pub struct RopeTables<B: Backend> {
-    /// Shape `[b, 1, s, hd/2]`.
+    /// Shape `[b, s, heads, hd]`.
     pub cos: Tensor<B, 4>,
-    /// Shape `[b, 1, s, hd/2]`.
+    /// Shape `[b, s, heads, hd]`; `-sin` in the first half, `sin` in the second.
     pub sin: Tensor<B, 4>,
 }
 
@@ -22,15 +28,16 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
         .collect()
 }
 
-/// Builds the cos/sin tables for the given position ids.
+/// Builds the tables for the given position ids and `heads` heads.
 ///
 /// # Shapes
 /// - `positions`: `[b, s]`
-/// - output tables: `[b, 1, s, hd/2]`
+/// - output tables: `[b, s, heads, hd]`
 pub fn rope_tables<B: Backend>(
     positions: Tensor<B, 2, Int>,
     head_dim: usize,
     theta: f64,
+    heads: usize,
 ) -> RopeTables<B> {
     let device = positions.device();
     let [b, s] = positions.dims();
@@ -38,34 +45,33 @@ pub fn rope_tables<B: Backend>(
     let freqs =
         Tensor::<B, 1>::from_floats(inverse_frequencies(head_dim, theta).as_slice(), &device)
             .reshape([1, 1, 1, half]);
-    // [b, s] -> [b, 1, s, 1] * [1, 1, 1, hd/2] -> [b, 1, s, hd/2]
+    // [b, s] -> [b, s, 1, 1] * [1, 1, 1, hd/2] -> [b, s, 1, hd/2]
     let angles = positions
         .float()
-        .reshape([b, 1, s, 1])
-        .expand([b, 1, s, half])
-        * freqs.expand([b, 1, s, half]);
-    RopeTables {
-        cos: angles.clone().cos(),
-        sin: angles.sin(),
-    }
+        .reshape([b, s, 1, 1])
+        .expand([b, s, 1, half])
+        * freqs.expand([b, s, 1, half]);
+    let (cos, sin) = (angles.clone().cos(), angles.sin());
+    // [b, s, 1, hd/2] -> [b, s, 1, hd] -> [b, s, heads, hd], dense
+    let cos = Tensor::cat(vec![cos.clone(), cos], 3).repeat_dim(2, heads);
+    let sin = Tensor::cat(vec![sin.clone().neg(), sin], 3).repeat_dim(2, heads);
+    RopeTables { cos, sin }
 }
 
-/// Rotates `x` by the tables.
+/// Rotates `x` by the tables: `(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)` per pair.
 ///
 /// # Shapes
-/// - `x`: `[b, h, s, hd]`; tables `[b, 1, s, hd/2]`; output `[b, h, s, hd]`.
+/// - `x`: `[b, s, h, hd]`; tables `[b, s, h, hd]`; output `[b, s, h, hd]`.
 pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
-    let [b, h, s, hd] = x.dims();
+    let hd = x.dims()[3];
     let half = hd / 2;
-    let cos = tables.cos.clone().expand([b, h, s, half]);
-    let sin = tables.sin.clone().expand([b, h, s, half]);
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    Tensor::cat(
+    // (x1, x2) -> (x2, x1)
+    let swapped = Tensor::cat(
         vec![
-            x1.clone() * cos.clone() - x2.clone() * sin.clone(),
-            x2 * cos + x1 * sin,
+            x.clone().narrow(3, half, half),
+            x.clone().narrow(3, 0, half),
         ],
         3,
-    )
+    );
+    x * tables.cos.clone() + swapped * tables.sin.clone()
 }

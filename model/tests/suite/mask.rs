@@ -3,7 +3,9 @@
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use transfusion_model::mask::{allowed_reference, transfusion_mask, SpanMeta};
+use transfusion_model::mask::{
+    allowed_reference, transfusion_mask, transfusion_mask_heads, SpanMeta,
+};
 
 type B = NdArray;
 
@@ -16,6 +18,15 @@ fn tensor_mask(span: &[i64], doc: &[i64]) -> Vec<Vec<bool>> {
         .into_data()
         .to_vec::<bool>()
         .unwrap();
+    // The model's dense per-head mask is the same mask for every head.
+    let heads = transfusion_mask_heads(&meta, &meta, 3)
+        .into_data()
+        .to_vec::<bool>()
+        .unwrap();
+    assert_eq!(
+        heads,
+        [masked.clone(), masked.clone(), masked.clone()].concat()
+    );
     (0..s)
         .map(|i| (0..s).map(|j| !masked[i * s + j]).collect())
         .collect()

@@ -349,8 +349,8 @@ fn rope_scores_depend_only_on_relative_position() {
         &dev,
     );
     let score = |m: i64, n: i64| -> f32 {
-        let tq = rope_tables::<B>(Tensor::from_ints([[m]], &dev), 8, 10000.0);
-        let tk = rope_tables::<B>(Tensor::from_ints([[n]], &dev), 8, 10000.0);
+        let tq = rope_tables::<B>(Tensor::from_ints([[m]], &dev), 8, 10000.0, 1);
+        let tk = rope_tables::<B>(Tensor::from_ints([[n]], &dev), 8, 10000.0, 1);
         (apply_rope(q.clone(), &tq) * apply_rope(k.clone(), &tk))
             .sum()
             .into_scalar()
@@ -362,7 +362,7 @@ fn rope_scores_depend_only_on_relative_position() {
         "rotation should change the score"
     );
     // Norm preserved.
-    let t = rope_tables::<B>(Tensor::from_ints([[17]], &dev), 8, 10000.0);
+    let t = rope_tables::<B>(Tensor::from_ints([[17]], &dev), 8, 10000.0, 1);
     let n0: f32 = q.clone().powi_scalar(2).sum().into_scalar();
     let n1: f32 = apply_rope(q, &t).powi_scalar(2).sum().into_scalar();
     assert!((n0 - n1).abs() < 1e-4);
@@ -412,12 +412,14 @@ fn rope_matches_huggingface_llama() {
 
         let pos_flat: Vec<i64> = positions.concat();
         let pos = Tensor::<B, 2, Int>::from_data(TensorData::new(pos_flat, [b, s]), &dev);
-        let tables = rope_tables::<B>(pos, hd, theta);
         let mut worst = 0.0f32;
         for (name, heads) in [("q", h), ("k", h_kv)] {
+            let tables = rope_tables::<B>(pos.clone(), hd, theta, heads);
             let shape = [b, heads, s, hd];
             let x = Tensor::<B, 4>::from_data(TensorData::new(floats(&case[name]), shape), &dev);
-            let ours = apply_rope(x, &tables).into_data().to_vec::<f32>().unwrap();
+            // [b, heads, s, hd] -> [b, s, heads, hd] (the rotation's layout) -> back
+            let ours = apply_rope(x.swap_dims(1, 2), &tables).swap_dims(1, 2);
+            let ours = ours.into_data().to_vec::<f32>().unwrap();
             let want = floats(&case[format!("{name}_rot")]);
             for (j, (o, w)) in ours.iter().zip(&want).enumerate() {
                 // [b, heads, s, hd] row-major: position of element j.

@@ -259,3 +259,63 @@ fn unsupported_or_mismatched_models_are_refused_naming_the_key_or_tensor() {
     let text = import(&empty).to_string();
     assert!(text.contains("neither model.safetensors"), "{text}");
 }
+
+#[test]
+fn weights_of_every_float_width_are_widened_exactly_and_others_refused() {
+    use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
+    use transfusion_train::llm_import::HfWeights;
+    let dir = tempfile::tempdir().unwrap();
+    let values = [1.5f32, -0.25, 3.0e-5, 65504.0];
+    let f16: Vec<u8> = values
+        .iter()
+        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+        .collect();
+    let bf16: Vec<u8> = values
+        .iter()
+        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+        .collect();
+    let f64: Vec<u8> = values
+        .iter()
+        .flat_map(|&v| (v as f64).to_le_bytes())
+        .collect();
+    let ints: Vec<u8> = [1i32, 2, 3, 4]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let tensors = [
+        (
+            "a.f16",
+            TensorView::new(Dtype::F16, vec![2, 2], &f16).unwrap(),
+        ),
+        (
+            "a.bf16",
+            TensorView::new(Dtype::BF16, vec![2, 2], &bf16).unwrap(),
+        ),
+        (
+            "a.f64",
+            TensorView::new(Dtype::F64, vec![2, 2], &f64).unwrap(),
+        ),
+        (
+            "a.i32",
+            TensorView::new(Dtype::I32, vec![2, 2], &ints).unwrap(),
+        ),
+    ];
+    serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
+    let w = HfWeights::open(dir.path()).unwrap();
+    let read = |name: &str| w.tensor(name, &[2, 2]).unwrap().values;
+    let widened = |f: fn(f32) -> f32| values.iter().map(|&v| f(v)).collect::<Vec<f32>>();
+    assert_eq!(read("a.f16"), widened(|v| half::f16::from_f32(v).to_f32()));
+    assert_eq!(
+        read("a.bf16"),
+        widened(|v| half::bf16::from_f32(v).to_f32())
+    );
+    assert_eq!(read("a.f64"), values.to_vec());
+    assert!(matches!(
+        w.tensor("a.i32", &[2, 2]),
+        Err(ImportError::TensorType { ref dtype, .. }) if dtype == "I32"
+    ));
+    assert!(matches!(
+        w.tensor("a.f16", &[4]),
+        Err(ImportError::TensorShape { .. })
+    ));
+}

@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use transfusion_infer::checkpoint::{load_meta, TOKENIZER_FILE};
 
 use super::ExperimentConfig;
@@ -14,13 +13,21 @@ impl ExperimentConfig {
     /// image size replace the run's; `model.preset`, `model.prediction` and
     /// `model.modality_weights` are cleared.
     /// A relative path is resolved like the tokenizer's (see [`resolve_path`]); `base` is
-    /// the config file's directory. Applying it twice changes nothing.
+    /// the config file's directory. Applying it twice changes nothing; a config that already
+    /// names its model in full is left as it is when the checkpoint cannot be read.
     pub fn apply_init(&mut self, base: Option<&Path>) -> anyhow::Result<()> {
         let Some(init) = &self.model.init else {
             return Ok(());
         };
         let dir = resolve_path(init, base);
-        let meta = load_meta(&dir).with_context(|| format!("model.init = {}", init.display()))?;
+        let meta = match load_meta(&dir) {
+            Ok(meta) => meta,
+            // Applied when the run started (its config.json names the model in full) and the
+            // checkpoint has moved since: a resumed run loads its own checkpoints, so it
+            // must not need it; a fresh start still fails naming it (the task loads it).
+            Err(_) if self.model.config.is_some() && self.model.preset.is_none() => return Ok(()),
+            Err(e) => return Err(e.context(format!("model.init = {}", init.display()))),
+        };
         self.model.preset = None;
         self.model.prediction = None;
         self.model.modality_weights = None;

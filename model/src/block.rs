@@ -2,13 +2,14 @@
 //! modality weights ([`crate::config::ModalityWeights::Untied`]) image positions use their
 //! own norms, projections and MLP, while attention stays one over the whole sequence.
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{ModuleMapper, Param, ParamId};
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
 use crate::attention::{Attention, AttentionConfig, LayerContext};
 use crate::kv_cache::LayerKv;
 use crate::mlp::{SwiGluMlp, SwiGluMlpConfig};
+use crate::params::materialize;
 
 /// Configuration of [`DecoderBlock`].
 #[derive(Config, Debug)]
@@ -70,14 +71,7 @@ pub struct LayerWeights<B: Backend> {
 impl<B: Backend> LayerWeights<B> {
     /// The same values as new parameters (their own ids, so they train apart).
     pub fn copy(&self) -> Self {
-        // A lazily initialised parameter's clone would draw values of its own: draw first.
-        struct Touch;
-        impl<B: Backend> ModuleVisitor<B> for Touch {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                let _ = param.val();
-            }
-        }
-        self.visit(&mut Touch);
+        materialize(self);
         struct Fresh;
         impl<B: Backend> ModuleMapper<B> for Fresh {
             fn map_float<const D: usize>(

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use crate::attention::LayerContext;
 use crate::batch::TransfusionBatch;
 use crate::block::{DecoderBlock, DecoderBlockConfig};
-use crate::config::TransfusionConfig;
+use crate::config::{ModalityWeights, TransfusionConfig};
 use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::{CacheMode, KvCache};
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
@@ -189,10 +189,7 @@ impl<B: Backend> Transfusion<B> {
         };
         let mask = transfusion_mask_heads(&meta, &keys, h);
         // [b, s]: the patch positions, for untied modality weights
-        let image_positions = self
-            .blocks
-            .iter()
-            .any(|b| b.image.is_some())
+        let image_positions = (self.modality_weights() == ModalityWeights::Untied)
             .then(|| meta.span.clone().greater_elem(0));
         let mut x = x;
         for (l, block) in self.blocks.iter().enumerate() {

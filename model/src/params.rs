@@ -1,7 +1,23 @@
 //! Parameter counts computed from a config alone (no allocation, so the 7B preset can be
-//! counted anywhere).
+//! counted anywhere), and drawing lazily initialised parameters ([`materialize`]).
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
 
 use crate::config::{ImageIoConfig, TransfusionConfig};
+
+/// Draws every lazily initialised parameter of `module` now (Burn draws a parameter's
+/// values at its first use; a clone of a parameter not drawn yet would draw values of its
+/// own).
+pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+}
 
 /// Parameters of a model, by part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,7 +26,7 @@ pub struct ParamCount {
     pub embedding: usize,
     /// LM head `d * v` (untied).
     pub lm_head: usize,
-    /// Decoder layers and the final norm.
+    /// Decoder layers (both weight sets when the modalities are untied) and the final norm.
     pub decoder: usize,
     /// Image adapter (timestep MLP, patch projections, U-Net).
     pub image_io: usize,
@@ -56,7 +72,8 @@ impl TransfusionConfig {
         let d = self.d_model;
         let kv = self.n_kv_heads * self.head_dim();
         let layer = 2 * d + 2 * d * d + 2 * d * kv + 3 * d * self.d_hidden;
-        let decoder = self.n_layers * layer + d;
+        let sets = if self.untied() { 2 } else { 1 };
+        let decoder = self.n_layers * layer * sets + d;
         let temb = |d_out: usize| {
             let hidden = d_out.max(self.d_timestep);
             linear(self.d_timestep, hidden, true) + linear(hidden, d_out, true)

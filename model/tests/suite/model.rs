@@ -29,6 +29,7 @@ fn analytic_param_count_matches_the_built_model() {
         test_config(),
         unet_config(),
         tweak(|c| c.n_kv_heads = 2),
+        tweak(|c| c.modality_weights = Some(transfusion_model::ModalityWeights::Untied)),
         TransfusionConfig::tiny(512),
     ] {
         let model = cfg.init::<B>(&dev);

@@ -1,7 +1,8 @@
 //! Seeded, reproducible module initialisation.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::prelude::*;
+use transfusion_model::params::materialize;
 
 static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -17,18 +18,12 @@ pub fn seeded_module<B: Backend, M: Module<B>>(
     seed: u64,
     init: impl FnOnce() -> M,
 ) -> M {
-    struct Touch;
-    impl<B: Backend> ModuleVisitor<B> for Touch {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let _ = param.val();
-        }
-    }
     let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     B::seed(device, seed);
     let module = init();
     // Lazy parameters would draw at first use, after the lock is released, from the global
     // RNG another run of the process (a test beside it) may be drawing from at that moment:
     // the Transfusion resume test failed 7 runs in 12 that way.
-    module.visit(&mut Touch);
+    materialize(&module);
     module
 }

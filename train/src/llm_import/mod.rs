@@ -217,7 +217,7 @@ pub fn load_llama<B: Backend>(
         .iter()
         .map(|t| (*t, tokenizer.token_id(t).expect("added")))
         .collect();
-    let mut model = map_weights(fresh, &weights, &hf, &tokenizer, &new_ids, device)?;
+    let mut model = map_weights(fresh, &weights, &hf, &new_ids, device)?;
     if opts.modality_weights == ModalityWeights::Untied {
         // The image weights were drawn with the fresh model: copy the imported text set.
         model = model.untie_modalities();
@@ -313,7 +313,6 @@ fn map_weights<B: Backend>(
     mut model: Transfusion<B>,
     w: &HfWeights,
     hf: &LlamaHfConfig,
-    tokenizer: &TextTokenizer,
     new_ids: &[(&'static str, u32)],
     device: &B::Device,
 ) -> Result<Transfusion<B>, ImportError> {
@@ -346,7 +345,8 @@ fn map_weights<B: Backend>(
     } else {
         read("lm_head.weight".into(), &[hf.vocab_size, d])?
     };
-    let v = tokenizer.vocab_size().max(hf.vocab_size);
+    // The model was built with the extended vocabulary's rows.
+    let v = model.tok_emb.weight.dims()[0];
     let fresh: Vec<f32> = model
         .tok_emb
         .weight

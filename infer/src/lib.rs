@@ -9,10 +9,12 @@
 //! the transformer runs), [`sampler`] (DDPM/DDIM, seeded noise), [`guidance`] (CFG),
 //! [`text`] (token sampling, streaming), [`pipeline`] (the API; its text and caption
 //! decoding in `decode.rs`), [`interleave`]
-//! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`].
+//! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`], [`allocator`] (host
+//! allocator settings for the binaries).
 
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod autoencoder;
 pub mod bench;
 pub mod checkpoint;

@@ -394,6 +394,7 @@ fn preset_pipeline<B: burn::prelude::Backend>(
 }
 
 fn main() {
+    transfusion_infer::allocator::keep_freed_buffers();
     let cli = Cli::parse();
     let result = dispatch(cli.device, Task(cli.command, cli.precision)).and_then(|r| r);
     if let Err(e) = result {

@@ -1,5 +1,6 @@
-//! Multi-head (optionally grouped-query) self-attention through Burn's fused
-//! `module::attention` with a boolean mask.
+//! Multi-head (optionally grouped-query) self-attention: through Burn's fused
+//! `module::attention` with a boolean mask when no gradient is recorded, and through a
+//! differentiable composition with an additive mask when one is (see [`AttentionMask`]).
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -38,6 +39,60 @@ impl AttentionConfig {
     }
 }
 
+/// The Transfusion mask in the form the attention of one forward pass uses.
+#[derive(Clone, Debug)]
+pub enum AttentionMask<B: Backend> {
+    /// `[b, h, s, lk]`, `true` = masked: for Burn's fused attention (inference). Its
+    /// autodiff form is a generic decomposition (a max with indices and its scatter, masking
+    /// and two broadcast divisions in the backward pass), so training uses the other form.
+    Bool(Tensor<B, 4, Bool>),
+    /// `[b, h, s, lk]`, `0` where visible and `-inf` where masked: added to the scores of
+    /// [`differentiable_attention`] (training).
+    Additive(Tensor<B, 4>),
+}
+
+impl<B: Backend> AttentionMask<B> {
+    /// The form for a forward pass on `device`: additive when the backend records
+    /// gradients, boolean otherwise.
+    ///
+    /// # Shapes
+    /// `masked`: `[b, h, s, lk]`, `true` = masked
+    pub fn for_device(masked: Tensor<B, 4, Bool>, device: &B::Device) -> Self {
+        if B::ad_enabled(device) {
+            let zeros = Tensor::zeros(masked.dims(), device);
+            Self::Additive(zeros.mask_fill(masked, f32::NEG_INFINITY))
+        } else {
+            Self::Bool(masked)
+        }
+    }
+}
+
+/// `softmax(q k^T / sqrt(hd) + bias) v`, written so that its backward pass is short: the
+/// row maximum is a detached shift (the softmax's gradient does not depend on it), and the
+/// normalisation divides the `[.., hd]` output instead of the `[.., lk]` probabilities.
+///
+/// A row whose keys are all masked gives zeros (its sum is clamped away from zero).
+///
+/// # Shapes
+/// - `q`: `[b, h, s, hd]`, `k`, `v`: `[b, h, lk, hd]`, `bias`: `[b, h, s, lk]`
+/// - output: `[b, h, s, hd]`
+pub fn differentiable_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let hd = q.dims()[3];
+    let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
+    // [b, h, s, lk]
+    let scores = q.matmul(k.swap_dims(2, 3)) + bias;
+    // [b, h, s, 1]; finite even for a fully masked row (any shift gives the same softmax)
+    let shift = scores.clone().detach().max_dim(3).clamp_min(-1.0e4);
+    let weights = (scores - shift).exp();
+    let sum = weights.clone().sum_dim(3).clamp_min(1.0e-30);
+    weights.matmul(v) / sum
+}
+
 /// Self-attention layer.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -65,8 +120,12 @@ pub struct LayerContext<'a, B: Backend> {
     pub rope_q: &'a RopeTables<B>,
     /// RoPE tables for the `s` new positions, for the key/value heads.
     pub rope_k: &'a RopeTables<B>,
-    /// `[b, h, s, past + s]`, `true` = masked (dense: built once per forward pass).
-    pub mask: &'a Tensor<B, 4, Bool>,
+    /// Which keys each query may not see, `[b, h, s, past + s]` (dense: built once per
+    /// forward pass), boolean or additive (see [`AttentionMask`]).
+    pub mask: &'a AttentionMask<B>,
+    /// Whether to change the head layout by block copies ([`heads_first`],
+    /// [`heads_last`]) rather than a strided copy: see [`block_copies_pay`].
+    pub block_copies: bool,
     /// This layer's cached keys/values (`past` positions), if any.
     pub past: Option<&'a LayerKv<B>>,
     /// The type of the matrix products.
@@ -109,7 +168,15 @@ impl<B: Backend> Attention<B> {
         let q = apply_rope(heads(&self.wq, x.clone(), self.n_heads), ctx.rope_q);
         let k = apply_rope(heads(&self.wk, x.clone(), self.n_kv_heads), ctx.rope_k);
         let v = heads(&self.wv, x, self.n_kv_heads);
-        (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+        // Without gradients the new keys/values are cached and concatenated and all three
+        // are read by the fused kernel: on the CPU backends they are made contiguous by
+        // block copies. Otherwise the products read the strided view (its backward pass
+        // is free).
+        let split = |t: Tensor<B, 4>| match ctx.mask {
+            AttentionMask::Bool(_) if ctx.block_copies => heads_first(t),
+            _ => t.swap_dims(1, 2),
+        };
+        (split(q), split(k), split(v))
     }
 
     /// Attends the new positions' queries to `ctx.past` followed by their own keys/values.
@@ -133,12 +200,28 @@ impl<B: Backend> Attention<B> {
         };
         let k = repeat_kv(all.key, h / self.n_kv_heads);
         let v = repeat_kv(all.value, h / self.n_kv_heads);
-        let mask = ctx.mask.clone();
         let [q, k, v] = [q, k, v].map(|t| precision.to_compute(t));
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        let out = match ctx.mask {
+            AttentionMask::Bool(mask) => attention(
+                q,
+                k,
+                v,
+                Some(mask.clone()),
+                None,
+                AttentionModuleOptions::default(),
+            ),
+            AttentionMask::Additive(bias) => {
+                differentiable_attention(q, k, v, precision.to_compute(bias.clone()))
+            }
+        };
         let out = precision.to_f32(out);
         // [b, h, s, hd] -> [b, s, h*hd]
-        (out.swap_dims(1, 2).reshape([b, s, h * hd]), new)
+        let out = match ctx.mask {
+            AttentionMask::Bool(_) if ctx.block_copies => heads_last(out),
+            // A strided copy forward; free backward.
+            _ => out.swap_dims(1, 2).reshape([b, s, h * hd]),
+        };
+        (out, new)
     }
 
     /// The output projection.
@@ -148,6 +231,35 @@ impl<B: Backend> Attention<B> {
     pub fn output(&self, out: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
         ctx.precision.linear(&self.wo, out)
     }
+}
+
+/// Whether the backend of `device` copies a general strided permutation element by
+/// element (Burn's CPU backends, `flex` and `ndarray`), so that moving the head axis pays
+/// as one block copy per head. On the GPU backends one permuting kernel is cheaper than a
+/// launch per head.
+pub fn block_copies_pay<B: Backend>(device: &B::Device) -> bool {
+    let name = B::name(device);
+    ["flex", "ndarray"].iter().any(|cpu| name.starts_with(cpu))
+}
+
+/// `[b, s, h, hd] -> [b, h, s, hd]`, contiguous: one copy per head of a `[b, s, hd]`
+/// block (the CPU backends copy such blocks at memory speed, but walk a general 4-D
+/// permutation element by element, several times slower).
+pub fn heads_first<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, s, h, hd] = x.dims();
+    let heads = (0..h)
+        .map(|i| x.clone().narrow(2, i, 1).reshape([b, 1, s, hd]))
+        .collect();
+    Tensor::cat(heads, 1)
+}
+
+/// `[b, h, s, hd] -> [b, s, h*hd]`, contiguous, by blocks as in [`heads_first`].
+pub fn heads_last<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, s, hd] = x.dims();
+    let heads = (0..h)
+        .map(|i| x.clone().narrow(1, i, 1).reshape([b, s, hd]))
+        .collect();
+    Tensor::cat(heads, 2)
 }
 
 /// Repeats each key/value head `rep` times for grouped-query attention.

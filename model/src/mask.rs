@@ -132,13 +132,11 @@ pub fn transfusion_mask_heads<B: Backend>(
     key: &SpanMeta<B>,
     heads: usize,
 ) -> Tensor<B, 4, Bool> {
-    let allowed = allowed(query, key);
-    let [b, lq, lk] = allowed.dims();
-    // [b, l_q, l_k] -> [b, heads, l_q, l_k]; the negation writes it densely
-    allowed
-        .reshape([b, 1, lq, lk])
-        .expand([b, heads, lq, lk])
-        .bool_not()
+    let masked = allowed(query, key).bool_not();
+    let [b, lq, lk] = masked.dims();
+    // [b, l_q, l_k] -> [b, heads, l_q, l_k], repeated rather than expanded: the CPU
+    // backends copy whole blocks for a repeat but walk a broadcast view element by element
+    masked.reshape([b, 1, lq, lk]).repeat_dim(1, heads)
 }
 
 /// `true` where a query position may attend to a key position.
@@ -148,8 +146,10 @@ pub fn transfusion_mask_heads<B: Backend>(
 fn allowed<B: Backend>(query: &SpanMeta<B>, key: &SpanMeta<B>) -> Tensor<B, 3, Bool> {
     let [b, lq] = query.index.dims();
     let lk = key.index.dims()[1];
-    let q = |t: &Tensor<B, 2, Int>| t.clone().reshape([b, lq, 1]).expand([b, lq, lk]);
-    let k = |t: &Tensor<B, 2, Int>| t.clone().reshape([b, 1, lk]).expand([b, lq, lk]);
+    // Materialised by repeats (see `transfusion_mask_heads`), so that the comparisons
+    // read contiguous operands.
+    let q = |t: &Tensor<B, 2, Int>| t.clone().reshape([b, lq, 1]).repeat_dim(2, lk);
+    let k = |t: &Tensor<B, 2, Int>| t.clone().reshape([b, 1, lk]).repeat_dim(1, lq);
 
     let causal = k(&key.index).lower_equal(q(&query.index));
     let q_span = q(&query.span);

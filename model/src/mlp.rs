@@ -2,9 +2,9 @@
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use crate::precision::Precision;
+use burn::tensor::activation::silu;
 
 /// Configuration of [`SwiGluMlp`].
 #[derive(Config, Debug)]

@@ -6,7 +6,7 @@ use burn::nn::{
 };
 use burn::prelude::*;
 
-use crate::attention::LayerContext;
+use crate::attention::{block_copies_pay, AttentionMask, LayerContext};
 use crate::batch::TransfusionBatch;
 use crate::block::{DecoderBlock, DecoderBlockConfig};
 use crate::config::{ModalityWeights, TransfusionConfig};
@@ -187,10 +187,11 @@ impl<B: Backend> Transfusion<B> {
             Some(past) => past.cat(meta.clone()),
             None => meta.clone(),
         };
-        let mask = transfusion_mask_heads(&meta, &keys, h);
+        let mask = AttentionMask::for_device(transfusion_mask_heads(&meta, &keys, h), &x.device());
         // [b, s]: the patch positions, for untied modality weights
         let image_positions = (self.modality_weights() == ModalityWeights::Untied)
             .then(|| meta.span.clone().greater_elem(0));
+        let block_copies = block_copies_pay::<B>(&x.device());
         let mut x = x;
         for (l, block) in self.blocks.iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
@@ -198,6 +199,7 @@ impl<B: Backend> Transfusion<B> {
                 rope_q: &rope_q,
                 rope_k: rope_k.as_ref().unwrap_or(&rope_q),
                 mask: &mask,
+                block_copies,
                 past: past.as_ref(),
                 precision: self.precision,
                 image_positions: image_positions.clone(),

@@ -68,16 +68,25 @@ impl Precision {
         layer: &Linear<B>,
         x: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        if self.compute_dtype().is_none() {
-            return layer.forward(x);
-        }
-        let weight = self.to_compute(layer.weight.val());
-        let bias = layer.bias.as_ref().map(|b| self.to_compute(b.val()));
-        self.to_f32(burn::tensor::module::linear(
-            self.to_compute(x),
-            weight,
-            bias,
-        ))
+        // One [rows, d_in] x [d_in, d_out] product instead of a batch of small ones: the
+        // weight gradient is then one product too (no sum over the batch dimensions).
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let x = x.reshape([rows, dims[D - 1]]);
+        let y = if self.compute_dtype().is_none() {
+            layer.forward(x)
+        } else {
+            let weight = self.to_compute(layer.weight.val());
+            let bias = layer.bias.as_ref().map(|b| self.to_compute(b.val()));
+            self.to_f32(burn::tensor::module::linear(
+                self.to_compute(x),
+                weight,
+                bias,
+            ))
+        };
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
     /// An error naming the backend when it cannot compute in this precision (f32 always

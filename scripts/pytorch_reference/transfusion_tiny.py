@@ -12,6 +12,7 @@ MSE over the images, global-norm clipping and AdamW (0.9/0.95, eps 1e-8, weight 
 
 Install (outside the repository): python -m venv ~/venv-ref && ~/venv-ref/bin/pip install torch numpy
 Run: ~/venv-ref/bin/python scripts/pytorch_reference/transfusion_tiny.py train|diffusion|text [--threads 2]
+     [--preset tiny|paper_160m] [--device cpu|cuda] [--dtype f32|bf16]
 Prints one line `ms_per_step <median>` (train, diffusion) or `tokens_per_s <median>` (text).
 """
 import argparse
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 
 class Config:
+    """The `tiny` preset; `Config.preset("paper_160m")` gives the paper's 0.16B model (16 layers,
+    width 768, 12 heads, 8-channel 32x32 latents in 2x2 patches, no patch position table)."""
     vocab = 512
     d = 128
     layers = 4
@@ -38,6 +41,20 @@ class Config:
     eps = 1e-5
     lam = 5.0
     timesteps = 1000
+
+    pos_table = True
+
+    @staticmethod
+    def preset(name):
+        c = Config()
+        if name == "paper_160m":
+            c.d, c.layers, c.heads = 768, 16, 12
+            c.hidden = (8 * c.d // 3 + 63) // 64 * 64
+            c.channels, c.latent, c.patch, c.d_freq = 8, 32, 2, 256
+            c.pos_table = False
+        elif name != "tiny":
+            raise SystemExit(f"unknown preset {name} (tiny, paper_160m)")
+        return c
 
     @property
     def patches(self):
@@ -123,7 +140,8 @@ class Tiny(nn.Module):
         self.t2 = nn.Linear(max(p, c.d_freq), p)
         self.proj_in = nn.Linear(p, c.d, bias=False)
         self.proj_out = nn.Linear(c.d, p, bias=False)
-        self.register_buffer("pos", patch_positions(c.latent // c.patch, c.d))
+        pos = patch_positions(c.latent // c.patch, c.d) if c.pos_table else torch.zeros(1, c.d)
+        self.register_buffer("pos", pos)
 
     def patchify(self, x):
         n, ch, hh, ww = x.shape
@@ -188,7 +206,7 @@ def packed_batch(c, b=8, s=128, caption=12):
 
 
 def time_train(args):
-    c = Config()
+    c = Config.preset(args.preset)
     model = Tiny(c)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -198,6 +216,14 @@ def time_train(args):
     batch = packed_batch(c, args.batch, args.seq_len)
 
     def step():
+        with autocast(args):
+            loss = train_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def train_loss():
         n = batch["n_img"]
         x0 = torch.rand(n, c.channels, c.latent, c.latent) * 2 - 1
         eps = torch.randn_like(x0)
@@ -214,11 +240,7 @@ def time_train(args):
         ce = F.cross_entropy(logits, batch["targets"], reduction="none")
         lm = (ce * batch["lm_mask"]).sum() / batch["lm_mask"].sum()
         out = model.decode_images(flat[batch["patch_rows"]].view(n, c.patches, c.d))
-        loss = lm + c.lam * F.mse_loss(out, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        return lm + c.lam * F.mse_loss(out.float(), eps)
 
     return timed(step, args.warmup, args.steps), "ms_per_step"
 
@@ -234,7 +256,7 @@ def prefix_cache(model, c, rows, prompt):
 
 @torch.no_grad()
 def time_diffusion(args):
-    c = Config()
+    c = Config.preset(args.preset)
     model = Tiny(c).eval()
     rows = 2 if args.cfg != 1.0 else 1
     cache = prefix_cache(model, c, rows, args.prompt_tokens)
@@ -263,7 +285,7 @@ def time_diffusion(args):
 
 @torch.no_grad()
 def time_text(args):
-    c = Config()
+    c = Config.preset(args.preset)
     model = Tiny(c).eval()
     prompt = args.prompt_tokens
     tokens = torch.randint(5, c.vocab, (1, prompt))
@@ -283,13 +305,25 @@ def time_text(args):
     return args.text_tokens / (ms / 1000.0), "tokens_per_s"
 
 
+def autocast(args):
+    """bf16 autocast of the forward pass (`--dtype bf16`), or nothing."""
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+def sync():
+    if torch.cuda.is_available() and torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(f, warmup, steps):
     for _ in range(warmup):
         f()
+    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         f()
+        sync()
         times.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times)
 
@@ -305,8 +339,13 @@ def main():
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--preset", default="tiny", help="tiny or paper_160m")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
+                    help="bf16: autocast the training forward pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
     torch.manual_seed(0)
     value, unit = {"train": time_train, "diffusion": time_diffusion, "text": time_text}[args.what](args)
     print(f"{unit} {value:.2f}")

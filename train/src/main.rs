@@ -53,6 +53,7 @@ enum Command {
 /// Errors are printed as one `error: ...` line with their causes (never a stack trace, even
 /// under `RUST_BACKTRACE`), and the exit status is 1.
 fn main() {
+    transfusion_infer::allocator::keep_freed_buffers();
     if let Err(e) = dispatch(Cli::parse().command) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

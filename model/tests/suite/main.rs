@@ -6,6 +6,7 @@
 
 mod common;
 
+mod attention_forms;
 mod backends;
 mod consistency;
 mod mask;

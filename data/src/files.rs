@@ -18,3 +18,10 @@ pub fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), DataErr
     }
     std::fs::write(path, contents).map_err(|e| DataError::write(path, e))
 }
+
+/// Writes `value` as pretty-printed JSON to `path` (see [`write_file`]).
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), DataError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| DataError::invalid(path, format!("cannot serialise to JSON: {e}")))?;
+    write_file(path, text)
+}

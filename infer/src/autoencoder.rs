@@ -14,12 +14,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use image::RgbImage;
 use transfusion_data::files::{create_dir, write_file};
 
 use crate::checkpoint::{load_weights, save_weights};
+use crate::error::{InferError, Result};
 use crate::image_tensor::{pixels_tensor, tensor_to_images};
 use transfusion_model::vae::{load_diffusers_vae, AutoencoderKl, VaeConfig};
 
@@ -76,7 +76,7 @@ pub fn save_vae<B: Backend>(
     save_weights(model, &dir.join(VAE_WEIGHTS_FILE))?;
     write_file(
         &dir.join(VAE_CONFIG_FILE),
-        serde_json::to_string_pretty(config)?,
+        serde_json::to_string_pretty(config).expect("a VAE config serialises to JSON"),
     )?;
     Ok(())
 }
@@ -84,13 +84,14 @@ pub fn save_vae<B: Backend>(
 /// Reads `vae.json` of a VAE checkpoint directory.
 pub fn read_vae_config(dir: &Path) -> Result<VaeConfig> {
     let path = dir.join(VAE_CONFIG_FILE);
-    let text = fs::read_to_string(&path).with_context(|| {
-        format!(
-            "VAE checkpoint {}: cannot read {VAE_CONFIG_FILE}",
-            dir.display()
+    let text = fs::read_to_string(&path).map_err(|e| {
+        InferError::invalid(
+            dir,
+            format!("VAE checkpoint: cannot read {VAE_CONFIG_FILE}: {e}"),
         )
     })?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a VAE config", path.display()))
+    serde_json::from_str(&text)
+        .map_err(|e| InferError::invalid(&path, format!("not a VAE config: {e}")))
 }
 
 /// What kind of VAE directory `path` is, and where its files are.
@@ -107,16 +108,16 @@ pub enum VaeSource {
 /// names the path and what was looked for.
 pub fn resolve_vae(path: &Path) -> Result<VaeSource> {
     if !path.exists() {
-        bail!("VAE {} does not exist", path.display());
+        return Err(InferError::invalid(path, "the VAE does not exist"));
     }
     if path.is_file() {
         if path.extension().is_some_and(|e| e == "safetensors") {
             return Ok(VaeSource::Diffusers(path.to_path_buf()));
         }
-        bail!(
-            "VAE {}: expected a directory or a diffusers .safetensors file",
-            path.display()
-        );
+        return Err(InferError::invalid(
+            path,
+            "a VAE must be a directory or a diffusers .safetensors file",
+        ));
     }
     if path.join(VAE_CONFIG_FILE).is_file() {
         return Ok(VaeSource::Checkpoint(path.to_path_buf()));
@@ -124,7 +125,7 @@ pub fn resolve_vae(path: &Path) -> Result<VaeSource> {
     let ckpts = path.join("checkpoints");
     if ckpts.is_dir() {
         let mut steps: Vec<PathBuf> = fs::read_dir(&ckpts)
-            .with_context(|| format!("cannot list {}", ckpts.display()))?
+            .map_err(|e| InferError::invalid(&ckpts, format!("cannot list: {e}")))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.file_name()
@@ -141,11 +142,13 @@ pub fn resolve_vae(path: &Path) -> Result<VaeSource> {
     if path.join("config.json").is_file() {
         return Ok(VaeSource::Diffusers(path.to_path_buf()));
     }
-    bail!(
-        "VAE {}: no {VAE_CONFIG_FILE} (a VAE checkpoint), no checkpoints/step-N with one (a VAE \
-         run), and no config.json (a diffusers AutoencoderKL folder)",
-        path.display()
-    )
+    Err(InferError::invalid(
+        path,
+        format!(
+            "not a VAE: no {VAE_CONFIG_FILE} (a VAE checkpoint), no checkpoints/step-N with one \
+             (a VAE run), and no config.json (a diffusers AutoencoderKL folder)"
+        ),
+    ))
 }
 
 /// Loads the VAE behind `path` (see [`resolve_vae`]) onto `device`.
@@ -155,10 +158,10 @@ pub fn load_vae<B: Backend>(path: &Path, device: &B::Device) -> Result<Vae<B>> {
             let config = read_vae_config(&dir)?;
             let weights = dir.join(VAE_WEIGHTS_FILE);
             if !weights.is_file() {
-                bail!(
-                    "VAE checkpoint {}: missing {VAE_WEIGHTS_FILE}",
-                    dir.display()
-                );
+                return Err(InferError::invalid(
+                    &dir,
+                    format!("VAE checkpoint: missing {VAE_WEIGHTS_FILE}"),
+                ));
             }
             let against = dir.join(VAE_CONFIG_FILE).display().to_string();
             let model = load_weights(config.init::<B>(device), &weights, &against)?;
@@ -166,7 +169,7 @@ pub fn load_vae<B: Backend>(path: &Path, device: &B::Device) -> Result<Vae<B>> {
         }
         VaeSource::Diffusers(p) => {
             let (config, model) = load_diffusers_vae::<B>(&p, device)
-                .map_err(|e| anyhow::anyhow!("diffusers VAE {}: {e}", p.display()))?;
+                .map_err(|e| InferError::invalid(&p, format!("diffusers VAE: {e}")))?;
             Ok(Vae { model, config })
         }
     }
@@ -256,9 +259,9 @@ impl<B: Backend> VaeImageEncoder<B> {
     ) -> Result<Self> {
         let f = vae.config.down_factor();
         if image_size as usize % f != 0 {
-            bail!(
+            return Err(InferError::Options(format!(
                 "image size {image_size} is not a multiple of the VAE's down-sampling factor {f}"
-            );
+            )));
         }
         let side = image_size as usize / f;
         let shape = [vae.config.latent_channels, side, side];

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Instant;
 
-use anyhow::Result;
+use crate::error::Result;
 use burn::prelude::*;
 
 use crate::context::{CachePolicy, Rows};
@@ -230,7 +230,7 @@ pub fn run_bench<B: Backend>(
         };
         let g = cfg_label(cfg);
         report.push(format!("ms per diffusion step ({label}, {g})"), ms, "ms");
-        anyhow::Ok(ms)
+        Ok::<_, crate::error::InferError>(ms)
     };
     let cached = per_step(pipe, CachePolicy::Cached, 0.0, &mut report)?;
     let cached_cfg = per_step(pipe, CachePolicy::Cached, opts.cfg, &mut report)?;

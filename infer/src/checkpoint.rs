@@ -13,7 +13,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
@@ -23,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use transfusion_data::files::{create_dir, write_file};
 use transfusion_data::tokenizer::{SpecialTokens, TextTokenizer};
 use transfusion_model::{Transfusion, TransfusionConfig};
+
+use crate::error::{InferError, Result};
 
 /// File names inside a checkpoint directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -95,48 +96,51 @@ pub fn save_model<B: Backend>(
     model: &Transfusion<B>,
     meta: &ModelMeta,
     tokenizer: &TextTokenizer,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     create_dir(dir)?;
     save_weights(model, &dir.join(WEIGHTS_FILE))?;
-    let mut value = serde_json::to_value(meta)?;
+    let mut value = serde_json::to_value(meta).expect("model metadata serialises to JSON");
     value["format"] = META_FORMAT.into();
     value["tokenizer_fingerprint"] = tokenizer.fingerprint().into();
-    let json = serde_json::to_string_pretty(&value)?;
+    let json = serde_json::to_string_pretty(&value).expect("a JSON value serialises");
     write_file(&dir.join(META_FILE), json)?;
     tokenizer.save(dir.join(TOKENIZER_FILE))?;
     Ok(())
 }
 
 /// Reads `model.json` of a checkpoint.
-pub fn load_meta(dir: &Path) -> anyhow::Result<ModelMeta> {
+pub fn load_meta(dir: &Path) -> Result<ModelMeta> {
     Ok(load_meta_file(dir)?.meta)
 }
 
 /// Reads `model.json` of a checkpoint with the tokenizer fingerprint it records.
-pub fn load_meta_file(dir: &Path) -> anyhow::Result<MetaFile> {
+pub fn load_meta_file(dir: &Path) -> Result<MetaFile> {
     let path = dir.join(META_FILE);
     if !dir.is_dir() {
-        bail!(
-            "checkpoint {} does not exist or is not a directory",
-            dir.display()
-        );
+        return Err(InferError::invalid(
+            dir,
+            "the checkpoint does not exist or is not a directory",
+        ));
     }
-    let text = fs::read_to_string(&path)
-        .with_context(|| format!("checkpoint {}: cannot read {META_FILE}", dir.display()))?;
+    let text = fs::read_to_string(&path).map_err(|e| {
+        InferError::invalid(dir, format!("checkpoint: cannot read {META_FILE}: {e}"))
+    })?;
     let file = parse_meta(&text)
-        .with_context(|| format!("{}: not a valid model description", path.display()))?;
+        .map_err(|e| InferError::invalid(&path, format!("not a valid model description: {e}")))?;
     file.meta
         .model
         .validate()
-        .with_context(|| format!("{}: invalid model config", path.display()))?;
+        .map_err(|e| InferError::invalid(&path, format!("invalid model config: {e}")))?;
     Ok(file)
 }
 
 /// Parses the text of a `model.json` of any known [`META_FORMAT`]: unknown keys are
 /// refused at every level (a misspelt key would otherwise be ignored and its default
 /// silently used), and from version 1 on every model-config key must be present.
-pub fn parse_meta(text: &str) -> anyhow::Result<MetaFile> {
-    let mut value: serde_json::Value = serde_json::from_str(text)?;
+pub fn parse_meta(text: &str) -> Result<MetaFile> {
+    let bad = InferError::Meta;
+    let mut value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
     let tokenizer_fingerprint = match value
         .as_object_mut()
         .and_then(|o| o.remove("tokenizer_fingerprint"))
@@ -144,7 +148,7 @@ pub fn parse_meta(text: &str) -> anyhow::Result<MetaFile> {
         None => None,
         Some(v) => Some(
             v.as_str()
-                .with_context(|| format!("`tokenizer_fingerprint` must be a string, got {v}"))?
+                .ok_or_else(|| bad(format!("`tokenizer_fingerprint` must be a string, got {v}")))?
                 .to_string(),
         ),
     };
@@ -152,25 +156,25 @@ pub fn parse_meta(text: &str) -> anyhow::Result<MetaFile> {
         None => 0,
         Some(v) => v
             .as_u64()
-            .with_context(|| format!("`format` must be a version number, got {v}"))?,
+            .ok_or_else(|| bad(format!("`format` must be a version number, got {v}")))?,
     };
     if format > META_FORMAT {
-        bail!(
+        return Err(bad(format!(
             "format {format} was written by a newer version (this one reads up to \
              {META_FORMAT}): update transfusion"
-        );
+        )));
     }
     let written: Vec<String> = value
         .get("model")
         .and_then(|m| m.as_object())
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
-    let meta: ModelMeta = serde_json::from_value(value)?;
-    let known = serde_json::to_value(&meta.model)?;
+    let meta: ModelMeta = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    let known = serde_json::to_value(&meta.model).expect("a model config serialises to JSON");
     let known = known.as_object().expect("a config serialises to an object");
     let unknown: Vec<&String> = written.iter().filter(|k| !known.contains_key(*k)).collect();
     if !unknown.is_empty() {
-        bail!("unknown key(s) in `model`: {unknown:?}");
+        return Err(bad(format!("unknown key(s) in `model`: {unknown:?}")));
     }
     let missing: Vec<&String> = known
         .keys()
@@ -182,10 +186,14 @@ pub fn parse_meta(text: &str) -> anyhow::Result<MetaFile> {
         })
         .collect();
     if format >= 1 && !missing.is_empty() {
-        bail!("`model` lacks key(s) {missing:?} (format {format} names every key)");
+        return Err(bad(format!(
+            "`model` lacks key(s) {missing:?} (format {format} names every key)"
+        )));
     }
     if format >= 1 && tokenizer_fingerprint.is_none() {
-        bail!("lacks `tokenizer_fingerprint` (format {format} records it)");
+        return Err(bad(format!(
+            "lacks `tokenizer_fingerprint` (format {format} records it)"
+        )));
     }
     Ok(MetaFile {
         meta,
@@ -208,13 +216,13 @@ pub struct MetaFile {
 pub fn load_model<B: Backend>(
     dir: &Path,
     device: &B::Device,
-) -> anyhow::Result<(Transfusion<B>, ModelMeta, TextTokenizer)> {
+) -> Result<(Transfusion<B>, ModelMeta, TextTokenizer)> {
     let MetaFile {
         meta,
         tokenizer_fingerprint,
     } = load_meta_file(dir)?;
     let tok_path = dir.join(TOKENIZER_FILE);
-    let tokenizer = TextTokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokenizer = TextTokenizer::from_file(&tok_path)?;
     tokenizer
         .check_matches(&meta.special_tokens, meta.model.vocab_size)
         .and_then(|()| match &tokenizer_fingerprint {
@@ -222,14 +230,17 @@ pub fn load_model<B: Backend>(
             None => Ok(()),
         })
         .map_err(|e| {
-            anyhow::anyhow!(
-                "{}: tokenizer does not match the model: {e}",
-                tok_path.display()
+            InferError::invalid(
+                &tok_path,
+                format!("tokenizer does not match the model: {e}"),
             )
         })?;
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
-        bail!("checkpoint {}: missing {WEIGHTS_FILE}", dir.display());
+        return Err(InferError::invalid(
+            dir,
+            format!("checkpoint: missing {WEIGHTS_FILE}"),
+        ));
     }
     let model = load_weights(meta.model.init::<B>(device), &weights, "the model config")?;
     Ok((model, meta, tokenizer))
@@ -237,11 +248,11 @@ pub fn load_model<B: Backend>(
 
 /// Writes every parameter of `model` to the safetensors file `weights` (burn-store,
 /// readable by any safetensors tool), replacing it.
-pub fn save_weights<B: Backend, M: Module<B>>(model: &M, weights: &Path) -> anyhow::Result<()> {
+pub fn save_weights<B: Backend, M: Module<B>>(model: &M, weights: &Path) -> Result<()> {
     let mut store = SafetensorsStore::from_file(weights).overwrite(true);
     model
         .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", weights.display()))
+        .map_err(|e| InferError::invalid(weights, format!("cannot write: {e}")))
 }
 
 /// Reads every floating-point tensor as f32, whatever type the file stores it in (f16,
@@ -297,31 +308,31 @@ pub fn load_weights<B: Backend, M: Module<B>>(
     mut model: M,
     weights: &Path,
     config: &str,
-) -> anyhow::Result<M> {
+) -> Result<M> {
     let mut store = SafetensorsStore::from_file(weights).with_from_adapter(FloatsAsFiniteF32);
     let result = model
         .load_from(&mut store)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
+        .map_err(|e| InferError::invalid(weights, e.to_string()))?;
     if !result.errors.is_empty() {
         let errors: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
-        bail!(
-            "{}: cannot load {} tensor(s) into {config}: {}",
-            weights.display(),
-            errors.len(),
-            errors.join("; ")
-        );
+        return Err(InferError::invalid(
+            weights,
+            format!(
+                "cannot load {} tensor(s) into {config}: {}",
+                errors.len(),
+                errors.join("; ")
+            ),
+        ));
     }
     if !result.missing.is_empty() {
-        bail!(
-            "{}: weights do not match {config} (missing: {})",
-            weights.display(),
-            result
-                .missing
-                .iter()
-                .map(|(path, _)| path.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let missing: Vec<&str> = result.missing.iter().map(|(p, _)| p.as_str()).collect();
+        return Err(InferError::invalid(
+            weights,
+            format!(
+                "weights do not match {config} (missing: {})",
+                missing.join(", ")
+            ),
+        ));
     }
     Ok(model)
 }

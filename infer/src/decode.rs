@@ -2,7 +2,7 @@
 //! captioning images ([`Pipeline::caption`]), both over [`Rows`] with per-row token
 //! samplers.
 
-use anyhow::Result;
+use crate::error::Result;
 use burn::prelude::*;
 use image::RgbImage;
 

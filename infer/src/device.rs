@@ -10,6 +10,8 @@ use std::str::FromStr;
 
 use burn::tensor::backend::AutodiffBackend;
 
+use crate::error::{InferError, Result};
+
 /// The device the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -117,15 +119,15 @@ fn cuda_usable(index: usize) -> bool {
     probe.is_ok()
 }
 
-fn not_compiled(what: &str) -> anyhow::Error {
-    anyhow::anyhow!(
+fn not_compiled(what: &str) -> InferError {
+    InferError::Device(format!(
         "device `{what}` is not compiled into this binary (compiled: {}); rebuild with `--features {what}`",
         compiled_backends().join(", ")
-    )
+    ))
 }
 
 /// Resolves `auto` and runs `task` on the chosen backend, printing which one it uses.
-pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> anyhow::Result<T::Output> {
+pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> Result<T::Output> {
     let resolved = match choice {
         DeviceChoice::Auto => resolve_auto(),
         other => other,
@@ -153,7 +155,7 @@ pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> anyhow::Result
                 use burn::backend::Autodiff;
                 let adapters = wgpu_adapters();
                 if adapters.is_empty() {
-                    anyhow::bail!(NO_WGPU_ADAPTER);
+                    return Err(InferError::Device(NO_WGPU_ADAPTER.into()));
                 }
                 let label = match wgpu_hardware_adapter() {
                     Some(name) => format!("wgpu: {name}"),
@@ -180,11 +182,10 @@ pub trait MultiDeviceTask {
 /// Runs `task` over several devices of one backend: `cuda:N` devices (distinct indices), or
 /// `cpu` repeated (several replicas on the CPU backend's one device, for tests and small
 /// runs). `wgpu` and `auto` are not accepted: name the devices.
-pub fn dispatch_many<T: MultiDeviceTask>(
-    choices: &[DeviceChoice],
-    task: T,
-) -> anyhow::Result<T::Output> {
-    anyhow::ensure!(!choices.is_empty(), "no device given");
+pub fn dispatch_many<T: MultiDeviceTask>(choices: &[DeviceChoice], task: T) -> Result<T::Output> {
+    if choices.is_empty() {
+        return Err(InferError::Device("no device given".into()));
+    }
     let label = choices
         .iter()
         .map(|c| c.to_string())
@@ -214,10 +215,14 @@ pub fn dispatch_many<T: MultiDeviceTask>(
     for c in choices {
         match c {
             DeviceChoice::Cuda(i) if !indices.contains(i) => indices.push(*i),
-            DeviceChoice::Cuda(i) => anyhow::bail!("cuda:{i} is listed twice"),
-            other => anyhow::bail!(
-                "several devices must all be cuda:N (or all cpu); got `{other}` in `{label}`"
-            ),
+            DeviceChoice::Cuda(i) => {
+                return Err(InferError::Device(format!("cuda:{i} is listed twice")))
+            }
+            other => {
+                return Err(InferError::Device(format!(
+                    "several devices must all be cuda:N (or all cpu); got `{other}` in `{label}`"
+                )))
+            }
         }
     }
     #[cfg(feature = "cuda")]
@@ -248,7 +253,7 @@ fn resolve_auto() -> DeviceChoice {
 }
 
 #[allow(unreachable_code)]
-fn run_cpu<T: BackendTask>(task: T) -> anyhow::Result<T::Output> {
+fn run_cpu<T: BackendTask>(task: T) -> Result<T::Output> {
     #[cfg(feature = "flex")]
     {
         use burn::backend::flex::Flex;

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use crate::error::Result;
 use burn::prelude::*;
 use image::RgbImage;
 use transfusion_data::files::{create_dir, write_file};
@@ -159,7 +159,7 @@ pub fn write_transcript(
             Segment::Image(img) => {
                 k += 1;
                 let name = format!("image-{k}.png");
-                save_png(img, &out.join(&name)).map_err(|e| anyhow::anyhow!("{e}"))?;
+                save_png(img, &out.join(&name))?;
                 md.push_str(&format!("\n\n![image {k}]({name})\n\n"));
             }
         }

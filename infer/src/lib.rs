@@ -9,7 +9,8 @@
 //! the transformer runs), [`sampler`] (DDPM/DDIM, seeded noise), [`guidance`] (CFG),
 //! [`text`] (token sampling, streaming), [`pipeline`] (the API; its text and caption
 //! decoding in `decode.rs`), [`interleave`]
-//! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`], [`allocator`] (host
+//! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`],
+//! [`error`] (the crate's error type and the binaries' error report), [`allocator`] (host
 //! allocator settings for the binaries).
 
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ pub mod checkpoint;
 pub mod context;
 mod decode;
 pub mod device;
+pub mod error;
 pub mod guidance;
 pub mod image_tensor;
 pub mod interleave;
@@ -30,7 +32,8 @@ pub mod text;
 
 pub use context::{CachePolicy, ForwardKind, ForwardRecord};
 pub use device::{dispatch, BackendTask, DeviceChoice};
+pub use error::{InferError, Result};
 pub use interleave::{write_transcript, GenerateOptions, Segment};
-pub use pipeline::{ImageOptions, InferError, Pipeline};
+pub use pipeline::{ImageOptions, Pipeline};
 pub use sampler::SamplerKind;
 pub use text::TextOptions;

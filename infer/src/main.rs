@@ -11,6 +11,7 @@ use transfusion_data::image::{center_crop_resize, image_grid, load_image, save_p
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::bench::{run_bench, BenchOptions};
 use transfusion_infer::checkpoint::{AutoencoderRef, ModelMeta};
+use transfusion_infer::error::report;
 use transfusion_infer::{
     dispatch, write_transcript, BackendTask, DeviceChoice, GenerateOptions, ImageOptions, Pipeline,
     SamplerKind, TextOptions,
@@ -390,15 +391,21 @@ fn preset_pipeline<B: burn::prelude::Backend>(
         consistency: None,
         model: config.clone(),
     };
-    Pipeline::from_parts(config.init::<B>(device), meta, tokenizer)
+    Ok(Pipeline::from_parts(
+        config.init::<B>(device),
+        meta,
+        tokenizer,
+    )?)
 }
 
 fn main() {
     transfusion_infer::allocator::keep_freed_buffers();
     let cli = Cli::parse();
-    let result = dispatch(cli.device, Task(cli.command, cli.precision)).and_then(|r| r);
+    let result = dispatch(cli.device, Task(cli.command, cli.precision))
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", report(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -15,13 +15,12 @@
 //! let pipe = Pipeline::<NdArray>::load("checkpoints/demo".as_ref(), &Default::default())?;
 //! let text = pipe.text("a red circle", &TextOptions::default())?;
 //! let images = pipe.image("a red circle", &ImageOptions { num: 4, ..Default::default() })?;
-//! # Ok::<(), anyhow::Error>(())
+//! # Ok::<(), transfusion_infer::InferError>(())
 //! ```
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::{bail, Result};
 use burn::prelude::*;
 use image::RgbImage;
 use transfusion_data::sequence::TokenSource;
@@ -31,33 +30,9 @@ use transfusion_model::{Precision, Transfusion};
 use crate::autoencoder::{load_vae, Autoencoder};
 use crate::checkpoint::{load_model, AutoencoderRef, ModelMeta};
 use crate::context::{CachePolicy, ForwardRecord, Rows, Trace};
+use crate::error::{InferError, Result};
 use crate::guidance::{duplicate, unconditional_prompt, Guidance};
 use crate::sampler::{NoiseSource, Sampler, SamplerKind};
-
-/// Errors about what was asked of a pipeline.
-#[derive(Debug, thiserror::Error)]
-pub enum InferError {
-    /// The requested image size is not what the model's patching represents.
-    #[error(
-        "--size {requested}: this model generates {size}x{size} images only (latent \
-         {latent}x{latent}, patch {patch}: {n} patches per image); use --size {size}"
-    )]
-    ImageSize {
-        /// Requested side in pixels.
-        requested: u32,
-        /// The model's image side.
-        size: u32,
-        /// Latent side.
-        latent: usize,
-        /// Patch side.
-        patch: usize,
-        /// Patches per image.
-        n: usize,
-    },
-    /// Metadata and model disagree.
-    #[error("checkpoint metadata: {0}")]
-    Meta(String),
-}
 
 /// Options of text-to-image generation.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,10 +127,10 @@ impl<B: Backend> Pipeline<B> {
     /// autoencoder (a VAE path in `model.json` is relative to the checkpoint directory).
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let (model, meta, tokenizer) = load_model::<B>(dir, device)?;
-        let autoencoder = load_autoencoder::<B>(&meta.autoencoder, Some(dir), device)
-            .map_err(|e| anyhow::anyhow!("checkpoint {}: {e:#}", dir.display()))?;
-        Self::from_parts_with_autoencoder(model, meta, tokenizer, autoencoder)
-            .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", dir.display()))
+        let within = |e: InferError| e.within(format!("checkpoint {}", dir.display()));
+        let autoencoder =
+            load_autoencoder::<B>(&meta.autoencoder, Some(dir), device).map_err(within)?;
+        Self::from_parts_with_autoencoder(model, meta, tokenizer, autoencoder).map_err(within)
     }
 
     /// The image options this model samples with unless told otherwise (see
@@ -169,7 +144,7 @@ impl<B: Backend> Pipeline<B> {
     pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
         precision
             .check_backend::<B>(&self.device)
-            .map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
+            .map_err(|e| InferError::Options(format!("--precision: {e}")))?;
         self.model = self.model.with_precision(precision);
         Ok(self)
     }
@@ -208,12 +183,9 @@ impl<B: Backend> Pipeline<B> {
                 meta.image_size as usize / f,
                 m.latent_channels,
                 m.latent_size
-            ))
-            .into());
+            )));
         }
-        tokenizer
-            .check_matches(&meta.special_tokens, meta.model.vocab_size)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tokenizer.check_matches(&meta.special_tokens, meta.model.vocab_size)?;
         let device = model.tok_emb.weight.device();
         Ok(Self {
             model,
@@ -289,7 +261,7 @@ impl<B: Backend> Pipeline<B> {
         ids.extend(
             self.tokenizer
                 .encode_clean(prompt)
-                .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?,
+                .map_err(|e| InferError::Options(format!("cannot tokenize the prompt: {e}")))?,
         );
         Ok(ids)
     }
@@ -300,29 +272,29 @@ impl<B: Backend> Pipeline<B> {
     pub fn check_image_options(&self, opts: &ImageOptions) -> Result<()> {
         let m = &self.meta.model;
         if opts.num == 0 {
-            bail!("the number of images must be at least 1");
+            return Err(InferError::Options(
+                "the number of images must be at least 1".into(),
+            ));
         }
         if opts.steps == 0 || opts.steps > m.timesteps {
-            bail!(
+            return Err(InferError::Options(format!(
                 "steps must be in 1..={} (the model's training timesteps), got {}",
-                m.timesteps,
-                opts.steps
-            );
+                m.timesteps, opts.steps
+            )));
         }
         if let Some(max) = opts.sampler.max_steps() {
             if opts.steps > max {
-                bail!(
+                return Err(InferError::Options(format!(
                     "the {} sampler takes 1..={max} steps, got {}",
-                    opts.sampler,
-                    opts.steps
-                );
+                    opts.sampler, opts.steps
+                )));
             }
         }
         if !(opts.cfg.is_finite() && opts.cfg >= 0.0) {
-            bail!(
+            return Err(InferError::Options(format!(
                 "the guidance scale must be a finite number >= 0 (0 or 1: none), got {}",
                 opts.cfg
-            );
+            )));
         }
         // The rows' KV caches and one step's activations, for a prompt of up to 256 tokens.
         let rows = (opts.num * Guidance::new(opts.cfg).branches()) as f64;
@@ -332,11 +304,11 @@ impl<B: Backend> Pipeline<B> {
         let step = n * (m.d_hidden + 4 * m.d_model) as f64 + (m.n_heads as f64) * n * positions;
         let gib = rows * (kv + step) * 4.0 / (1u64 << 30) as f64;
         if gib > MAX_GENERATION_GIB {
-            bail!(
+            return Err(InferError::Options(format!(
                 "{} images need about {gib:.0} GiB (more than {MAX_GENERATION_GIB} GiB): \
                  generate fewer per call (image k of a seed does not depend on the batch)",
                 opts.num
-            );
+            )));
         }
         Ok(())
     }
@@ -443,14 +415,14 @@ pub fn load_autoencoder<B: Backend>(
                 _ => path.clone(),
             };
             if !full.exists() {
-                bail!(
-                    "the model's autoencoder is the VAE at {}, which does not exist (model.json \
+                return Err(InferError::invalid(
+                    &full,
+                    "the model's autoencoder is the VAE here, which does not exist (model.json \
                      `autoencoder.path`; put the VAE there or edit the path)",
-                    full.display()
-                );
+                ));
             }
             let vae = load_vae::<B>(&full, device)
-                .map_err(|e| anyhow::anyhow!("the model's VAE {}: {e:#}", full.display()))?;
+                .map_err(|e| e.within(format!("the model's VAE {}", full.display())))?;
             Ok(Autoencoder::Vae(vae))
         }
     }

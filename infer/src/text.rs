@@ -3,6 +3,8 @@
 
 use transfusion_data::rng::Rng64;
 
+use crate::error::{InferError, Result};
+
 /// Options of text decoding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextOptions {
@@ -37,18 +39,23 @@ impl Default for TextOptions {
 impl TextOptions {
     /// Refuses values that would sample garbage silently: a temperature that is negative or
     /// not finite, `top_p` outside `(0, 1]`, a non-finite logit bias.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            anyhow::bail!(
+            return Err(InferError::Options(format!(
                 "temperature must be a finite number >= 0 (0: greedy), got {}",
                 self.temperature
-            );
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            anyhow::bail!("top_p must be in (0, 1], got {}", self.top_p);
+            return Err(InferError::Options(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
-            anyhow::bail!("the logit bias of token {id} must be finite, got {b}");
+            return Err(InferError::Options(format!(
+                "the logit bias of token {id} must be finite, got {b}"
+            )));
         }
         Ok(())
     }

@@ -20,6 +20,7 @@ use transfusion_data::DataError;
 use transfusion_model::{Precision, TransfusionConfig};
 
 use crate::config::OptimizerSection;
+use crate::error::{Result, TrainError};
 use crate::optim::{adamw, clip_global_norm};
 
 /// Settings of one benchmark.
@@ -102,7 +103,7 @@ pub fn bench_batches(
     cfg: &BenchConfig,
     tokenizer: &Arc<TextTokenizer>,
     n: usize,
-) -> anyhow::Result<(DataPipeline, Vec<Vec<transfusion_data::packing::PackedRow>>)> {
+) -> Result<(DataPipeline, Vec<Vec<transfusion_data::packing::PackedRow>>)> {
     let m = &cfg.model;
     let opts = SourceOptions {
         shapes_image_size: if m.latent_channels == 3 {
@@ -144,14 +145,14 @@ pub fn run_bench<B: AutodiffBackend>(
     tokenizer: &Arc<TextTokenizer>,
     device: &B::Device,
     label: &str,
-) -> anyhow::Result<BenchReport> {
+) -> Result<BenchReport> {
     let m = &cfg.model;
     m.validate()?;
     let n = cfg.steps + cfg.warmup;
     let (pipe, all_rows) = bench_batches(cfg, tokenizer, n)?;
     cfg.precision
         .check_backend::<B>(device)
-        .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+        .map_err(|e| TrainError::Setting(format!("{label}: {e}")))?;
     let mut model =
         crate::transfusion::seeded_init::<B>(m, device, 0).with_precision(cfg.precision);
     let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();

@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use burn::module::{AutodiffModule, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, Optimizer};
@@ -39,6 +38,7 @@ use transfusion_data::pipeline::PipelineState;
 use transfusion_infer::checkpoint::{META_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 
 use crate::config::ExperimentConfig;
+use crate::error::{Result, TrainError};
 use crate::optim::param_ids;
 
 /// AdamW over any module `M` (the Transfusion model, the VAE).
@@ -170,7 +170,7 @@ pub fn save_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     dir: &Path,
     model: &M,
     optim: &AdamWOptimizer<M, B>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let ids = param_ids::<B, _>(model);
     let index: HashMap<ParamId, u64> = ids
         .iter()
@@ -180,14 +180,19 @@ pub fn save_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     let record = optim.to_record();
     let mut by_index: AdamWRecord<M, B> = Default::default();
     for (id, r) in record {
-        let i = index
-            .get(&id)
-            .context("optimizer state for a parameter the model does not have")?;
+        let i = index.get(&id).ok_or_else(|| {
+            TrainError::Run("optimizer state for a parameter the model does not have".into())
+        })?;
         by_index.insert(ParamId::from(*i), r);
     }
     NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .record(by_index, dir.join(OPTIMIZER_FILE))
-        .map_err(|e| anyhow::anyhow!("cannot write optimizer state: {e}"))?;
+        .map_err(|e| {
+            TrainError::invalid(
+                dir.join(OPTIMIZER_FILE),
+                format!("cannot write optimizer state: {e}"),
+            )
+        })?;
     Ok(())
 }
 
@@ -197,65 +202,60 @@ pub fn save_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
 pub fn write_dir_atomically(
     root: &Path,
     name: &str,
-    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
-) -> anyhow::Result<PathBuf> {
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     create_dir(root)?;
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
-        fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+        fs::remove_dir_all(&tmp).map_err(|e| TrainError::io("remove", &tmp, e))?;
     }
     create_dir(&tmp)?;
-    fill(&tmp).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    fill(&tmp).map_err(|e| e.within(format!("writing checkpoint {}", tmp.display())))?;
     let dest = root.join(name);
     if dest.exists() {
         let old = root.join(format!(".old-{name}"));
-        let context = |what: &str, p: &Path| format!("cannot {what} {}", p.display());
         if old.exists() {
-            fs::remove_dir_all(&old).with_context(|| context("remove", &old))?;
+            fs::remove_dir_all(&old).map_err(|e| TrainError::io("remove", &old, e))?;
         }
-        fs::rename(&dest, &old).with_context(|| context("move aside", &dest))?;
-        fs::rename(&tmp, &dest).with_context(|| context("rename into place", &tmp))?;
-        fs::remove_dir_all(&old).with_context(|| context("remove", &old))?;
+        fs::rename(&dest, &old).map_err(|e| TrainError::io("move aside", &dest, e))?;
+        fs::rename(&tmp, &dest).map_err(|e| TrainError::io("rename into place", &tmp, e))?;
+        fs::remove_dir_all(&old).map_err(|e| TrainError::io("remove", &old, e))?;
     } else {
-        fs::rename(&tmp, &dest)
-            .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+        fs::rename(&tmp, &dest).map_err(|e| TrainError::io("rename into place", &tmp, e))?;
     }
     Ok(dest)
 }
 
 /// Deletes all but the newest `keep` step checkpoints holding every file of `required`.
-pub fn prune_with(root: &Path, keep: usize, required: &[&str]) -> anyhow::Result<()> {
+pub fn prune_with(root: &Path, keep: usize, required: &[&str]) -> Result<()> {
     let list = list_checkpoints_with(root, required);
     if list.len() > keep {
         for (_, p) in &list[..list.len() - keep] {
-            fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display()))?;
+            fs::remove_dir_all(p).map_err(|e| TrainError::io("remove", p, e))?;
         }
     }
     Ok(())
 }
 
 /// Reads a Transfusion checkpoint's training state.
-pub fn read_state(dir: &Path) -> anyhow::Result<TransfusionState> {
+pub fn read_state(dir: &Path) -> Result<TransfusionState> {
     read_training_state(dir)
 }
 
 /// Reads any checkpoint's training state.
-pub fn read_training_state<D: serde::de::DeserializeOwned>(
-    dir: &Path,
-) -> anyhow::Result<TrainingState<D>> {
+pub fn read_training_state<D: serde::de::DeserializeOwned>(dir: &Path) -> Result<TrainingState<D>> {
     let path = dir.join(STATE_FILE);
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: bad training state", path.display()))
+    let text = fs::read_to_string(&path).map_err(|e| TrainError::io("read", &path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::invalid(&path, format!("bad training state: {e}")))
 }
 
 /// Reads a checkpoint's experiment config.
-pub fn read_config(dir: &Path) -> anyhow::Result<ExperimentConfig> {
+pub fn read_config(dir: &Path) -> Result<ExperimentConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = fs::read_to_string(&path).map_err(|e| TrainError::io("read", &path, e))?;
     serde_json::from_str(&text)
-        .with_context(|| format!("{}: bad experiment config", path.display()))
+        .map_err(|e| TrainError::invalid(&path, format!("bad experiment config: {e}")))
 }
 
 /// Loads the optimizer state of `dir` into `optim` for `model` (whose parameter ids may
@@ -265,7 +265,7 @@ pub fn load_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     optim: AdamWOptimizer<M, B>,
     device: &B::Device,
-) -> anyhow::Result<AdamWOptimizer<M, B>> {
+) -> Result<AdamWOptimizer<M, B>> {
     // The recorder adds the `.mpk` extension itself.
     let path = dir.join(format!("{OPTIMIZER_FILE}.mpk"));
     let record: AdamWRecord<M, B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
@@ -275,24 +275,28 @@ pub fn load_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
             // versions; only its first line says what failed.
             let burn = e.to_string();
             let first = burn.lines().next().unwrap_or_default().to_string();
-            anyhow::anyhow!(
-                "{}: cannot read the optimizer state: the file is damaged or truncated \
-                 ({first}). To continue from the checkpoint before it, move {} aside and \
-                 resume again",
-                path.display(),
-                dir.display()
+            TrainError::invalid(
+                &path,
+                format!(
+                    "cannot read the optimizer state: the file is damaged or truncated \
+                     ({first}). To continue from the checkpoint before it, move {} aside and \
+                     resume again",
+                    dir.display()
+                ),
             )
         })?;
     let ids = param_ids::<B, _>(model);
     let mut mapped: AdamWRecord<M, B> = Default::default();
     for (k, r) in record {
         let Some(id) = ids.get(k.val() as usize) else {
-            bail!(
-                "{}: optimizer state for parameter {} but the model has {}",
-                dir.display(),
-                k.val(),
-                ids.len()
-            );
+            return Err(TrainError::invalid(
+                &path,
+                format!(
+                    "optimizer state for parameter {} but the model has {}",
+                    k.val(),
+                    ids.len()
+                ),
+            ));
         };
         mapped.insert(*id, r);
     }

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use transfusion_data::encoder::{FnEncoder, ImageEncoder, PixelEncoder};
 use transfusion_data::latent_cache::LatentCacheSource;
 use transfusion_data::mixture::{Mixture, MixtureConfig};
@@ -20,6 +19,7 @@ use transfusion_infer::checkpoint::AutoencoderRef;
 use transfusion_model::TransfusionConfig;
 
 use crate::config::ExperimentConfig;
+use crate::error::{Result, TrainError};
 
 /// Finds a file a config names (the tokenizer, an init checkpoint): as given (relative to
 /// the working directory), else relative to `base` (the config file's directory), else
@@ -41,13 +41,9 @@ pub fn resolve_path(path: &Path, base: Option<&Path>) -> PathBuf {
 }
 
 /// Loads the tokenizer named by the config.
-pub fn load_tokenizer(
-    cfg: &ExperimentConfig,
-    base: Option<&Path>,
-) -> anyhow::Result<TextTokenizer> {
+pub fn load_tokenizer(cfg: &ExperimentConfig, base: Option<&Path>) -> Result<TextTokenizer> {
     let path = resolve_path(&cfg.data.tokenizer, base);
-    TextTokenizer::from_file(&path)
-        .map_err(|e| anyhow::anyhow!("data.tokenizer = {}: {e}", path.display()))
+    TextTokenizer::from_file(&path).map_err(|e| TrainError::from(e).within("data.tokenizer"))
 }
 
 /// The image encoder a model needs: the identity pixel encoder for a pixel-space model
@@ -76,7 +72,7 @@ pub fn encoder_for(m: &TransfusionConfig, image_size: u32) -> Arc<dyn ImageEncod
 /// The autoencoder a model trained on `cfg`'s data decodes with: the VAE recorded in its
 /// latent caches (`latents:DIR` sources written by `cache-latents --vae`), else pixel
 /// space. Caches made with different VAEs cannot be mixed.
-pub fn autoencoder_for(cfg: &ExperimentConfig) -> anyhow::Result<AutoencoderRef> {
+pub fn autoencoder_for(cfg: &ExperimentConfig) -> Result<AutoencoderRef> {
     let mut found: Option<PathBuf> = None;
     for spec in &cfg.data.train {
         if spec.kind != SourceKind::Latents {
@@ -84,19 +80,21 @@ pub fn autoencoder_for(cfg: &ExperimentConfig) -> anyhow::Result<AutoencoderRef>
         }
         let dir = Path::new(&spec.location);
         let index = LatentCacheSource::open(dir)
-            .with_context(|| format!("reading latent cache {}", dir.display()))?
+            .map_err(|e| TrainError::from(e).within("reading a latent cache"))?
             .index()
             .clone();
         match (&found, index.vae) {
             (_, None) => {}
             (None, Some(v)) => found = Some(v),
             (Some(a), Some(b)) if *a == b => {}
-            (Some(a), Some(b)) => anyhow::bail!(
-                "latent caches of different VAEs in data.train: {} and {} ({})",
-                a.display(),
-                b.display(),
-                dir.display()
-            ),
+            (Some(a), Some(b)) => {
+                return Err(TrainError::Setting(format!(
+                    "latent caches of different VAEs in data.train: {} and {} ({})",
+                    a.display(),
+                    b.display(),
+                    dir.display()
+                )))
+            }
         }
     }
     Ok(match found {
@@ -121,7 +119,7 @@ pub fn build_pipeline(
     tokenizer: &Arc<TextTokenizer>,
     split: Split,
     batch_size: usize,
-) -> anyhow::Result<DataPipeline> {
+) -> Result<DataPipeline> {
     let d = &cfg.data;
     let (specs, shapes_seed, seed): (&[SourceSpec], u64, u64) = match split {
         Split::Train => (&d.train, ShapesGenerator::TRAIN_SEED, cfg.seed),
@@ -153,7 +151,7 @@ pub fn build_pipeline(
             balance: d.balance,
         },
     )
-    .context("opening data sources")?;
+    .map_err(|e| TrainError::from(e).within("opening data sources"))?;
     let config = PipelineConfig {
         batch_size,
         pack: PackConfig::new(cfg.training.seq_len),
@@ -168,5 +166,5 @@ pub fn build_pipeline(
     };
     let tok: Arc<dyn transfusion_data::sequence::TokenSource> = tokenizer.clone();
     DataPipeline::new(mixture, tok, encoder_for(m, d.image_size), config)
-        .context("building the data pipeline")
+        .map_err(|e| TrainError::from(e).within("building the data pipeline"))
 }

@@ -33,7 +33,6 @@
 
 use std::sync::Mutex;
 
-use anyhow::{anyhow, Context};
 use burn::collective::{
     all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId,
     ReduceOperation,
@@ -47,6 +46,7 @@ use burn::tensor::TensorPrimitive;
 
 use crate::config::ExperimentConfig;
 use crate::engine::{prepare, train_loop, EngineHooks, LocalStep, RunOptions, StepSync};
+use crate::error::{Result, TrainError};
 use crate::transfusion::{RunSummary, TrainHooks, TransfusionTask};
 
 /// The multi-node part of a data-parallel run (Burn's global collective). Every node must
@@ -81,33 +81,44 @@ pub fn run_training_ddp<B: AutodiffBackend>(
     hooks: &mut TrainHooks<B>,
     devices: &[B::Device],
     multi_node: Option<&MultiNode>,
-) -> anyhow::Result<RunSummary> {
-    anyhow::ensure!(!devices.is_empty(), "--devices: no device given");
+) -> Result<RunSummary> {
+    if devices.is_empty() {
+        return Err(TrainError::Setting("--devices: no device given".into()));
+    }
     let _guard = COLLECTIVE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let local = devices.len();
     let mut config = CollectiveConfig::default().with_num_devices(local);
     let (world, first_rank) = match multi_node {
         None => (local, 0),
         Some(mn) => {
-            anyhow::ensure!(
-                mn.node_rank < mn.num_nodes,
-                "node rank {} is not below the number of nodes {}",
-                mn.node_rank,
-                mn.num_nodes
-            );
+            if mn.node_rank >= mn.num_nodes {
+                return Err(TrainError::Setting(format!(
+                    "node rank {} is not below the number of nodes {}",
+                    mn.node_rank, mn.num_nodes
+                )));
+            }
             for (what, a) in [
                 ("orchestrator", &mn.orchestrator),
                 ("node address", &mn.node_address),
             ] {
-                anyhow::ensure!(
-                    a.starts_with("ws://"),
-                    "{what} `{a}` must be a WebSocket address ws://HOST:PORT"
-                );
+                if !a.starts_with("ws://") {
+                    return Err(TrainError::Setting(format!(
+                        "{what} `{a}` must be a WebSocket address ws://HOST:PORT"
+                    )));
+                }
             }
             config = config
                 .with_num_nodes(mn.num_nodes)
-                .with_global_address(mn.orchestrator.parse().map_err(|e| anyhow!("{e}"))?)
-                .with_node_address(mn.node_address.parse().map_err(|e| anyhow!("{e}"))?)
+                .with_global_address(
+                    mn.orchestrator
+                        .parse()
+                        .map_err(|e| bad_address(&mn.orchestrator, e))?,
+                )
+                .with_node_address(
+                    mn.node_address
+                        .parse()
+                        .map_err(|e| bad_address(&mn.node_address, e))?,
+                )
                 .with_data_service_port(mn.data_port);
             (local * mn.num_nodes as usize, local * mn.node_rank as usize)
         }
@@ -148,7 +159,9 @@ pub fn run_training_ddp<B: AutodiffBackend>(
                         r
                     };
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                        .unwrap_or_else(|_| Err(anyhow!("replica {rank} panicked")));
+                        .unwrap_or_else(|_| {
+                            Err(TrainError::Collective(format!("replica {rank} panicked")))
+                        });
                     if r.is_err() {
                         // Wake the other replicas up from a pending all-reduce.
                         reset_collective::<B::InnerBackend>();
@@ -183,15 +196,18 @@ pub fn run_training_ddp<B: AutodiffBackend>(
         }
         let mut first_err = None;
         for (i, w) in workers.into_iter().enumerate() {
-            let r = w
-                .join()
-                .unwrap_or_else(|_| Err(anyhow!("replica {} panicked", first_rank + i + 1)));
+            let r = w.join().unwrap_or_else(|_| {
+                Err(TrainError::Collective(format!(
+                    "replica {} panicked",
+                    first_rank + i + 1
+                )))
+            });
             if let Err(e) = r {
-                first_err.get_or_insert(e.context(format!("replica {}", first_rank + i + 1)));
+                first_err.get_or_insert(e.within(format!("replica {}", first_rank + i + 1)));
             }
         }
         match (r0, first_err) {
-            (Err(e), _) => Err(e.context(format!("replica {first_rank}"))),
+            (Err(e), _) => Err(e.within(format!("replica {first_rank}"))),
             (Ok(_), Some(e)) => Err(e),
             (Ok(s), None) => Ok(s),
         }
@@ -215,10 +231,11 @@ impl<B: AutodiffBackend> CollectiveSync<B> {
         world: usize,
         device: &B::Device,
         config: CollectiveConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let peer = PeerId::from(rank);
-        register::<B::InnerBackend>(peer, device.clone(), config)
-            .map_err(|e| anyhow!("collective register of replica {rank}: {e:?}"))?;
+        register::<B::InnerBackend>(peer, device.clone(), config).map_err(|e| {
+            TrainError::Collective(format!("collective register of replica {rank}: {e:?}"))
+        })?;
         Ok(Self {
             rank,
             world,
@@ -244,11 +261,12 @@ impl<B: AutodiffBackend> CollectiveSync<B> {
         }
     }
 
-    fn all_reduce_floats(&self, v: Vec<f32>, op: ReduceOperation) -> anyhow::Result<Vec<f32>> {
+    fn all_reduce_floats(&self, v: Vec<f32>, op: ReduceOperation) -> Result<Vec<f32>> {
         let n = v.len();
         let t = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [n]), &self.device);
-        let r = all_reduce::<B::InnerBackend>(self.peer, t.into_primitive().tensor(), op)
-            .map_err(|e| anyhow!("all-reduce (replica {}): {e:?}", self.rank))?;
+        let r = all_reduce::<B::InnerBackend>(self.peer, t.into_primitive().tensor(), op).map_err(
+            |e| TrainError::Collective(format!("all-reduce (replica {}): {e:?}", self.rank)),
+        )?;
         Ok(
             Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(r))
                 .into_data()
@@ -278,7 +296,7 @@ impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
     fn world(&self) -> usize {
         self.world
     }
-    fn sum_units(&mut self, units: [u64; 2]) -> anyhow::Result<[u64; 2]> {
+    fn sum_units(&mut self, units: [u64; 2]) -> Result<[u64; 2]> {
         // Counts travel as f32: exact up to 2^24 units per step, and a relative 6e-8
         // beyond, negligible in a denominator.
         let r =
@@ -290,7 +308,7 @@ impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
         model: &M,
         mut grads: GradientsParams,
         local: LocalStep,
-    ) -> anyhow::Result<(GradientsParams, LocalStep)> {
+    ) -> Result<(GradientsParams, LocalStep)> {
         // 1. The step's figures and which parameters have a gradient, summed over replicas.
         let mut presence = Presence::<B> {
             grads: &grads,
@@ -338,7 +356,12 @@ impl<B: AutodiffBackend> StepSync<B> for CollectiveSync<B> {
         // objective, so they are summed; in parameter-id order).
         let grads = grads
             .all_reduce::<B::InnerBackend>(self.peer, ReduceOperation::Sum)
-            .map_err(|e| anyhow!("gradient all-reduce (replica {}): {e:?}", self.rank))?;
+            .map_err(|e| {
+                TrainError::Collective(format!(
+                    "gradient all-reduce (replica {}): {e:?}",
+                    self.rank
+                ))
+            })?;
         Ok((grads, global))
     }
 }
@@ -375,12 +398,17 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for ZeroFill<'_, B> {
 
 /// Starts Burn's global collective orchestrator on `port` and serves until the process is
 /// stopped (Ctrl-C): one per multi-node run, on a machine every node can reach.
-pub fn serve_orchestrator(port: u16) -> anyhow::Result<()> {
+pub fn serve_orchestrator(port: u16) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start a tokio runtime")?;
+        .map_err(|e| TrainError::Collective(format!("cannot start a tokio runtime: {e}")))?;
     eprintln!("global collective orchestrator listening on 0.0.0.0:{port} (ws://)");
     rt.block_on(burn_collective::start_global_orchestrator(port));
     Ok(())
+}
+
+/// The error for an address that does not parse.
+fn bad_address(address: &str, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Setting(format!("`{address}` is not an address: {e}"))
 }

@@ -38,6 +38,7 @@ pub mod ddp;
 pub mod demo;
 pub mod distill;
 pub mod engine;
+pub mod error;
 pub mod llm_import;
 pub mod metrics;
 pub mod optim;
@@ -48,6 +49,7 @@ pub mod vae;
 
 pub use config::{ConfigError, ExperimentConfig};
 pub use engine::{LocalStep, RunOptions, SingleDevice, StepSync};
+pub use error::{Result, TrainError};
 pub use transfusion::{
     accumulate_grads, evaluate, run_training, PreviewHook, RunSummary, TrainHooks,
 };

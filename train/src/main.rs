@@ -55,7 +55,7 @@ enum Command {
 fn main() {
     transfusion_infer::allocator::keep_freed_buffers();
     if let Err(e) = dispatch(Cli::parse().command) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", transfusion_infer::error::report(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use crate::error::{Result, TrainError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use transfusion_data::files::write_file;
@@ -197,12 +197,12 @@ pub struct MetricsLog<L = MetricsLine> {
 impl<L: LogLine> MetricsLog<L> {
     /// Opens `dir/metrics.jsonl`: fresh (truncated) unless `keep_until` is given, in which
     /// case the lines up to that step are kept (a resumed run rewrites what came after).
-    pub fn open(dir: &Path, keep_until: Option<u64>) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, keep_until: Option<u64>) -> Result<Self> {
         let path = dir.join(METRICS_FILE);
         let mut lines = vec![];
         if let (Some(until), Ok(f)) = (keep_until, File::open(&path)) {
             for l in BufReader::new(f).lines() {
-                let l = l?;
+                let l = l.map_err(|e| TrainError::io("read", &path, e))?;
                 if let Ok(m) = serde_json::from_str::<L>(&l) {
                     if m.step() <= until {
                         lines.push(m);
@@ -212,21 +212,23 @@ impl<L: LogLine> MetricsLog<L> {
         }
         let mut text = String::new();
         for l in &lines {
-            text.push_str(&serde_json::to_string(l)?);
+            text.push_str(&serde_json::to_string(l).expect("a metrics line serialises"));
             text.push('\n');
         }
         write_file(&path, text)?;
         let file = OpenOptions::new()
             .append(true)
             .open(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+            .map_err(|e| TrainError::io("write", &path, e))?;
         Ok(Self { path, file, lines })
     }
 
     /// Appends one line (flushed).
-    pub fn push(&mut self, line: L) -> anyhow::Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(&line)?)?;
-        self.file.flush()?;
+    pub fn push(&mut self, line: L) -> Result<()> {
+        let text = serde_json::to_string(&line).expect("a metrics line serialises");
+        writeln!(self.file, "{text}")
+            .and_then(|()| self.file.flush())
+            .map_err(|e| TrainError::io("write", &self.path, e))?;
         self.lines.push(line);
         Ok(())
     }
@@ -237,14 +239,13 @@ impl<L: LogLine> MetricsLog<L> {
     }
 
     /// Reads every line of a metrics file.
-    pub fn read(path: &Path) -> anyhow::Result<Vec<L>> {
-        let f =
-            File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    pub fn read(path: &Path) -> Result<Vec<L>> {
+        let f = File::open(path).map_err(|e| TrainError::io("open", path, e))?;
         let mut v = vec![];
         for (i, l) in BufReader::new(f).lines().enumerate() {
-            let l = l.map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let l = l.map_err(|e| TrainError::io("read", path, e))?;
             v.push(serde_json::from_str(&l).map_err(|e| {
-                anyhow::anyhow!("{} line {}: not a metrics line: {e}", path.display(), i + 1)
+                TrainError::invalid(path, format!("line {}: not a metrics line: {e}", i + 1))
             })?);
         }
         Ok(v)

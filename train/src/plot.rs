@@ -14,6 +14,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::distill::DistillStepMetrics;
+use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, Line, MetricsLine};
 
 const W: i32 = 900;
@@ -195,7 +196,7 @@ fn eval_points(e: &EvalMetrics, lm: &mut Vec<(u64, f64)>, image: &mut Vec<(u64, 
 }
 
 /// Draws the curves of `lines` into `path` (PNG).
-pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
+pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> Result<()> {
     let (mut total, mut lm, mut diff, mut elm, mut ediff) =
         (vec![], vec![], vec![], vec![], vec![]);
     for l in lines {
@@ -222,10 +223,7 @@ pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> anyhow::Result<()> {
 /// Draws a distillation's curves into `path` (PNG): the training LM loss and the held-out
 /// LM NLL and image-velocity MSE. (The adaptive-weighted consistency loss goes negative
 /// and has no place on a log scale; it is in `metrics.jsonl`.)
-pub fn plot_distill(
-    lines: &[Line<DistillStepMetrics, EvalMetrics>],
-    path: &Path,
-) -> anyhow::Result<()> {
+pub fn plot_distill(lines: &[Line<DistillStepMetrics, EvalMetrics>], path: &Path) -> Result<()> {
     let (mut lm, mut elm, mut ediff) = (vec![], vec![], vec![]);
     for l in lines {
         match l {
@@ -245,15 +243,18 @@ pub fn plot_distill(
 /// Draws `series` on one log-scale chart into `path` (PNG), with a legend (colour and
 /// label per series, in order) at the top right. The layout of [`plot_losses`], for any
 /// run's curves.
-pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
+pub fn plot_series(series: &[Series], path: &Path) -> Result<()> {
     let all: Vec<(u64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
         .filter(|(_, v)| v.is_finite() && *v > 0.0)
         .collect();
     let root = BitMapBackend::new(path, (W as u32, H as u32)).into_drawing_area();
-    root.fill(&WHITE)
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let failed = |e: DrawingAreaErrorKind<_>| TrainError::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    root.fill(&WHITE).map_err(failed)?;
     let max_step = all.iter().map(|(s, _)| *s).max().unwrap_or(1).max(1) as f64;
     let (lo, hi) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, v)| {
         (a.min(v.log10()), b.max(v.log10()))
@@ -351,7 +352,7 @@ pub fn plot_series(series: &[Series], path: &Path) -> anyhow::Result<()> {
         ));
         draw_text(&root, &s.label, lx + 32, ly, 2);
     }
-    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(failed)?;
     Ok(())
 }
 

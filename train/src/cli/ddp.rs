@@ -69,7 +69,7 @@ pub fn orchestrator(_a: &OrchestratorArgs) -> anyhow::Result<()> {
 /// Serves the global orchestrator.
 #[cfg(feature = "collective")]
 pub fn orchestrator(a: &OrchestratorArgs) -> anyhow::Result<()> {
-    transfusion_train::ddp::serve_orchestrator(a.port)
+    Ok(transfusion_train::ddp::serve_orchestrator(a.port)?)
 }
 
 /// Runs `transfusion-train run` data-parallel.

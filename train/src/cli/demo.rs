@@ -54,7 +54,7 @@ struct DemoTask(DemoOptions);
 impl BackendTask for DemoTask {
     type Output = anyhow::Result<()>;
     fn run<B: AutodiffBackend>(self, device: B::Device, label: &str) -> Self::Output {
-        run_demo::<B>(&self.0, &device, label).map(|_| ())
+        Ok(run_demo::<B>(&self.0, &device, label).map(|_| ())?)
     }
 }
 

@@ -6,6 +6,7 @@ use transfusion_infer::checkpoint::{load_meta, TOKENIZER_FILE};
 
 use super::ExperimentConfig;
 use crate::data::resolve_path;
+use crate::error::{Result, TrainError};
 
 impl ExperimentConfig {
     /// With `model.init` set, makes the run build the model the checkpoint's weights fit:
@@ -15,7 +16,7 @@ impl ExperimentConfig {
     /// A relative path is resolved like the tokenizer's (see [`resolve_path`]); `base` is
     /// the config file's directory. Applying it twice changes nothing; a config that already
     /// names its model in full is left as it is when the checkpoint cannot be read.
-    pub fn apply_init(&mut self, base: Option<&Path>) -> anyhow::Result<()> {
+    pub fn apply_init(&mut self, base: Option<&Path>) -> Result<()> {
         let Some(init) = &self.model.init else {
             return Ok(());
         };
@@ -26,7 +27,9 @@ impl ExperimentConfig {
             // checkpoint has moved since: a resumed run loads its own checkpoints, so it
             // must not need it; a fresh start still fails naming it (the task loads it).
             Err(_) if self.model.config.is_some() && self.model.preset.is_none() => return Ok(()),
-            Err(e) => return Err(e.context(format!("model.init = {}", init.display()))),
+            Err(e) => {
+                return Err(TrainError::from(e).within(format!("model.init = {}", init.display())))
+            }
         };
         self.model.preset = None;
         self.model.prediction = None;

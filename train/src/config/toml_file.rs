@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::{bad, ConfigError, ExperimentConfig};
+use crate::error::{Result, TrainError};
 
 impl ExperimentConfig {
     /// Parses TOML text (unknown keys are errors naming the key).
@@ -31,10 +32,10 @@ impl ExperimentConfig {
     }
 
     /// Reads and parses a TOML file.
-    pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        Self::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read", path, e))?;
+        Self::from_toml_str(&text)
+            .map_err(|e| TrainError::from(e).within(path.display().to_string()))
     }
 }
 

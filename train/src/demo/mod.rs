@@ -25,10 +25,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
-use transfusion_data::files::write_file;
+use transfusion_data::files::{write_file, write_json};
 use transfusion_data::image::{image_grid, save_png};
 use transfusion_data::shapes::{render, ShapesGenerator};
 use transfusion_data::source::parse_source_spec;
@@ -37,6 +36,7 @@ use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
 
 use crate::engine::RunOptions;
+use crate::error::{Result, TrainError};
 use crate::metrics::EvalMetrics;
 use crate::transfusion::evaluate_held_out;
 use crate::transfusion::{run_training, TrainHooks};
@@ -130,7 +130,7 @@ pub struct DemoReport {
 
 /// The demo's experiment: the `tiny` preset's recipe (exactly what `run --preset tiny`
 /// trains, see [`ExperimentConfig::quick`]) on `shapes`, with the demo's cadence.
-pub fn demo_config(opts: &DemoOptions, tokenizer: &Path) -> anyhow::Result<ExperimentConfig> {
+pub fn demo_config(opts: &DemoOptions, tokenizer: &Path) -> Result<ExperimentConfig> {
     let data = vec![parse_source_spec("shapes:100000")?];
     let mut cfg = ExperimentConfig::quick("tiny", data, opts.steps);
     cfg.data.tokenizer = tokenizer.to_path_buf();
@@ -155,7 +155,7 @@ pub fn run_demo<B: AutodiffBackend>(
     opts: &DemoOptions,
     device: &B::Device,
     label: &str,
-) -> anyhow::Result<DemoReport> {
+) -> Result<DemoReport> {
     let tokenizer = opts.out.join("tokenizer.json");
     write_file(&tokenizer, DEMO_TOKENIZER)?;
     let (steps, train_seconds, checkpoint, eval) = match &opts.checkpoint {
@@ -176,7 +176,7 @@ pub fn run_demo<B: AutodiffBackend>(
             let checkpoint = summary
                 .last_checkpoint
                 .clone()
-                .context("training ended without a checkpoint")?;
+                .ok_or_else(|| TrainError::Run("training ended without a checkpoint".into()))?;
             (
                 summary.steps,
                 start.elapsed().as_secs_f64(),
@@ -245,7 +245,7 @@ pub fn run_demo<B: AutodiffBackend>(
         checkpoint,
     };
     let path = opts.out.join("report.json");
-    write_file(&path, serde_json::to_string_pretty(&report)?)?;
+    write_json(&path, &report)?;
     print_report(&report, &opts.out);
     Ok(report)
 }
@@ -256,7 +256,7 @@ fn held_out_eval<B: burn::prelude::Backend>(
     tokenizer: &Path,
     pipeline: &Pipeline<B>,
     device: &B::Device,
-) -> anyhow::Result<EvalMetrics> {
+) -> Result<EvalMetrics> {
     let cfg = demo_config(opts, tokenizer)?;
     let tok = std::sync::Arc::new(pipeline.tokenizer.clone());
     evaluate_held_out(
@@ -274,7 +274,7 @@ fn write_outputs(
     samples: &[transfusion_data::shapes::ShapeSample],
     generated: &[image::RgbImage],
     captions: &[String],
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let size = samples.first().map_or(32, |s| s.image.width());
     // Text to image: 8 per row, generated row above its reference row.
     let mut tiles = vec![];

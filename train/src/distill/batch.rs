@@ -6,6 +6,7 @@
 //! image of a caption-first pair (its caption dropped or not). Image-first pairs keep the
 //! stream's own timestep and noise: they train captioning through the LM loss.
 
+use crate::error::Result;
 use burn::prelude::*;
 use transfusion_data::batcher::TransfusionBatcher;
 use transfusion_data::packing::PackedRow;
@@ -67,7 +68,7 @@ pub fn distill_batch<B: Backend>(
     (schedule, span): (&NoiseSchedule, usize),
     (seed, draw): (u64, u64),
     device: &B::Device,
-) -> anyhow::Result<DistillBatch<B>> {
+) -> Result<DistillBatch<B>> {
     let generation = generation_images(rows, special);
     let mut arrays = batcher.arrays(rows)?;
     let per_image = if arrays.n_img > 0 {
@@ -88,7 +89,7 @@ pub fn distill_batch<B: Backend>(
     }
     let unconditional = (!generation.is_empty())
         .then(|| unconditional_rows(rows, &generation, special))
-        .map(|uncond| -> anyhow::Result<_> {
+        .map(|uncond| -> Result<_> {
             Ok(batcher.to_tensors::<B>(batcher.arrays(&uncond)?, device))
         })
         .transpose()?;

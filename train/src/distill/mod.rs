@@ -19,10 +19,9 @@ pub mod settings;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
-use transfusion_data::files::write_file;
+use transfusion_data::files::write_json;
 use transfusion_data::pipeline::PipelineState;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::checkpoint::{
@@ -46,6 +45,7 @@ use crate::engine::{
     run_task, EngineHooks, EngineSettings, RunOptions, RunOutcome, StepFigures, TaskLoss,
     TrainTask, Work,
 };
+use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, Line};
 use crate::plot::plot_distill;
 use crate::transfusion::{engine_settings, evaluate_held_out, Feed};
@@ -103,31 +103,36 @@ impl<B: AutodiffBackend> DistillTask<B> {
         cfg: &ExperimentConfig,
         settings: &DistillSettings,
         device: &B::Device,
-    ) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            settings.guidance >= 1.0,
-            "--cfg {}: the distilled guidance scale must be at least 1",
-            settings.guidance
-        );
-        anyhow::ensure!(
-            (1..=100).contains(&settings.derivative_span),
-            "the derivative's span must be 1 to 100 grid steps, not {}",
-            settings.derivative_span
-        );
-        anyhow::ensure!(
-            (1..=2).contains(&settings.sampling_steps),
-            "a consistency model samples in 1 or 2 steps, not {}",
-            settings.sampling_steps
-        );
+    ) -> Result<Self> {
+        if !(settings.guidance >= 1.0) {
+            return Err(TrainError::Setting(format!(
+                "--cfg {}: the distilled guidance scale must be at least 1",
+                settings.guidance
+            )));
+        }
+        if !(1..=100).contains(&settings.derivative_span) {
+            return Err(TrainError::Setting(format!(
+                "the derivative's span must be 1 to 100 grid steps, not {}",
+                settings.derivative_span
+            )));
+        }
+        if !(1..=2).contains(&settings.sampling_steps) {
+            return Err(TrainError::Setting(format!(
+                "a consistency model samples in 1 or 2 steps, not {}",
+                settings.sampling_steps
+            )));
+        }
         let tokenizer = Arc::new(load_tokenizer(cfg, None)?);
         let m = cfg.validate(tokenizer.vocab_size())?;
         let (teacher, mut meta, _) = load_model::<B::InnerBackend>(&settings.teacher, device)
-            .with_context(|| format!("teacher {}", settings.teacher.display()))?;
+            .map_err(|e| {
+                TrainError::from(e).within(format!("teacher {}", settings.teacher.display()))
+            })?;
         if meta.model != m {
-            bail!(
-                "{}: the teacher's model config differs from the run's",
-                settings.teacher.display()
-            );
+            return Err(TrainError::invalid(
+                &settings.teacher,
+                "the teacher's model config differs from the run's",
+            ));
         }
         let (student, _, _) = load_model::<B>(&settings.teacher, device)?;
         meta.consistency = Some(ConsistencyMeta {
@@ -156,16 +161,9 @@ impl<B: AutodiffBackend> DistillTask<B> {
         -(d as f64).ln()
     }
 
-    fn write_configs(&self, dir: &Path) -> anyhow::Result<()> {
-        write_file(
-            &dir.join(CONFIG_FILE),
-            serde_json::to_string_pretty(&self.cfg)?,
-        )?;
-        write_file(
-            &dir.join(DISTILL_FILE),
-            serde_json::to_string_pretty(&self.settings)?,
-        )?;
-        Ok(())
+    fn write_configs(&self, dir: &Path) -> Result<()> {
+        write_json(&dir.join(CONFIG_FILE), &self.cfg)?;
+        Ok(write_json(&dir.join(DISTILL_FILE), &self.settings)?)
     }
 }
 
@@ -188,11 +186,11 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         DISTILL_CHECKPOINT_FILES
     }
 
-    fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
+    fn write_run_files(&self, out: &Path) -> Result<()> {
         self.write_configs(out)
     }
 
-    fn init_model(&self, device: &B::Device) -> anyhow::Result<ConsistencyStudent<B>> {
+    fn init_model(&self, device: &B::Device) -> Result<ConsistencyStudent<B>> {
         Ok(ConsistencyStudent {
             model: self.student.clone(),
             weight: AdaptiveWeight::new(
@@ -203,17 +201,13 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         })
     }
 
-    fn load_model(
-        &mut self,
-        dir: &Path,
-        device: &B::Device,
-    ) -> anyhow::Result<ConsistencyStudent<B>> {
+    fn load_model(&mut self, dir: &Path, device: &B::Device) -> Result<ConsistencyStudent<B>> {
         let (model, saved, _) = load_model::<B>(dir, device)?;
         if saved.model != self.m {
-            bail!(
-                "{}: the checkpoint's model config differs from this distillation's",
-                dir.display()
-            );
+            return Err(TrainError::invalid(
+                dir,
+                "the checkpoint's model config differs from this distillation's",
+            ));
         }
         let weight = load_weights(
             AdaptiveWeight::new(ADAPTIVE_WEIGHT_FEATURES, self.initial_log_weight(), device),
@@ -231,7 +225,7 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         dir: &Path,
         model: &ConsistencyStudent<B::InnerBackend>,
         step: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let mut meta = self.meta.clone();
         meta.step = step;
         save_model(dir, &model.model, &meta, &self.tokenizer)?;
@@ -239,7 +233,7 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         self.write_configs(dir)
     }
 
-    fn start_data(&mut self, resume: Option<&DistillDataState>) -> anyhow::Result<()> {
+    fn start_data(&mut self, resume: Option<&DistillDataState>) -> Result<()> {
         self.feed = Some(Feed::start(
             &self.cfg,
             &self.m,
@@ -261,11 +255,11 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         &mut self,
         keep: bool,
         device: &B::Device,
-    ) -> anyhow::Result<Option<(DistillBatch<B::InnerBackend>, Work)>> {
+    ) -> Result<Option<(DistillBatch<B::InnerBackend>, Work)>> {
         let feed = self
             .feed
             .as_mut()
-            .context("the data stream was not started")?;
+            .expect("the engine starts the data stream before it asks for batches");
         let rows = feed.next_rows()?;
         let draw = self.draws;
         self.draws += 1;
@@ -324,7 +318,7 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         &mut self,
         model: &ConsistencyStudent<B::InnerBackend>,
         step: u64,
-    ) -> anyhow::Result<EvalMetrics> {
+    ) -> Result<EvalMetrics> {
         evaluate_held_out(
             &self.cfg,
             &self.m,
@@ -339,11 +333,7 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         None
     }
 
-    fn plot(
-        &self,
-        lines: &[Line<DistillStepMetrics, EvalMetrics>],
-        path: &Path,
-    ) -> anyhow::Result<()> {
+    fn plot(&self, lines: &[Line<DistillStepMetrics, EvalMetrics>], path: &Path) -> Result<()> {
         plot_distill(lines, path)
     }
 }
@@ -355,7 +345,7 @@ pub fn run_distill<B: AutodiffBackend>(
     opts: &RunOptions,
     hooks: &mut EngineHooks<'_, DistillStepMetrics>,
     device: &B::Device,
-) -> anyhow::Result<DistillSummary> {
+) -> Result<DistillSummary> {
     let mut task = DistillTask::<B>::new(cfg, settings, device)?;
     run_task(&mut task, opts, hooks, device)
 }

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use transfusion_data::source::SourceSpec;
 use transfusion_infer::checkpoint::{load_meta, TOKENIZER_FILE};
@@ -11,6 +10,7 @@ use transfusion_model::Prediction;
 
 use crate::checkpoint::{read_config, CONFIG_FILE};
 use crate::config::{ExperimentConfig, ModelSection};
+use crate::error::{Result, TrainError};
 use crate::metrics::Record;
 
 /// Default of [`DistillSettings::consistency_weight`].
@@ -78,24 +78,25 @@ pub fn distill_config(
     teacher: &Path,
     data: Vec<SourceSpec>,
     steps: u64,
-) -> anyhow::Result<ExperimentConfig> {
+) -> Result<ExperimentConfig> {
     let meta = load_meta(teacher)?;
     if meta.model.prediction.unwrap_or_default() != Prediction::V {
-        bail!(
+        return Err(TrainError::Run(format!(
             "{}: the teacher predicts eps; consistency distillation needs a v-prediction \
              teacher (model.prediction = \"v\"), whose output is TrigFlow's velocity",
             teacher.display()
-        );
+        )));
     }
     let mut cfg = if teacher.join(CONFIG_FILE).is_file() {
         read_config(teacher)?
     } else {
-        anyhow::ensure!(
-            !data.is_empty(),
-            "{} holds no training config (config.json): give the data to distil on with \
-             --data KIND:LOCATION (e.g. --data shapes:100000)",
-            teacher.display()
-        );
+        if data.is_empty() {
+            return Err(TrainError::Setting(format!(
+                "{} holds no training config (config.json): give the data to distil on with \
+                 --data KIND:LOCATION (e.g. --data shapes:100000)",
+                teacher.display()
+            )));
+        }
         ExperimentConfig::quick("tiny", data.clone(), steps)
     };
     if !data.is_empty() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::ProgressBar;
-use transfusion_data::files::write_file;
+use transfusion_data::files::write_json;
 use transfusion_infer::checkpoint::save_weights;
 
 use super::ema::{Ema, RAW_WEIGHTS_FILE};
@@ -15,6 +15,7 @@ use crate::checkpoint::{
     prune_with, save_optimizer, step_dir_name, write_dir_atomically, AdamWOptimizer, TrainingState,
     BEST_DIR, STATE_FILE,
 };
+use crate::error::Result;
 use crate::metrics::{Line, MetricsLog, Record};
 use crate::optim::all_finite;
 
@@ -60,7 +61,7 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Lead<B, T> {
         model: &T::Model,
         step: u64,
         bar: &ProgressBar,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let e = task.evaluate(&self.inference_weights(model), step)?;
         bar.println(format!("eval @ {step}: {}", e.summary()));
         self.log.push(Line::Eval(e.clone()))?;
@@ -79,7 +80,7 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Lead<B, T> {
         model: &T::Model,
         optim: &AdamWOptimizer<T::Model, B>,
         state: &mut TrainingState<T::DataState>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         if !all_finite(model) {
             eprintln!(
                 "step {}: the weights hold non-finite values; no checkpoint written",
@@ -112,7 +113,7 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Lead<B, T> {
                 }
                 save_optimizer(tmp, model, optim)?;
                 // Last: its presence marks the directory complete.
-                write_file(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+                write_json(&tmp.join(STATE_FILE), state)?;
                 Ok(())
             })
         };

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use transfusion_data::files::create_dir;
@@ -15,6 +14,7 @@ use super::task::TrainTask;
 use crate::checkpoint::{
     latest_checkpoint_with, read_training_state, remove_leftovers, TrainingState,
 };
+use crate::error::{Result, TrainError};
 use crate::metrics::METRICS_FILE;
 
 /// What every replica starts from: the checkpoint directory, and the model and training
@@ -54,7 +54,7 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
     task: &mut T,
     opts: &RunOptions,
     device: &B::Device,
-) -> anyhow::Result<Prepared<B, T>> {
+) -> Result<Prepared<B, T>> {
     let out = &opts.out;
     let root = out.join("checkpoints");
     guard_earlier_run(out, &root, opts)?;
@@ -114,9 +114,12 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
 /// Refuses to start a fresh run in a directory that holds one (a metrics file or any
 /// checkpoint), unless `resume` continues it or `overwrite` clears it first: otherwise the
 /// new run would truncate the old metrics, replace `best/` and prune the old checkpoints.
-fn guard_earlier_run(out: &Path, root: &Path, opts: &RunOptions) -> anyhow::Result<()> {
+fn guard_earlier_run(out: &Path, root: &Path, opts: &RunOptions) -> Result<()> {
     if out.exists() && !out.is_dir() {
-        bail!("--out {} is a file, not a run directory", out.display());
+        return Err(TrainError::Run(format!(
+            "--out {} is a file, not a run directory",
+            out.display()
+        )));
     }
     let metrics = out.join(METRICS_FILE);
     let has_checkpoints = std::fs::read_dir(root)
@@ -126,20 +129,18 @@ fn guard_earlier_run(out: &Path, root: &Path, opts: &RunOptions) -> anyhow::Resu
         return Ok(());
     }
     if !opts.overwrite {
-        bail!(
+        return Err(TrainError::Run(format!(
             "{} already holds a run (metrics.jsonl or checkpoints/): pass --resume to continue \
              it, --overwrite to replace it, or choose another --out",
             out.display()
-        );
+        )));
     }
     eprintln!("--overwrite: removing the earlier run in {}", out.display());
     if has_checkpoints {
-        std::fs::remove_dir_all(root)
-            .with_context(|| format!("cannot remove {}", root.display()))?;
+        std::fs::remove_dir_all(root).map_err(|e| TrainError::io("remove", root, e))?;
     }
     if metrics.exists() {
-        std::fs::remove_file(&metrics)
-            .with_context(|| format!("cannot remove {}", metrics.display()))?;
+        std::fs::remove_file(&metrics).map_err(|e| TrainError::io("remove", &metrics, e))?;
     }
     Ok(())
 }

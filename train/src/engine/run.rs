@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -12,6 +11,7 @@ use super::prepare::{prepare, Prepared};
 use super::step::{accumulate, optimizer_step, LocalStep, SingleDevice, StepSync};
 use super::task::{StepFigures, TrainTask};
 use crate::checkpoint::{load_optimizer, AdamWOptimizer};
+use crate::error::{Result, TrainError};
 use crate::metrics::{Line, MetricsLog, Record};
 use crate::optim::adamw;
 use crate::schedule::lr_at;
@@ -108,7 +108,7 @@ pub fn run_task<B: AutodiffBackend, T: TrainTask<B>>(
     opts: &RunOptions,
     hooks: &mut EngineHooks<T::Step>,
     device: &B::Device,
-) -> anyhow::Result<RunOutcome<T::Step, T::Eval>> {
+) -> Result<RunOutcome<T::Step, T::Eval>> {
     let prepared = prepare::<B, T>(task, opts, device)?;
     train_loop(task, opts, hooks, device, prepared, &mut SingleDevice)
 }
@@ -141,7 +141,7 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
     device: &B::Device,
     prepared: Prepared<B, T>,
     sync: &mut S,
-) -> anyhow::Result<RunOutcome<T::Step, T::Eval>> {
+) -> Result<RunOutcome<T::Step, T::Eval>> {
     let Prepared {
         root,
         resume_from,
@@ -265,13 +265,13 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
                 .as_ref()
                 .and_then(|l| l.last_ckpt.as_ref())
                 .map_or("none".to_string(), |p| p.display().to_string());
-            bail!(
+            return Err(TrainError::Run(format!(
                 "stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient \
                  (last at step {}, lr {lr:.3e}); the last good checkpoint is {last}. Lower the \
                  learning rate, check the data, or raise the non-finite limit \
                  (max_consecutive_nonfinite)",
-                state.step,
-            );
+                state.step
+            )));
         }
         if global.stop {
             // Replicas only: the budget ended this step; the final save below follows.

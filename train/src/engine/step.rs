@@ -10,6 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::task::TaskLoss;
 use crate::checkpoint::AdamWOptimizer;
+use crate::error::Result;
 use crate::optim::clip_global_norm;
 
 /// What one replica's micro-batches of a step add up to.
@@ -116,7 +117,7 @@ pub trait StepSync<B: AutodiffBackend> {
     fn world(&self) -> usize;
     /// The step's loss unit counts ([`super::Work::units`]) summed over the replicas:
     /// called before the forward passes, since every replica divides by the global counts.
-    fn sum_units(&mut self, units: [u64; 2]) -> anyhow::Result<[u64; 2]>;
+    fn sum_units(&mut self, units: [u64; 2]) -> Result<[u64; 2]>;
     /// Combines this replica's gradients and step figures with the other replicas': the
     /// gradients become the sum over replicas (each is a share of one objective, see
     /// [`accumulate`]; identical on every replica), `sums`, `tokens` and `images` the
@@ -126,7 +127,7 @@ pub trait StepSync<B: AutodiffBackend> {
         model: &M,
         grads: GradientsParams,
         local: LocalStep,
-    ) -> anyhow::Result<(GradientsParams, LocalStep)>;
+    ) -> Result<(GradientsParams, LocalStep)>;
 }
 
 /// The identity [`StepSync`]: one replica.
@@ -139,7 +140,7 @@ impl<B: AutodiffBackend> StepSync<B> for SingleDevice {
     fn world(&self) -> usize {
         1
     }
-    fn sum_units(&mut self, units: [u64; 2]) -> anyhow::Result<[u64; 2]> {
+    fn sum_units(&mut self, units: [u64; 2]) -> Result<[u64; 2]> {
         Ok(units)
     }
     fn sync<M: AutodiffModule<B>>(
@@ -147,7 +148,7 @@ impl<B: AutodiffBackend> StepSync<B> for SingleDevice {
         _model: &M,
         grads: GradientsParams,
         local: LocalStep,
-    ) -> anyhow::Result<(GradientsParams, LocalStep)> {
+    ) -> Result<(GradientsParams, LocalStep)> {
         Ok((grads, local))
     }
 }
@@ -164,7 +165,7 @@ pub fn optimizer_step<B: AutodiffBackend, M: AutodiffModule<B>, S: StepSync<B> +
     lr: f64,
     grad_clip: f64,
     sync: &mut S,
-) -> anyhow::Result<(M, LocalStep, f64)> {
+) -> Result<(M, LocalStep, f64)> {
     let (mut grads, mut global) = sync.sync(&model, grads, local)?;
     let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, grad_clip);
     global.finite &= grad_norm.is_finite();

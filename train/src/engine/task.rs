@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::config::{OptimizerSection, ScheduleSection};
+use crate::error::Result;
 use crate::metrics::{Line, Record};
 
 /// The loop's settings, taken from the task's own config.
@@ -117,12 +118,12 @@ pub trait TrainTask<B: AutodiffBackend> {
     /// and the engine's `optimizer.mpk` and `training_state.json`).
     fn checkpoint_files(&self) -> &'static [&'static str];
     /// Writes the run's own files into the fresh or resumed run directory (its config).
-    fn write_run_files(&self, out: &Path) -> anyhow::Result<()>;
+    fn write_run_files(&self, out: &Path) -> Result<()>;
     /// The model a fresh run starts from: drawn from the seed (see
     /// [`super::seeded_module`]), or the weights the task is told to start from.
-    fn init_model(&self, device: &B::Device) -> anyhow::Result<Self::Model>;
+    fn init_model(&self, device: &B::Device) -> Result<Self::Model>;
     /// The model of checkpoint `dir`; errors when it does not fit this run's config.
-    fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<Self::Model>;
+    fn load_model(&mut self, dir: &Path, device: &B::Device) -> Result<Self::Model>;
     /// Writes the model's inference weights (and whatever inference needs beside them)
     /// into checkpoint `dir`: the EMA of the weights when the run keeps one, else the
     /// trained weights ([`TrainTask::load_model`] reads them back).
@@ -131,18 +132,15 @@ pub trait TrainTask<B: AutodiffBackend> {
         dir: &Path,
         model: &<Self::Model as AutodiffModule<B>>::InnerModule,
         step: u64,
-    ) -> anyhow::Result<()>;
+    ) -> Result<()>;
     /// Opens the data stream, at `resume` when continuing a run.
-    fn start_data(&mut self, resume: Option<&Self::DataState>) -> anyhow::Result<()>;
+    fn start_data(&mut self, resume: Option<&Self::DataState>) -> Result<()>;
     /// Where the data stream stands after the last micro-batch taken.
     fn data_state(&self) -> Self::DataState;
     /// The next micro-batch of the stream. Replicas read the same stream; with `keep`
     /// false the micro-batch belongs to another replica and only the stream advances.
-    fn next_batch(
-        &mut self,
-        keep: bool,
-        device: &B::Device,
-    ) -> anyhow::Result<Option<(Self::Batch, Work)>>;
+    fn next_batch(&mut self, keep: bool, device: &B::Device)
+        -> Result<Option<(Self::Batch, Work)>>;
     /// The loss of one micro-batch at optimizer step `step` (0-based).
     fn loss(&self, model: &Self::Model, batch: Self::Batch, step: u64) -> TaskLoss<B>;
     /// The record of one logged step.
@@ -153,9 +151,9 @@ pub trait TrainTask<B: AutodiffBackend> {
         &mut self,
         model: &<Self::Model as AutodiffModule<B>>::InnerModule,
         step: u64,
-    ) -> anyhow::Result<Self::Eval>;
+    ) -> Result<Self::Eval>;
     /// The evaluation's loss for keep-best (lower is better; `None`: not comparable).
     fn eval_loss(&self, eval: &Self::Eval) -> Option<f64>;
     /// Draws the run's loss plot from every metrics line so far.
-    fn plot(&self, lines: &[Line<Self::Step, Self::Eval>], path: &Path) -> anyhow::Result<()>;
+    fn plot(&self, lines: &[Line<Self::Step, Self::Eval>], path: &Path) -> Result<()>;
 }

@@ -9,6 +9,7 @@ use transfusion_model::{Transfusion, TransfusionConfig};
 
 use crate::config::ExperimentConfig;
 use crate::data::{build_pipeline, Split};
+use crate::error::Result;
 use crate::metrics::{EvalMetrics, EvalSplit};
 
 /// [`evaluate`] on the held-out split `cfg` describes (its eval batches and timesteps),
@@ -20,7 +21,7 @@ pub fn evaluate_held_out<B: Backend>(
     model: &Transfusion<B>,
     device: &B::Device,
     step: u64,
-) -> anyhow::Result<EvalMetrics> {
+) -> Result<EvalMetrics> {
     let mut held_out = build_pipeline(cfg, m, tokenizer, Split::HeldOut, cfg.training.batch_size)?;
     evaluate(
         model,
@@ -46,7 +47,7 @@ pub fn evaluate<B: Backend>(
     device: &B::Device,
     step: u64,
     split: EvalSplit,
-) -> anyhow::Result<EvalMetrics> {
+) -> Result<EvalMetrics> {
     let (mut nll_sum, mut count) = (0.0f64, 0.0f64);
     let mut diff_sum = vec![0.0f64; timesteps.len()];
     let mut images = 0usize;

@@ -10,12 +10,11 @@ mod eval;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use transfusion_data::batcher::TransfusionBatcher;
-use transfusion_data::files::write_file;
+use transfusion_data::files::write_json;
 use transfusion_data::packing::PackedRow;
 use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
@@ -32,6 +31,7 @@ use crate::engine::{
     accumulate, run_task, seeded_module, EngineHooks, EngineSettings, LocalStep, RunOptions,
     RunOutcome, StepFigures, TaskLoss, TrainTask, Work,
 };
+use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, Line, StepMetrics};
 use crate::plot::plot_losses;
 
@@ -42,14 +42,14 @@ pub type RunSummary = RunOutcome<StepMetrics, EvalMetrics>;
 /// the run directory: the inference crate plugs image and caption previews in here.
 pub trait PreviewHook<B: Backend> {
     /// Writes previews for `step` (e.g. `out/previews/step-N.png`).
-    fn preview(&mut self, model: &Transfusion<B>, step: u64, out: &Path) -> anyhow::Result<()>;
+    fn preview(&mut self, model: &Transfusion<B>, step: u64, out: &Path) -> Result<()>;
 }
 
 impl<B: Backend, F> PreviewHook<B> for F
 where
-    F: FnMut(&Transfusion<B>, u64, &Path) -> anyhow::Result<()>,
+    F: FnMut(&Transfusion<B>, u64, &Path) -> Result<()>,
 {
-    fn preview(&mut self, model: &Transfusion<B>, step: u64, out: &Path) -> anyhow::Result<()> {
+    fn preview(&mut self, model: &Transfusion<B>, step: u64, out: &Path) -> Result<()> {
         self(model, step, out)
     }
 }
@@ -167,7 +167,7 @@ impl Feed {
         m: &TransfusionConfig,
         tokenizer: &Arc<TextTokenizer>,
         resume: Option<&PipelineState>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let mut pipeline =
             build_pipeline(cfg, m, tokenizer, Split::Train, cfg.training.batch_size)?;
         if let Some(state) = resume {
@@ -179,7 +179,7 @@ impl Feed {
             Feed::Direct(pipeline)
         })
     }
-    pub(crate) fn next_rows(&mut self) -> anyhow::Result<Vec<PackedRow>> {
+    pub(crate) fn next_rows(&mut self) -> Result<Vec<PackedRow>> {
         Ok(match self {
             Feed::Direct(p) => p.next_rows()?,
             Feed::Prefetch(p) => p.next_rows()?,
@@ -240,7 +240,7 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
         opts: &RunOptions,
         device: &B::Device,
         preview: Option<&'h mut (dyn PreviewHook<B::InnerBackend> + 'static)>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let mut cfg = cfg.clone();
         cfg.apply_init(opts.config_dir.as_deref())?;
         let cfg = &cfg;
@@ -249,7 +249,7 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
         cfg.training
             .precision
             .check_backend::<B>(device)
-            .map_err(|e| anyhow::anyhow!("training.precision: {e}"))?;
+            .map_err(|e| TrainError::Setting(format!("training.precision: {e}")))?;
         let meta = ModelMeta {
             model: m.clone(),
             special_tokens: *tokenizer.special(),
@@ -298,25 +298,25 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         REQUIRED_FILES
     }
 
-    fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
-        let path = out.join(CONFIG_FILE);
-        Ok(write_file(&path, serde_json::to_string_pretty(&self.cfg)?)?)
+    fn write_run_files(&self, out: &Path) -> Result<()> {
+        Ok(write_json(&out.join(CONFIG_FILE), &self.cfg)?)
     }
 
-    fn init_model(&self, device: &B::Device) -> anyhow::Result<Transfusion<B>> {
+    fn init_model(&self, device: &B::Device) -> Result<Transfusion<B>> {
         let model = match &self.cfg.model.init {
             Some(dir) => {
-                let (model, saved, _) = load_model::<B>(dir, device)
-                    .with_context(|| format!("model.init = {}", dir.display()))?;
+                let (model, saved, _) = load_model::<B>(dir, device).map_err(|e| {
+                    TrainError::from(e).within(format!("model.init = {}", dir.display()))
+                })?;
                 // lambda is a training choice; everything else must be the checkpoint's.
                 let mut want = self.m.clone();
                 want.diffusion_loss_weight = saved.model.diffusion_loss_weight;
                 if saved.model != want {
-                    bail!(
-                        "model.init = {}: its model config differs from this run's (load the \
+                    return Err(TrainError::invalid(
+                        dir,
+                        "model.init: its model config differs from this run's (load the \
                          config with `ExperimentConfig::apply_init`)",
-                        dir.display()
-                    );
+                    ));
                 }
                 model
             }
@@ -325,14 +325,14 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         Ok(self.prepared(model))
     }
 
-    fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<Transfusion<B>> {
+    fn load_model(&mut self, dir: &Path, device: &B::Device) -> Result<Transfusion<B>> {
         let (model, saved, _) = load_model::<B>(dir, device)?;
         if saved.model != self.m {
-            bail!(
-                "{}: the checkpoint's model config differs from this run's; resume with the \
+            return Err(TrainError::invalid(
+                dir,
+                "the checkpoint's model config differs from this run's; resume with the \
                  same config (or without --config to use the checkpoint's)",
-                dir.display()
-            );
+            ));
         }
         Ok(self.prepared(model))
     }
@@ -342,18 +342,14 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         dir: &Path,
         model: &Transfusion<B::InnerBackend>,
         step: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let mut meta = self.meta.clone();
         meta.step = step;
         save_model(dir, model, &meta, &self.tokenizer)?;
-        write_file(
-            &dir.join(CONFIG_FILE),
-            serde_json::to_string_pretty(&self.cfg)?,
-        )?;
-        Ok(())
+        Ok(write_json(&dir.join(CONFIG_FILE), &self.cfg)?)
     }
 
-    fn start_data(&mut self, resume: Option<&PipelineState>) -> anyhow::Result<()> {
+    fn start_data(&mut self, resume: Option<&PipelineState>) -> Result<()> {
         self.feed = Some(Feed::start(&self.cfg, &self.m, &self.tokenizer, resume)?);
         Ok(())
     }
@@ -366,11 +362,11 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         &mut self,
         keep: bool,
         device: &B::Device,
-    ) -> anyhow::Result<Option<(TransfusionBatch<B>, Work)>> {
+    ) -> Result<Option<(TransfusionBatch<B>, Work)>> {
         let feed = self
             .feed
             .as_mut()
-            .context("the data stream was not started")?;
+            .expect("the engine starts the data stream before it asks for batches");
         let rows = feed.next_rows()?;
         if !keep {
             return Ok(None);
@@ -405,11 +401,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         }
     }
 
-    fn evaluate(
-        &mut self,
-        model: &Transfusion<B::InnerBackend>,
-        step: u64,
-    ) -> anyhow::Result<EvalMetrics> {
+    fn evaluate(&mut self, model: &Transfusion<B::InnerBackend>, step: u64) -> Result<EvalMetrics> {
         let e = evaluate_held_out(
             &self.cfg,
             &self.m,
@@ -419,7 +411,8 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
             step,
         )?;
         if let Some(p) = self.preview.as_mut() {
-            p.preview(model, step, &self.out).context("preview hook")?;
+            p.preview(model, step, &self.out)
+                .map_err(|e| e.within("preview hook"))?;
         }
         Ok(e)
     }
@@ -428,7 +421,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
         Some(eval.loss)
     }
 
-    fn plot(&self, lines: &[Line<StepMetrics, EvalMetrics>], path: &Path) -> anyhow::Result<()> {
+    fn plot(&self, lines: &[Line<StepMetrics, EvalMetrics>], path: &Path) -> Result<()> {
         plot_losses(lines, path)
     }
 }
@@ -439,7 +432,7 @@ pub fn run_training<B: AutodiffBackend>(
     opts: &RunOptions,
     hooks: &mut TrainHooks<B>,
     device: &B::Device,
-) -> anyhow::Result<RunSummary> {
+) -> Result<RunSummary> {
     let (preview, mut engine_hooks) = hooks.split();
     let mut task = TransfusionTask::<B>::new(cfg, opts, device, preview)?;
     run_task(&mut task, opts, &mut engine_hooks, device)

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Context};
 use serde::{Deserialize, Serialize};
 use transfusion_data::source::SourceSpec;
 use transfusion_model::vae::{ReconLoss, VaeConfig};
 
 use crate::config::{validate_optimizer, OptimizerSection, ScheduleSection};
+use crate::error::{Result, TrainError};
 
 /// The run config file (in the run directory and in every checkpoint).
 pub const VAE_TRAIN_FILE: &str = "vae_train.json";
@@ -86,12 +86,12 @@ impl VaeTrainConfig {
     /// A run of preset `name` on `data` with the preset's default budget: `tiny` trains on
     /// 32px images (1500 steps of 16, lr 1e-3, a few CPU minutes); `sd` and `paper` on
     /// 256px images (20000 steps of 8, lr 1e-4: a GPU job).
-    pub fn preset(name: &str, data: Vec<SourceSpec>) -> anyhow::Result<Self> {
-        let vae = Self::preset_vae(name).with_context(|| {
-            format!(
+    pub fn preset(name: &str, data: Vec<SourceSpec>) -> Result<Self> {
+        let vae = Self::preset_vae(name).ok_or_else(|| {
+            TrainError::Setting(format!(
                 "unknown VAE preset `{name}` (one of {})",
                 Self::PRESETS.join(", ")
-            )
+            ))
         })?;
         let tiny = name == "tiny";
         Ok(Self {
@@ -129,36 +129,49 @@ impl VaeTrainConfig {
     }
 
     /// Checks the config; errors name the field.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        ensure!(!self.data.is_empty(), "VAE training: no --data source");
-        ensure!(self.steps >= 1, "steps must be >= 1, got {}", self.steps);
-        ensure!(
-            (0.0..1.0).contains(&self.ema_decay),
-            "ema_decay must be in [0, 1) (0: no EMA), got {}",
-            self.ema_decay
-        );
+    pub fn validate(&self) -> Result<()> {
+        let refuse = |message: String| Err(TrainError::Setting(message));
+        if self.data.is_empty() {
+            return refuse("VAE training: no --data source".into());
+        }
+        if self.steps == 0 {
+            return refuse(format!("steps must be >= 1, got {}", self.steps));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return refuse(format!(
+                "ema_decay must be in [0, 1) (0: no EMA), got {}",
+                self.ema_decay
+            ));
+        }
         validate_optimizer(&self.optimizer, &self.schedule, self.steps)?;
         let f = self.vae.down_factor() as u32;
-        ensure!(
-            self.image_size > 0 && self.image_size % f == 0,
-            "image_size {} should be a positive multiple of the VAE's down-sampling factor {f}",
-            self.image_size
-        );
-        ensure!(self.batch_size > 0, "batch_size should be positive");
-        ensure!(self.eval_images > 0, "eval_images should be positive");
-        ensure!(
-            self.kl_weight >= 0.0 && self.kl_weight.is_finite(),
-            "kl_weight should be finite and >= 0, got {}",
-            self.kl_weight
-        );
+        if self.image_size == 0 || self.image_size % f != 0 {
+            return refuse(format!(
+                "image_size {} should be a positive multiple of the VAE's down-sampling \
+                 factor {f}",
+                self.image_size
+            ));
+        }
+        if self.batch_size == 0 {
+            return refuse("batch_size should be positive".into());
+        }
+        if self.eval_images == 0 {
+            return refuse("eval_images should be positive".into());
+        }
+        if !(self.kl_weight >= 0.0 && self.kl_weight.is_finite()) {
+            return refuse(format!(
+                "kl_weight should be finite and >= 0, got {}",
+                self.kl_weight
+            ));
+        }
         Ok(())
     }
 }
 
 /// Reads the run config stored in a VAE checkpoint or run directory.
-pub fn read_vae_train_config(dir: &Path) -> anyhow::Result<VaeTrainConfig> {
+pub fn read_vae_train_config(dir: &Path) -> Result<VaeTrainConfig> {
     let path = dir.join(VAE_TRAIN_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: bad VAE run config", path.display()))
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io("read", &path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::invalid(&path, format!("bad VAE run config: {e}")))
 }

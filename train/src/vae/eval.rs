@@ -10,6 +10,7 @@ use transfusion_infer::image_tensor::{images_to_tensor, tensor_to_images};
 use transfusion_model::vae::{vae_loss, AutoencoderKl};
 
 use super::config::VaeTrainConfig;
+use crate::error::Result;
 use crate::metrics::{EvalSplit, Line, Record};
 use crate::plot::{plot_series, smooth, Series};
 
@@ -161,7 +162,7 @@ pub fn recon_grid(originals: &[RgbImage], recons: &[RgbImage]) -> RgbImage {
 }
 
 /// Draws a VAE run's loss curves (train loss and reconstruction, held-out reconstruction).
-pub fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> anyhow::Result<()> {
+pub fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> Result<()> {
     use plotters::style::RGBColor;
     let (mut loss, mut recon, mut erecon) = (vec![], vec![], vec![]);
     for l in lines {

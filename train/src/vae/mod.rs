@@ -31,12 +31,11 @@ mod stream;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use image::RgbImage;
-use transfusion_data::files::{create_dir, write_file};
+use transfusion_data::files::{create_dir, write_json};
 use transfusion_data::image::save_png;
 use transfusion_data::rng::derive_seed;
 use transfusion_data::shapes::ShapesGenerator;
@@ -56,6 +55,7 @@ use crate::engine::{
     run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, RunOutcome, StepFigures,
     TaskLoss, TrainTask, Work,
 };
+use crate::error::{Result, TrainError};
 use crate::metrics::Line;
 
 /// Files of a complete VAE training checkpoint.
@@ -89,7 +89,7 @@ pub struct VaeTask {
 
 impl VaeTask {
     /// Validates `cfg` and reads the held-out images, before anything is written.
-    pub fn new(cfg: &VaeTrainConfig, opts: &RunOptions) -> anyhow::Result<Self> {
+    pub fn new(cfg: &VaeTrainConfig, opts: &RunOptions) -> Result<Self> {
         cfg.validate()?;
         let specs = if cfg.held_out.is_empty() {
             &cfg.data
@@ -161,26 +161,25 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         VAE_CHECKPOINT_FILES
     }
 
-    fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
+    fn write_run_files(&self, out: &Path) -> Result<()> {
         create_dir(&out.join("recon"))?;
-        let path = out.join(VAE_TRAIN_FILE);
-        Ok(write_file(&path, serde_json::to_string_pretty(&self.cfg)?)?)
+        Ok(write_json(&out.join(VAE_TRAIN_FILE), &self.cfg)?)
     }
 
-    fn init_model(&self, device: &B::Device) -> anyhow::Result<AutoencoderKl<B>> {
+    fn init_model(&self, device: &B::Device) -> Result<AutoencoderKl<B>> {
         Ok(seeded_module(device, self.cfg.seed, || {
             self.cfg.vae.init::<B>(device)
         }))
     }
 
-    fn load_model(&mut self, dir: &Path, device: &B::Device) -> anyhow::Result<AutoencoderKl<B>> {
+    fn load_model(&mut self, dir: &Path, device: &B::Device) -> Result<AutoencoderKl<B>> {
         let vae = load_vae::<B>(dir, device)?;
         if !same_shape(&vae.config, &self.cfg.vae) {
-            bail!(
-                "{}: the checkpoint's VAE config differs from this run's; resume with the \
+            return Err(TrainError::invalid(
+                dir,
+                "the checkpoint's VAE config differs from this run's; resume with the \
                  same preset (or without --preset to use the checkpoint's)",
-                dir.display()
-            );
+            ));
         }
         self.vae_config = vae.config;
         Ok(vae.model)
@@ -191,16 +190,12 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         dir: &Path,
         model: &AutoencoderKl<B::InnerBackend>,
         _step: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         save_vae(dir, model, &self.vae_config)?;
-        write_file(
-            &dir.join(VAE_TRAIN_FILE),
-            serde_json::to_string_pretty(&self.cfg)?,
-        )?;
-        Ok(())
+        Ok(write_json(&dir.join(VAE_TRAIN_FILE), &self.cfg)?)
     }
 
-    fn start_data(&mut self, resume: Option<&StreamPos>) -> anyhow::Result<()> {
+    fn start_data(&mut self, resume: Option<&StreamPos>) -> Result<()> {
         let c = &self.cfg;
         let mut stream =
             ImageStream::open(&c.data, c.image_size, c.seed, ShapesGenerator::TRAIN_SEED)?;
@@ -220,11 +215,11 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         &mut self,
         keep: bool,
         device: &B::Device,
-    ) -> anyhow::Result<Option<(Tensor<B, 4>, Work)>> {
+    ) -> Result<Option<(Tensor<B, 4>, Work)>> {
         let stream = self
             .stream
             .as_mut()
-            .context("the data stream was not started")?;
+            .expect("the engine starts the data stream before it asks for batches");
         let images = stream.next_images(self.cfg.batch_size)?;
         let n = images.len() as u64;
         let work = Work {
@@ -278,7 +273,7 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         &mut self,
         model: &AutoencoderKl<B::InnerBackend>,
         step: u64,
-    ) -> anyhow::Result<VaeEvalMetrics> {
+    ) -> Result<VaeEvalMetrics> {
         let grid = self.cfg.grid_images;
         let device = model.devices().into_iter().next().unwrap_or_default();
         let (e, recons) = evaluate_vae(model, &self.cfg, &self.held_out, grid, step, &device);
@@ -298,11 +293,7 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         Some(eval.recon)
     }
 
-    fn plot(
-        &self,
-        lines: &[Line<VaeStepMetrics, VaeEvalMetrics>],
-        path: &Path,
-    ) -> anyhow::Result<()> {
+    fn plot(&self, lines: &[Line<VaeStepMetrics, VaeEvalMetrics>], path: &Path) -> Result<()> {
         plot_vae(lines, path)
     }
 }
@@ -312,7 +303,7 @@ pub fn run_vae_training<B: AutodiffBackend>(
     cfg: &VaeTrainConfig,
     opts: &VaeRunOptions,
     device: &B::Device,
-) -> anyhow::Result<VaeRunSummary> {
+) -> Result<VaeRunSummary> {
     let mut task = VaeTask::new(cfg, opts)?;
     run_task::<B, _>(&mut task, opts, &mut EngineHooks::default(), device)
 }

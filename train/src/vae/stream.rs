@@ -1,6 +1,6 @@
 //! The VAE's training images: [`ImageStream`], cycled over any data sources.
 
-use anyhow::{bail, Context};
+use crate::error::{Result, TrainError};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -40,7 +40,7 @@ impl ImageStream {
         image_size: u32,
         seed: u64,
         shapes_seed: u64,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let opts = SourceOptions {
             seed,
             shapes_image_size: image_size,
@@ -49,8 +49,11 @@ impl ImageStream {
         };
         let sources = specs
             .iter()
-            .map(|s| open_source(s, &opts).with_context(|| format!("opening --data {s}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|s| {
+                open_source(s, &opts)
+                    .map_err(|e| TrainError::from(e).within(format!("opening --data {s}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             sources,
             specs: specs.iter().map(|s| s.to_string()).collect(),
@@ -74,7 +77,7 @@ impl ImageStream {
         self.iter = None;
     }
 
-    fn next_record(&mut self) -> anyhow::Result<Option<Sample>> {
+    fn next_record(&mut self) -> Result<Option<Sample>> {
         let src = &self.sources[self.pos.source];
         if src.is_indexed() {
             let n = src.num_records().unwrap_or(0);
@@ -111,7 +114,7 @@ impl ImageStream {
 
     /// The next image (center-cropped and resized), moving to the next source / epoch at
     /// the end of one. Errors when a whole pass over every source yields no image.
-    pub fn next_image(&mut self) -> anyhow::Result<RgbImage> {
+    pub fn next_image(&mut self) -> Result<RgbImage> {
         let mut empty_sources = 0;
         loop {
             match self.next_record()? {
@@ -122,15 +125,20 @@ impl ImageStream {
                 Some(Sample::Pair {
                     image: ImageData::Latent { .. },
                     ..
-                }) => bail!(
-                    "{}: holds latents, not images; a VAE trains on images",
-                    self.specs[self.pos.source]
-                ),
+                }) => {
+                    return Err(TrainError::Setting(format!(
+                        "{}: holds latents, not images; a VAE trains on images",
+                        self.specs[self.pos.source]
+                    )))
+                }
                 Some(Sample::Text(_)) => {}
                 None if self.pos.record == 0 => {
                     empty_sources += 1;
                     if empty_sources > self.sources.len() {
-                        bail!("no images in {}", self.specs.join(", "));
+                        return Err(TrainError::Setting(format!(
+                            "no images in {}",
+                            self.specs.join(", ")
+                        )));
                     }
                     self.advance_source();
                 }
@@ -154,7 +162,7 @@ impl ImageStream {
     }
 
     /// The next `n` images.
-    pub fn next_images(&mut self, n: usize) -> anyhow::Result<Vec<RgbImage>> {
+    pub fn next_images(&mut self, n: usize) -> Result<Vec<RgbImage>> {
         (0..n).map(|_| self.next_image()).collect()
     }
 }

@@ -16,6 +16,7 @@ use transfusion_train::engine::{
     TaskLoss, TrainTask, Work, RAW_WEIGHTS_FILE,
 };
 use transfusion_train::metrics::{Line, Record};
+use transfusion_train::TrainError;
 
 use super::common::B;
 
@@ -103,11 +104,11 @@ impl TrainTask<B> for Toy {
     fn checkpoint_files(&self) -> &'static [&'static str] {
         FILES
     }
-    fn write_run_files(&self, out: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(out)?;
+    fn write_run_files(&self, out: &Path) -> transfusion_train::Result<()> {
+        transfusion_data::files::create_dir(out)?;
         Ok(())
     }
-    fn init_model(&self, device: &burn::tensor::Device<B>) -> anyhow::Result<Linear<B>> {
+    fn init_model(&self, device: &burn::tensor::Device<B>) -> transfusion_train::Result<Linear<B>> {
         Ok(seeded_module(device, self.settings.seed, || {
             LinearConfig::new(1, 1).init(device)
         }))
@@ -116,8 +117,11 @@ impl TrainTask<B> for Toy {
         &mut self,
         dir: &Path,
         device: &burn::tensor::Device<B>,
-    ) -> anyhow::Result<Linear<B>> {
-        let wb: Vec<f32> = serde_json::from_str(&std::fs::read_to_string(dir.join("toy.json"))?)?;
+    ) -> transfusion_train::Result<Linear<B>> {
+        let path = dir.join("toy.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io("read", &path, e))?;
+        let wb: Vec<f32> =
+            serde_json::from_str(&text).map_err(|e| TrainError::invalid(&path, e.to_string()))?;
         let w = Tensor::<B, 2>::from_data(TensorData::new(vec![wb[0]], [1, 1]), device);
         let b = Tensor::<B, 1>::from_data(TensorData::new(vec![wb[1]], [1]), device);
         Ok(Linear {
@@ -130,7 +134,7 @@ impl TrainTask<B> for Toy {
         dir: &Path,
         model: &<Linear<B> as AutodiffModule<B>>::InnerModule,
         _step: u64,
-    ) -> anyhow::Result<()> {
+    ) -> transfusion_train::Result<()> {
         let w: Vec<f32> = model.weight.val().into_data().to_vec().unwrap();
         let b: Vec<f32> = model
             .bias
@@ -140,10 +144,10 @@ impl TrainTask<B> for Toy {
             .into_data()
             .to_vec()
             .unwrap();
-        std::fs::write(dir.join("toy.json"), serde_json::to_string(&[w[0], b[0]])?)?;
+        transfusion_data::files::write_json(&dir.join("toy.json"), &[w[0], b[0]])?;
         Ok(())
     }
-    fn start_data(&mut self, resume: Option<&u64>) -> anyhow::Result<()> {
+    fn start_data(&mut self, resume: Option<&u64>) -> transfusion_train::Result<()> {
         self.next = resume.copied().unwrap_or(0);
         Ok(())
     }
@@ -154,7 +158,7 @@ impl TrainTask<B> for Toy {
         &mut self,
         keep: bool,
         device: &burn::tensor::Device<B>,
-    ) -> anyhow::Result<Option<(Self::Batch, Work)>> {
+    ) -> transfusion_train::Result<Option<(Self::Batch, Work)>> {
         let xs: Vec<f32> = (0..4).map(|i| ((self.next + i) % 7) as f32 / 7.0).collect();
         self.next += 4;
         let ys: Vec<f32> = xs.iter().map(|x| 3.0 * x + 1.0).collect();
@@ -188,7 +192,7 @@ impl TrainTask<B> for Toy {
         &mut self,
         _model: &<Linear<B> as AutodiffModule<B>>::InnerModule,
         step: u64,
-    ) -> anyhow::Result<ToyEval> {
+    ) -> transfusion_train::Result<ToyEval> {
         let loss = self.scripted_evals[self.evals_done % self.scripted_evals.len()];
         self.evals_done += 1;
         Ok(ToyEval { step, loss })
@@ -196,8 +200,12 @@ impl TrainTask<B> for Toy {
     fn eval_loss(&self, eval: &ToyEval) -> Option<f64> {
         Some(eval.loss)
     }
-    fn plot(&self, _lines: &[Line<ToyStep, ToyEval>], path: &Path) -> anyhow::Result<()> {
-        std::fs::write(path, b"plot")?;
+    fn plot(
+        &self,
+        _lines: &[Line<ToyStep, ToyEval>],
+        path: &Path,
+    ) -> transfusion_train::Result<()> {
+        transfusion_data::files::write_file(path, b"plot")?;
         Ok(())
     }
 }

@@ -53,24 +53,24 @@ impl<S: Record, E: Record> LogLine for Line<S, E> {
     }
 }
 
-/// One logged training step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
+/// One logged training step of any task: the engine's figures around the task's losses
+/// `L`, whose fields are written into the same flat JSON object.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepLine<L> {
     /// Optimizer step (1-based: the number of steps done after this one).
     pub step: u64,
-    /// `L_LM + lambda * L_DDPM`, mean over the step's micro-batches.
-    pub total: f64,
-    /// LM cross-entropy.
-    pub lm: f64,
-    /// Diffusion noise MSE.
-    pub diffusion: f64,
+    /// The task's losses of the step.
+    #[serde(flatten)]
+    pub losses: L,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f64,
-    /// Non-padding positions per second (text tokens + image patches).
+    /// Non-padding positions per second since the last logged step (text tokens + image
+    /// patches; 0 for tasks without sequences).
+    #[serde(default)]
     pub tokens_per_s: f64,
-    /// Images per second.
+    /// Images per second since the last logged step.
     pub images_per_s: f64,
     /// Steps skipped so far (non-finite loss or gradient).
     pub skipped: u64,
@@ -79,6 +79,37 @@ pub struct StepMetrics {
     /// Seconds since the run (or resume) started.
     pub elapsed_s: f64,
 }
+
+impl<L> StepLine<L> {
+    /// The same figures with other losses.
+    pub fn with_losses<M>(&self, losses: M) -> StepLine<M> {
+        StepLine {
+            step: self.step,
+            losses,
+            grad_norm: self.grad_norm,
+            lr: self.lr,
+            tokens_per_s: self.tokens_per_s,
+            images_per_s: self.images_per_s,
+            skipped: self.skipped,
+            skipped_this: self.skipped_this,
+            elapsed_s: self.elapsed_s,
+        }
+    }
+}
+
+/// The losses of a Transfusion step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransfusionLosses {
+    /// `L_LM + lambda * L_DDPM`, mean over the step's micro-batches.
+    pub total: f64,
+    /// LM cross-entropy.
+    pub lm: f64,
+    /// Diffusion noise MSE.
+    pub diffusion: f64,
+}
+
+/// One logged Transfusion training step.
+pub type StepMetrics = StepLine<TransfusionLosses>;
 
 /// What an evaluation ran on, so that no figure on training data is called held-out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,8 +187,8 @@ impl Record for StepMetrics {
     fn summary(&self) -> String {
         format!(
             "lm {:.3} diff {:.4} | {:.0} tok/s | lr {:.2e}{}",
-            self.lm,
-            self.diffusion,
+            self.losses.lm,
+            self.losses.diffusion,
             self.tokens_per_s,
             self.lr,
             if self.skipped > 0 {

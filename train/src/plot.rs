@@ -202,9 +202,9 @@ pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> Result<()> {
     for l in lines {
         match l {
             MetricsLine::Train(m) if !m.skipped_this => {
-                total.push((m.step, m.total));
-                lm.push((m.step, m.lm));
-                diff.push((m.step, m.diffusion));
+                total.push((m.step, m.losses.total));
+                lm.push((m.step, m.losses.lm));
+                diff.push((m.step, m.losses.diffusion));
             }
             MetricsLine::Eval(e) => eval_points(e, &mut elm, &mut ediff),
             _ => {}
@@ -227,7 +227,7 @@ pub fn plot_distill(lines: &[Line<DistillStepMetrics, EvalMetrics>], path: &Path
     let (mut lm, mut elm, mut ediff) = (vec![], vec![], vec![]);
     for l in lines {
         match l {
-            Line::Train(m) if !m.skipped_this => lm.push((m.step, m.lm)),
+            Line::Train(m) if !m.skipped_this => lm.push((m.step, m.losses.lm)),
             Line::Eval(e) => eval_points(e, &mut elm, &mut ediff),
             _ => {}
         }

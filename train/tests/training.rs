@@ -331,7 +331,7 @@ fn both_losses_fall_on_shapes() {
         .metrics
         .iter()
         .filter_map(|l| match l {
-            MetricsLine::Train(m) => Some((m.lm, m.diffusion)),
+            MetricsLine::Train(m) => Some((m.losses.lm, m.losses.diffusion)),
             _ => None,
         })
         .collect();

@@ -49,7 +49,7 @@ fn train_losses(lines: &[VaeMetricsLine]) -> Vec<(u64, f64)> {
     lines
         .iter()
         .filter_map(|l| match l {
-            VaeMetricsLine::Train(m) => Some((m.step, m.loss)),
+            VaeMetricsLine::Train(m) => Some((m.step, m.losses.loss)),
             _ => None,
         })
         .collect()

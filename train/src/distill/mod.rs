@@ -34,7 +34,7 @@ use transfusion_model::{Transfusion, TransfusionConfig};
 pub use batch::{distill_batch, generation_images, DistillBatch};
 pub use loss::{distill_loss, ConsistencyStudent, DistillLossInputs};
 pub use settings::{
-    distill_config, DistillSettings, DistillStepMetrics, DEFAULT_CONSISTENCY_WEIGHT,
+    distill_config, DistillLosses, DistillSettings, DistillStepMetrics, DEFAULT_CONSISTENCY_WEIGHT,
     DEFAULT_DERIVATIVE_SPAN,
 };
 
@@ -299,19 +299,12 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
     }
 
     fn step_record(&self, f: &StepFigures) -> DistillStepMetrics {
-        DistillStepMetrics {
-            step: f.step,
+        f.with_losses(DistillLosses {
             total: f.losses[0],
             lm: f.losses[1],
             consistency: f.losses[2],
             tangent_warmup: self.settings.warmup_at(f.step.saturating_sub(1)),
-            grad_norm: f.grad_norm,
-            lr: f.lr,
-            images_per_s: f.images_per_s,
-            skipped: f.skipped,
-            skipped_this: f.skipped_this,
-            elapsed_s: f.elapsed_s,
-        }
+        })
     }
 
     fn evaluate(

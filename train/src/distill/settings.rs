@@ -11,7 +11,7 @@ use transfusion_model::Prediction;
 use crate::checkpoint::{read_config, CONFIG_FILE};
 use crate::config::{ExperimentConfig, ModelSection};
 use crate::error::{Result, TrainError};
-use crate::metrics::Record;
+use crate::metrics::{Record, StepLine};
 
 /// Default of [`DistillSettings::consistency_weight`].
 pub const DEFAULT_CONSISTENCY_WEIGHT: f64 = 0.02;
@@ -123,11 +123,9 @@ pub fn distill_config(
     Ok(cfg)
 }
 
-/// One logged distillation step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DistillStepMetrics {
-    /// Optimizer steps done.
-    pub step: u64,
+/// The losses of a distillation step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DistillLosses {
     /// `L_LM + lambda * L_sCD`.
     pub total: f64,
     /// LM cross-entropy.
@@ -137,19 +135,10 @@ pub struct DistillStepMetrics {
     pub consistency: f64,
     /// The tangent warm-up factor `r` of the step.
     pub tangent_warmup: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Images per second.
-    pub images_per_s: f64,
-    /// Steps skipped so far (non-finite loss or gradient).
-    pub skipped: u64,
-    /// Whether this step was skipped.
-    pub skipped_this: bool,
-    /// Seconds since the run (or resume) started.
-    pub elapsed_s: f64,
 }
+
+/// One logged distillation step.
+pub type DistillStepMetrics = StepLine<DistillLosses>;
 
 impl Record for DistillStepMetrics {
     fn step(&self) -> u64 {
@@ -158,7 +147,11 @@ impl Record for DistillStepMetrics {
     fn summary(&self) -> String {
         format!(
             "lm {:.3} scd {:.3} r {:.2} | {:.1} img/s | lr {:.2e}",
-            self.lm, self.consistency, self.tangent_warmup, self.images_per_s, self.lr
+            self.losses.lm,
+            self.losses.consistency,
+            self.losses.tangent_warmup,
+            self.images_per_s,
+            self.lr
         )
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::config::{OptimizerSection, ScheduleSection};
 use crate::error::Result;
-use crate::metrics::{Line, Record};
+use crate::metrics::{Line, Record, StepLine};
 
 /// The loop's settings, taken from the task's own config.
 #[derive(Clone, Debug)]
@@ -62,29 +62,10 @@ pub struct TaskLoss<B: Backend> {
     pub weights: [f64; 2],
 }
 
-/// The figures of one logged optimizer step, from which a task builds its step record.
-#[derive(Clone, Copy, Debug)]
-pub struct StepFigures {
-    /// Steps done after this one.
-    pub step: u64,
-    /// `[total, part 0, part 1]` of the step: each part's sum over every micro-batch of
-    /// every replica divided by its unit count, and the weighted total.
-    pub losses: [f64; 3],
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Non-padding positions per second since the last logged step.
-    pub tokens_per_s: f64,
-    /// Images per second since the last logged step.
-    pub images_per_s: f64,
-    /// Steps skipped so far.
-    pub skipped: u64,
-    /// Whether this step was skipped.
-    pub skipped_this: bool,
-    /// Seconds since the run (or resume) started.
-    pub elapsed_s: f64,
-}
+/// The figures of one logged optimizer step, from which a task builds its step record:
+/// `losses` is `[total, part 0, part 1]`, each part's sum over every micro-batch of every
+/// replica divided by its unit count, and the weighted total.
+pub type StepFigures = StepLine<[f64; 3]>;
 
 /// How much one micro-batch holds: the throughput figures and the loss denominators.
 #[derive(Clone, Copy, Debug, Default)]

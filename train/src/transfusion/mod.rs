@@ -32,7 +32,7 @@ use crate::engine::{
     RunOutcome, StepFigures, TaskLoss, TrainTask, Work,
 };
 use crate::error::{Result, TrainError};
-use crate::metrics::{EvalMetrics, Line, StepMetrics};
+use crate::metrics::{EvalMetrics, Line, StepMetrics, TransfusionLosses};
 use crate::plot::plot_losses;
 
 /// What a Transfusion run did.
@@ -386,19 +386,11 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
     }
 
     fn step_record(&self, f: &StepFigures) -> StepMetrics {
-        StepMetrics {
-            step: f.step,
+        f.with_losses(TransfusionLosses {
             total: f.losses[0],
             lm: f.losses[1],
             diffusion: f.losses[2],
-            grad_norm: f.grad_norm,
-            lr: f.lr,
-            tokens_per_s: f.tokens_per_s,
-            images_per_s: f.images_per_s,
-            skipped: f.skipped,
-            skipped_this: f.skipped_this,
-            elapsed_s: f.elapsed_s,
-        }
+        })
     }
 
     fn evaluate(&mut self, model: &Transfusion<B::InnerBackend>, step: u64) -> Result<EvalMetrics> {

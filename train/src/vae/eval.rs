@@ -11,33 +11,22 @@ use transfusion_model::vae::{vae_loss, AutoencoderKl};
 
 use super::config::VaeTrainConfig;
 use crate::error::Result;
-use crate::metrics::{EvalSplit, Line, Record};
+use crate::metrics::{EvalSplit, Line, Record, StepLine};
 use crate::plot::{plot_series, smooth, Series};
 
-/// One logged VAE training step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VaeStepMetrics {
-    /// Steps done after this one.
-    pub step: u64,
+/// The losses of a VAE step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VaeLosses {
     /// `recon + kl_weight * kl`.
     pub loss: f64,
     /// Reconstruction loss (mean per pixel element).
     pub recon: f64,
     /// KL per latent element.
     pub kl: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Training images per second (since the last line).
-    pub images_per_s: f64,
-    /// Steps skipped so far.
-    pub skipped: u64,
-    /// Whether this step was skipped.
-    pub skipped_this: bool,
-    /// Seconds since the run (or resume) started.
-    pub elapsed_s: f64,
 }
+
+/// One logged VAE training step.
+pub type VaeStepMetrics = StepLine<VaeLosses>;
 
 /// One evaluation on the evaluation images (posterior mode, no sampling).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,7 +61,7 @@ impl Record for VaeStepMetrics {
     fn summary(&self) -> String {
         format!(
             "recon {:.4} kl {:.3} | {:.1} img/s | lr {:.2e}",
-            self.recon, self.kl, self.images_per_s, self.lr
+            self.losses.recon, self.losses.kl, self.images_per_s, self.lr
         )
     }
 }
@@ -168,8 +157,8 @@ pub fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> Result<()> {
     for l in lines {
         match l {
             VaeMetricsLine::Train(m) if !m.skipped_this => {
-                loss.push((m.step, m.loss));
-                recon.push((m.step, m.recon));
+                loss.push((m.step, m.losses.loss));
+                recon.push((m.step, m.losses.recon));
             }
             VaeMetricsLine::Eval(e) => erecon.push((e.step, e.recon)),
             _ => {}

@@ -46,7 +46,7 @@ use transfusion_model::vae::{vae_loss, AutoencoderKl, VaeConfig};
 pub use bench::{bench_vae, VaeBenchReport};
 pub use config::{read_vae_train_config, VaeTrainConfig, VAE_TRAIN_FILE};
 pub use eval::{
-    evaluate_vae, plot_vae, recon_grid, VaeEvalMetrics, VaeMetricsLine, VaeStepMetrics,
+    evaluate_vae, plot_vae, recon_grid, VaeEvalMetrics, VaeLosses, VaeMetricsLine, VaeStepMetrics,
 };
 pub use stream::{ImageStream, StreamPos};
 
@@ -255,18 +255,11 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
     }
 
     fn step_record(&self, f: &StepFigures) -> VaeStepMetrics {
-        VaeStepMetrics {
-            step: f.step,
+        f.with_losses(VaeLosses {
             loss: f.losses[0],
             recon: f.losses[1],
             kl: f.losses[2],
-            grad_norm: f.grad_norm,
-            lr: f.lr,
-            images_per_s: f.images_per_s,
-            skipped: f.skipped,
-            skipped_this: f.skipped_this,
-            elapsed_s: f.elapsed_s,
-        }
+        })
     }
 
     fn evaluate(

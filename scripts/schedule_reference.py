@@ -2,7 +2,8 @@
 
 Writes model/tests/fixtures/schedule.json, which model/tests/suite/schedule.rs checks against.
 Formulas: the cosine schedule of Nichol & Dhariwal (2021) with s = 0.008 and betas clipped
-at 0.999, the DDPM posterior q(x_{t-1} | x_t, x_0), and respacing to S evenly spaced steps.
+at 0.999, the DDPM posterior q(x_{t-1} | x_t, x_0), respacing to S evenly spaced steps, and
+the min-SNR-gamma loss weights.
 
 Run: python3 scripts/schedule_reference.py   (needs numpy)
 """
@@ -68,6 +69,14 @@ for steps in (250, 50):
         "posterior_mean_coef1": [rc1[i] for i in idx],
         "posterior_mean_coef2": [rc2[i] for i in idx],
     }
+# Min-SNR-gamma loss weights (Hang et al. 2023), gamma = 5: the x_0 MSE weighted by
+# min(SNR, gamma), written as a weight of the eps MSE (x_0 MSE = eps MSE / SNR) and of the
+# v MSE (x_0 MSE = v MSE / (SNR + 1)).
+snr = abar / (1.0 - abar)
+out["min_snr_5"] = {
+    "eps": [float(np.minimum(snr[t], 5.0) / snr[t]) for t in probe],
+    "v": [float(np.minimum(snr[t], 5.0) / (snr[t] + 1.0)) for t in probe],
+}
 path = os.path.join(os.path.dirname(__file__), "..", "model", "tests", "fixtures", "schedule.json")
 with open(path, "w") as fh:
     json.dump(out, fh, indent=1)

@@ -64,4 +64,23 @@ impl Prediction {
             }
         }
     }
+
+    /// The min-SNR-gamma weight (Hang et al. 2023) of each step's target MSE for this
+    /// prediction: `min(SNR_t, gamma) / SNR_t` for `eps`, `min(SNR_t, gamma) / (SNR_t + 1)`
+    /// for `v`, with `SNR_t = abar_t / (1 - abar_t)`. Either way the weighted target MSE is
+    /// the `x_0` MSE times `min(SNR_t, gamma)`: the many low-noise steps, whose `x_0` is
+    /// almost given, stop dominating the gradient.
+    pub fn min_snr_weights(self, schedule: &NoiseSchedule, gamma: f64) -> Vec<f64> {
+        schedule
+            .snr()
+            .into_iter()
+            .map(|snr| {
+                let clipped = snr.min(gamma);
+                match self {
+                    Self::Epsilon => clipped / snr,
+                    Self::V => clipped / (snr + 1.0),
+                }
+            })
+            .collect()
+    }
 }

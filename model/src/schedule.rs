@@ -138,11 +138,22 @@ impl NoiseSchedule {
     }
 
     fn gather<B: Backend>(values: &[f64], t: Tensor<B, 1, Int>) -> Tensor<B, 4> {
-        let table: Vec<f32> = values.iter().map(|&v| v as f32).collect();
         let n = t.dims()[0];
-        Tensor::<B, 1>::from_floats(table.as_slice(), &t.device())
-            .select(0, t)
-            .reshape([n, 1, 1, 1])
+        Self::lookup(values, t).reshape([n, 1, 1, 1])
+    }
+
+    /// `values[t]` for each timestep, as f32 on `t`'s device.
+    ///
+    /// # Shapes
+    /// - `t`: `[N]`; output `[N]`
+    pub fn lookup<B: Backend>(values: &[f64], t: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        let table: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        Tensor::<B, 1>::from_floats(table.as_slice(), &t.device()).select(0, t)
+    }
+
+    /// The signal-to-noise ratio `abar_t / (1 - abar_t)` of every step.
+    pub fn snr(&self) -> Vec<f64> {
+        self.alphas_cumprod.iter().map(|a| a / (1.0 - a)).collect()
     }
 
     /// `sqrt(abar_t)` and `sqrt(1 - abar_t)` for one timestep per image, broadcast to

@@ -416,3 +416,54 @@ fn bf16_trains_on_flex_with_f32_weights_and_is_refused_on_ndarray_before_any_wor
     let saved = std::fs::read_to_string(flex_out.join("config.json")).unwrap();
     assert!(saved.contains("\"precision\": \"bf16\""), "{saved}");
 }
+
+/// `training.min_snr_gamma`: the diffusion part of the loss is each image's target MSE
+/// times the weight of its timestep; the LM part is untouched; no weights is uniform.
+#[test]
+fn min_snr_weighting_scales_each_image_by_its_timestep_weight() {
+    use transfusion_model::{NoiseSchedule, Prediction};
+    use transfusion_train::transfusion::{transfusion_loss, weighted_transfusion_loss};
+    let cfg = tiny_cfg(10);
+    let tok = Arc::new(load_tokenizer(&cfg, None).unwrap());
+    let m = tiny_model();
+    let mut pipe = build_pipeline(&cfg, &m, &tok, Split::Train, 2).unwrap();
+    let device: burn::tensor::Device<B> = Default::default();
+    let model = transfusion_train::transfusion::seeded_init::<B>(&m, &device, 7);
+    let batch = (0..30)
+        .map(|_| {
+            let rows = pipe.next_rows().unwrap();
+            pipe.batcher().batch::<B>(rows, &device).unwrap()
+        })
+        .find(|b| b.num_images() >= 1)
+        .expect("a batch with an image");
+    let t: Vec<i64> = batch.timesteps.clone().into_data().to_vec().unwrap();
+    let per_image: Vec<f32> = model
+        .forward_loss(batch.clone())
+        .diffusion_per_image
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let w = Prediction::Epsilon.min_snr_weights(&NoiseSchedule::cosine(m.timesteps), 5.0);
+    let want: f64 = per_image
+        .iter()
+        .zip(&t)
+        .map(|(&mse, &ti)| mse as f64 * (w[ti as usize] as f32) as f64)
+        .sum();
+    let scalar = |x: burn::tensor::Tensor<B, 1>| -> f64 { x.into_scalar() as f64 };
+    let weighted = weighted_transfusion_loss(&model, batch.clone(), Some(&w));
+    let uniform = transfusion_loss(&model, batch);
+    let [lm_w, diff_w] = weighted.sums;
+    let [lm_u, diff_u] = uniform.sums;
+    assert_eq!(scalar(lm_w), scalar(lm_u));
+    let got = scalar(diff_w);
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs().max(1e-6),
+        "{got} vs {want}"
+    );
+    let sum: f64 = per_image.iter().map(|&v| v as f64).sum();
+    let uniform_sum = scalar(diff_u);
+    assert!(
+        (uniform_sum - sum).abs() <= 1e-5 * sum,
+        "{uniform_sum} vs {sum}"
+    );
+}

@@ -306,3 +306,27 @@ fn ddim_steps_match_diffusers() {
     }
     eprintln!("ddim: largest scaled error {worst:.2e}");
 }
+
+#[test]
+fn min_snr_weights_match_reference() {
+    let f = fixture();
+    let s = NoiseSchedule::cosine(1000);
+    let probe = indices(&f["probe_t"]);
+    for (prediction, key) in [
+        (transfusion_model::Prediction::Epsilon, "eps"),
+        (transfusion_model::Prediction::V, "v"),
+    ] {
+        let w = prediction.min_snr_weights(&s, 5.0);
+        assert_eq!(w.len(), 1000);
+        for (&t, want) in probe.iter().zip(floats(&f["min_snr_5"][key])) {
+            close(w[t], want, &format!("min-SNR-5 {key} weight at t = {t}"));
+        }
+    }
+    // The device lookup gives the same weights, in f32.
+    let w = transfusion_model::Prediction::V.min_snr_weights(&s, 5.0);
+    let t = Tensor::<NdArray, 1, Int>::from_ints([0, 500, 999], &Default::default());
+    let looked: Vec<f32> = NoiseSchedule::lookup(&w, t).into_data().to_vec().unwrap();
+    for (got, t) in looked.iter().zip([0usize, 500, 999]) {
+        assert_eq!(*got, w[t] as f32, "lookup at t = {t}");
+    }
+}

@@ -41,6 +41,9 @@ pub struct DemoArgs {
     /// Cap of the decay of an EMA of the weights, which is then scored (0: none).
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
+    /// Min-SNR-gamma weighting of the diffusion loss (0: uniform over timesteps).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_snr_gamma: f64,
     /// Score this checkpoint (e.g. assets/demo-checkpoint) instead of training one.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -81,5 +84,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     opts.cfg_scale = image.cfg;
     opts.checkpoint = a.checkpoint;
     opts.ema_decay = a.ema_decay;
+    opts.min_snr_gamma = a.min_snr_gamma;
     dispatch(a.device, DemoTask(opts))?
 }

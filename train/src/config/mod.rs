@@ -250,6 +250,11 @@ pub struct TrainingSection {
     /// behaviour exactly. Needs untied modality weights.
     #[serde(default)]
     pub freeze_text: bool,
+    /// Min-SNR-gamma weighting of the diffusion loss (Hang et al. 2023): each image's
+    /// target MSE times `min(SNR_t, gamma) / SNR_t` (eps) or `/ (SNR_t + 1)` (v), i.e. its
+    /// `x_0` MSE times `min(SNR_t, gamma)`. 0 (default): uniform over `t`. Usual: 5.
+    #[serde(default)]
+    pub min_snr_gamma: f64,
 }
 
 fn one() -> usize {
@@ -378,6 +383,7 @@ impl ExperimentConfig {
                 precision: Precision::F32,
                 ema_decay: 0.0,
                 freeze_text: false,
+                min_snr_gamma: 0.0,
             },
             checkpoint: CheckpointSection {
                 every: (steps / 4).max(1),

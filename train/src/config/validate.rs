@@ -134,6 +134,15 @@ impl ExperimentConfig {
         if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
             return bad("training.grad_clip", "must be >= 0 (0 disables clipping)");
         }
+        if !(t.min_snr_gamma >= 0.0 && t.min_snr_gamma.is_finite()) {
+            return bad(
+                "training.min_snr_gamma",
+                format!(
+                    "must be >= 0 (0: uniform weighting), got {}",
+                    t.min_snr_gamma
+                ),
+            );
+        }
         if !(0.0..1.0).contains(&t.ema_decay) {
             return bad(
                 "training.ema_decay",

@@ -74,6 +74,8 @@ pub struct DemoOptions {
     pub d_model: Option<usize>,
     /// Cap of the EMA decay of the weights (`training.ema_decay`; 0: none).
     pub ema_decay: f64,
+    /// Min-SNR-gamma weighting of the diffusion loss (`training.min_snr_gamma`; 0: uniform).
+    pub min_snr_gamma: f64,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -92,6 +94,7 @@ impl DemoOptions {
             checkpoint: None,
             d_model: None,
             ema_decay: 0.0,
+            min_snr_gamma: 0.0,
             progress: true,
         }
     }
@@ -139,6 +142,7 @@ pub fn demo_config(opts: &DemoOptions, tokenizer: &Path) -> Result<ExperimentCon
     cfg.eval.every = (opts.steps / 3).max(1);
     cfg.eval.batches = 2;
     cfg.training.ema_decay = opts.ema_decay;
+    cfg.training.min_snr_gamma = opts.min_snr_gamma;
     if let Some(d) = opts.d_model {
         let mut model = cfg.model_config(512)?;
         model.d_model = d;

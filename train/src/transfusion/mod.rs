@@ -20,7 +20,7 @@ use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::checkpoint::{load_model, save_model, ModelMeta};
-use transfusion_model::{Transfusion, TransfusionBatch, TransfusionConfig};
+use transfusion_model::{NoiseSchedule, Transfusion, TransfusionBatch, TransfusionConfig};
 
 pub use eval::{evaluate, evaluate_held_out};
 
@@ -113,13 +113,26 @@ pub fn transfusion_loss<B: AutodiffBackend>(
     model: &Transfusion<B>,
     batch: TransfusionBatch<B>,
 ) -> TaskLoss<B> {
+    weighted_transfusion_loss(model, batch, None)
+}
+
+/// [`transfusion_loss`] with each image's target MSE weighted by `image_weights[t]` of its
+/// timestep (e.g. [`transfusion_model::Prediction::min_snr_weights`]); `None`: uniform.
+pub fn weighted_transfusion_loss<B: AutodiffBackend>(
+    model: &Transfusion<B>,
+    batch: TransfusionBatch<B>,
+    image_weights: Option<&[f64]>,
+) -> TaskLoss<B> {
+    let timesteps = batch.timesteps.clone();
     let loss = model.forward_loss(batch);
     // The mean times its count (a constant of the batch) is the sum.
     let lm_sum = loss.lm * loss.lm_targets;
-    let diffusion_sum = if loss.diffusion_per_image.dims()[0] > 0 {
-        loss.diffusion_per_image.sum()
-    } else {
-        loss.diffusion
+    // [n_img]
+    let per_image = loss.diffusion_per_image;
+    let diffusion_sum = match image_weights {
+        _ if per_image.dims()[0] == 0 => loss.diffusion,
+        Some(w) => (per_image * NoiseSchedule::lookup(w, timesteps)).sum(),
+        None => per_image.sum(),
     };
     TaskLoss {
         sums: [lm_sum, diffusion_sum],
@@ -230,6 +243,8 @@ pub struct TransfusionTask<'h, B: AutodiffBackend> {
     device: B::Device,
     feed: Option<Feed>,
     preview: Option<&'h mut (dyn PreviewHook<B::InnerBackend> + 'static)>,
+    /// The diffusion loss weight of each timestep (`training.min_snr_gamma`), or uniform.
+    image_weights: Option<Vec<f64>>,
 }
 
 impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
@@ -258,6 +273,10 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
             step: 0,
             consistency: None,
         };
+        let gamma = cfg.training.min_snr_gamma;
+        let prediction = m.prediction.unwrap_or_default();
+        let image_weights = (gamma > 0.0)
+            .then(|| prediction.min_snr_weights(&NoiseSchedule::cosine(m.timesteps), gamma));
         Ok(Self {
             cfg: cfg.clone(),
             m,
@@ -267,6 +286,7 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
             device: device.clone(),
             feed: None,
             preview,
+            image_weights,
         })
     }
 }
@@ -382,7 +402,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
     }
 
     fn loss(&self, model: &Transfusion<B>, batch: TransfusionBatch<B>, _step: u64) -> TaskLoss<B> {
-        transfusion_loss(model, batch)
+        weighted_transfusion_loss(model, batch, self.image_weights.as_deref())
     }
 
     fn step_record(&self, f: &StepFigures) -> StepMetrics {

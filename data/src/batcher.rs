@@ -61,6 +61,8 @@ pub struct BatchArrays {
     pub targets: Vec<i64>,
     /// `[b, s]`.
     pub lm_mask: Vec<f32>,
+    /// `[m]`: the flat positions (`row * s + i`) where `lm_mask` is 1, in order.
+    pub text_targets: Vec<i64>,
     /// `[b, s]`.
     pub positions: Vec<i64>,
     /// `[b, s]`.
@@ -157,6 +159,13 @@ impl TransfusionBatcher {
             let span = row.span_ids();
             a.tokens.extend(row.tokens.iter().map(|&x| x as i64));
             a.targets.extend(targets.iter().map(|&x| x as i64));
+            let first = (r * s) as i64;
+            a.text_targets.extend(
+                mask.iter()
+                    .enumerate()
+                    .filter(|(_, &m)| m > 0.0)
+                    .map(|(i, _)| first + i as i64),
+            );
             a.lm_mask.extend(mask);
             a.positions.extend(row.positions.iter().map(|&x| x as i64));
             a.span_ids.extend(span.iter().map(|&x| x as i64));
@@ -206,6 +215,7 @@ impl TransfusionBatcher {
             tokens: int2(a.tokens),
             targets: int2(a.targets),
             lm_mask: Tensor::<B, 2>::from_data(TensorData::new(a.lm_mask, [b, s]), device),
+            text_targets: int1(a.text_targets),
             positions: int2(a.positions),
             span_ids: int2(a.span_ids),
             doc_ids: int2(a.doc_ids),

@@ -290,7 +290,8 @@ impl<B: Backend> Transfusion<B> {
     }
 
     /// The mean next-token loss over the batch's text targets and their count, from the
-    /// hidden states of [`Transfusion::forward_packed`].
+    /// hidden states of [`Transfusion::forward_packed`]: the LM head and the cross-entropy
+    /// run on the text-target rows only ([`TransfusionBatch::text_targets`]).
     ///
     /// # Shapes
     /// - `hidden`: `[b*s, d]`; output `[1]`, `[1]`
@@ -300,12 +301,18 @@ impl<B: Backend> Transfusion<B> {
         batch: &TransfusionBatch<B>,
     ) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let [b, s] = batch.tokens.dims();
-        let logits = self.lm_logits(hidden);
-        masked_cross_entropy(
-            logits,
-            batch.targets.clone().reshape([b * s]),
-            batch.lm_mask.clone().reshape([b * s]),
-        )
+        let device = hidden.device();
+        let m = batch.text_targets.dims()[0];
+        // No text target: one row counted with weight 0 (a zero loss, zero gradients).
+        let (rows, mask) = if m > 0 {
+            (batch.text_targets.clone(), Tensor::ones([m], &device))
+        } else {
+            (Tensor::zeros([1], &device), Tensor::zeros([1], &device))
+        };
+        // [m, d] -> [m, v]
+        let logits = self.lm_logits(hidden.select(0, rows.clone()));
+        let targets = batch.targets.clone().reshape([b * s]).select(0, rows);
+        masked_cross_entropy(logits, targets, mask)
     }
 
     /// The training forward pass: noises the batch's latents, runs the whole packed

@@ -107,6 +107,12 @@ fn batch_index_tensors_are_exact_and_round_trip() {
         );
         assert_eq!(mask[r * s..(r + 1) * s], m[..]);
     }
+    // The text-target rows are exactly the positions the mask counts, in order.
+    let rows_counted: Vec<i64> = (0..mask.len() as i64)
+        .filter(|&i| mask[i as usize] > 0.0)
+        .collect();
+    assert!(!rows_counted.is_empty());
+    assert_eq!(ints(batch.text_targets.to_data()), rows_counted);
     // Round trip: the same documents, images, latents and timesteps.
     let back = unpack_batch(&batch, PAD).unwrap();
     assert_eq!(back.len(), rows.len());

@@ -210,6 +210,32 @@ fn loss_parts_follow_their_definitions() {
     assert_eq!(loss.lm_targets.into_scalar(), 14.0);
 }
 
+/// The LM loss runs the head on the text-target rows only: the same mean as the masked
+/// cross-entropy over every position; with no text target it is 0 over 0 targets.
+#[test]
+fn lm_loss_over_text_rows_equals_the_masked_loss_over_all_rows() {
+    use transfusion_model::loss::masked_cross_entropy;
+    let dev = Default::default();
+    let cfg = test_config();
+    let model = cfg.init::<B>(&dev);
+    let batch = mixed_batch::<B>(&cfg, &dev);
+    let [b, s] = batch.tokens.dims();
+    let (hidden, _) = model.forward_packed(&batch, None);
+    let (lm, count) = model.lm_loss(hidden.clone(), &batch);
+    let (want, want_count) = masked_cross_entropy(
+        model.lm_logits(hidden.clone()),
+        batch.targets.clone().reshape([b * s]),
+        batch.lm_mask.clone().reshape([b * s]),
+    );
+    let (lm, want): (f32, f32) = (lm.into_scalar(), want.into_scalar());
+    assert!((lm - want).abs() <= 1e-6 * want.abs(), "{lm} vs {want}");
+    assert_eq!(count.into_scalar(), want_count.into_scalar());
+    let mut none = batch.clone();
+    none.text_targets = Tensor::zeros([0], &dev);
+    let (lm, count) = model.lm_loss(hidden, &none);
+    assert_eq!((lm.into_scalar(), count.into_scalar()), (0.0, 0.0));
+}
+
 /// Full forward of a single text+image row versus: prefix appended to the cache, the image
 /// run read-only (twice, the cache must not grow), then appended, then the rest token by
 /// token.

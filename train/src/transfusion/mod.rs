@@ -142,8 +142,10 @@ pub fn weighted_transfusion_loss<B: AutodiffBackend>(
 
 /// The units the two parts of [`transfusion_loss`] sum over: text targets and images.
 pub fn batch_units<B: Backend>(batch: &TransfusionBatch<B>) -> [u64; 2] {
-    let targets: f32 = batch.lm_mask.clone().sum().into_scalar().elem();
-    [targets.round() as u64, batch.num_images() as u64]
+    [
+        batch.text_targets.dims()[0] as u64,
+        batch.num_images() as u64,
+    ]
 }
 
 /// [`crate::engine::accumulate`] with the Transfusion loss over `batches` (one step on one

@@ -113,10 +113,14 @@ pub fn build_batch<B: Backend>(
         .map(|i| ((i as f32) * 1.13 + 0.5).cos())
         .collect();
     let int2 = |v: Vec<i64>| Tensor::<B, 1, Int>::from_ints(v.as_slice(), device).reshape([b, s]);
+    let text_targets: Vec<i64> = (0..lm_mask.len() as i64)
+        .filter(|&i| lm_mask[i as usize] > 0.0)
+        .collect();
     TransfusionBatch {
         tokens: int2(tokens),
         targets: int2(targets),
         lm_mask: Tensor::<B, 1>::from_floats(lm_mask.as_slice(), device).reshape([b, s]),
+        text_targets: Tensor::from_ints(text_targets.as_slice(), device),
         positions: int2(positions),
         span_ids: int2(span),
         doc_ids: int2(doc),

@@ -10,6 +10,7 @@
 //! `B: AutodiffBackend`; the binary picks the backend with
 //! `transfusion_infer::device::dispatch`). A run directory holds the run config,
 //! `metrics.jsonl`, `loss.png` and `checkpoints/step-N/` (see [`checkpoint`]).
+//! Errors are [`TrainError`] (naming the file, key or setting at fault).
 //!
 //! Loop, per optimizer step: `grad_accum` micro-batches (loss scaled by `1/grad_accum`,
 //! gradients summed with Burn's `GradientsAccumulator`), global-norm clipping, a

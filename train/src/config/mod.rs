@@ -252,7 +252,8 @@ pub struct TrainingSection {
     pub freeze_text: bool,
     /// Min-SNR-gamma weighting of the diffusion loss (Hang et al. 2023): each image's
     /// target MSE times `min(SNR_t, gamma) / SNR_t` (eps) or `/ (SNR_t + 1)` (v), i.e. its
-    /// `x_0` MSE times `min(SNR_t, gamma)`. 0 (default): uniform over `t`. Usual: 5.
+    /// `x_0` MSE times `min(SNR_t, gamma)`, the weights scaled to mean 1 over the timesteps
+    /// so that `lambda` keeps its balance. 0 (default): uniform over `t`. Usual: 5.
     #[serde(default)]
     pub min_snr_gamma: f64,
 }

@@ -277,8 +277,12 @@ impl<'h, B: AutodiffBackend> TransfusionTask<'h, B> {
         };
         let gamma = cfg.training.min_snr_gamma;
         let prediction = m.prediction.unwrap_or_default();
-        let image_weights = (gamma > 0.0)
-            .then(|| prediction.min_snr_weights(&NoiseSchedule::cosine(m.timesteps), gamma));
+        let image_weights = (gamma > 0.0).then(|| {
+            let w = prediction.min_snr_weights(&NoiseSchedule::cosine(m.timesteps), gamma);
+            // Mean 1 over the uniformly drawn timesteps: lambda keeps its balance.
+            let mean = w.iter().sum::<f64>() / w.len() as f64;
+            w.iter().map(|x| x / mean).collect()
+        });
         Ok(Self {
             cfg: cfg.clone(),
             m,

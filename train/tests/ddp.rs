@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use burn::module::Module;
-use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
+use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, tiny_pipeline, B};
 use transfusion_train::checkpoint::read_state;
-use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::ddp::{run_training_ddp, CollectiveSync};
 use transfusion_train::engine::accumulate;
 use transfusion_train::transfusion::{batch_units, transfusion_loss};
@@ -49,10 +48,8 @@ fn max_weight_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {
 #[test]
 fn all_reduced_gradients_equal_one_device_over_the_global_batch() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let cfg = tiny_cfg(10);
-    let tok = Arc::new(load_tokenizer(&cfg, None).unwrap());
     let m = tiny_model();
-    let mut pipe = build_pipeline(&cfg, &m, &tok, Split::Train, 2).unwrap();
+    let mut pipe = tiny_pipeline();
     let device: burn::tensor::Device<B> = Default::default();
     let model = transfusion_train::transfusion::seeded_init::<B>(&m, &device, 7);
     // The first batch of the stream and the next one whose counts differ from it.

@@ -9,7 +9,7 @@ mod modality;
 
 use std::sync::Arc;
 
-use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, B};
+use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, tiny_pipeline, B};
 use transfusion_data::packing::PackedRow;
 use transfusion_data::sequence::MixedSequence;
 use transfusion_train::checkpoint::{latest_checkpoint, list_checkpoints, read_state};
@@ -423,10 +423,8 @@ fn bf16_trains_on_flex_with_f32_weights_and_is_refused_on_ndarray_before_any_wor
 fn min_snr_weighting_scales_each_image_by_its_timestep_weight() {
     use transfusion_model::{NoiseSchedule, Prediction};
     use transfusion_train::transfusion::{transfusion_loss, weighted_transfusion_loss};
-    let cfg = tiny_cfg(10);
-    let tok = Arc::new(load_tokenizer(&cfg, None).unwrap());
     let m = tiny_model();
-    let mut pipe = build_pipeline(&cfg, &m, &tok, Split::Train, 2).unwrap();
+    let mut pipe = tiny_pipeline();
     let device: burn::tensor::Device<B> = Default::default();
     let model = transfusion_train::transfusion::seeded_init::<B>(&m, &device, 7);
     let batch = (0..30)

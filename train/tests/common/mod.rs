@@ -54,6 +54,14 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// The training pipeline of `tiny_cfg` over `tiny_model` with rows of 2.
+pub fn tiny_pipeline() -> transfusion_data::pipeline::DataPipeline {
+    let cfg = tiny_cfg(10);
+    let tok = std::sync::Arc::new(transfusion_train::data::load_tokenizer(&cfg, None).unwrap());
+    let split = transfusion_train::data::Split::Train;
+    transfusion_train::data::build_pipeline(&cfg, &tiny_model(), &tok, split, 2).unwrap()
+}
+
 /// Run options without a progress bar.
 pub fn quiet(out: &std::path::Path) -> RunOptions {
     let mut o = RunOptions::new(out);

@@ -3,7 +3,6 @@
 //! weight bit-identical (through EMA and a resume) while the image side trains.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
@@ -12,13 +11,12 @@ use transfusion_infer::pipeline::Pipeline;
 use transfusion_infer::text::TextOptions;
 use transfusion_model::{ModalityWeights, Transfusion};
 use transfusion_train::checkpoint::latest_checkpoint;
-use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::engine::RAW_WEIGHTS_FILE;
 use transfusion_train::llm_import::{import_llm, ImportOptions};
 use transfusion_train::transfusion::seeded_init;
 use transfusion_train::{run_training, TrainHooks};
 
-use crate::common::{quiet, tensors, tiny_cfg, tiny_model, B};
+use crate::common::{quiet, tensors, tiny_cfg, tiny_model, tiny_pipeline, B};
 
 type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
 
@@ -37,10 +35,8 @@ fn param_ids<M: Module<B>>(m: &M) -> Vec<String> {
 
 #[test]
 fn untied_copies_compute_exactly_what_shared_weights_compute() {
-    let cfg = tiny_cfg(10);
-    let tok = Arc::new(load_tokenizer(&cfg, None).unwrap());
     let m = tiny_model();
-    let mut pipe = build_pipeline(&cfg, &m, &tok, Split::Train, 2).unwrap();
+    let mut pipe = tiny_pipeline();
     let device = Default::default();
     let shared: Transfusion<B> = seeded_init(&m, &device, 3);
     let untied = shared.clone().untie_modalities();

@@ -481,6 +481,9 @@ fn the_training_layout_and_the_inference_rows_compute_the_same_thing() {
     assert_eq!(mask[eoi], 1.0, "the target after EOI is EOS");
     mask[eoi] = 0.0;
     batch.lm_mask = Tensor::from_data(TensorData::new(mask, [1, 48]), &Default::default());
+    let rows: Vec<i64> = batch.text_targets.clone().into_data().to_vec().unwrap();
+    let rows: Vec<i64> = rows.into_iter().filter(|&i| i != eoi as i64).collect();
+    batch.text_targets = Tensor::from_ints(rows.as_slice(), &Default::default());
     let x_t = model.schedule().q_sample(
         batch.latents.clone(),
         batch.noise.clone(),

@@ -7,5 +7,6 @@
 mod common;
 
 mod cli;
+mod error_report;
 mod pipeline;
 mod vae_pipeline;

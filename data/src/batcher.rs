@@ -59,9 +59,7 @@ pub struct BatchArrays {
     pub tokens: Vec<i64>,
     /// `[b, s]`.
     pub targets: Vec<i64>,
-    /// `[b, s]`.
-    pub lm_mask: Vec<f32>,
-    /// `[m]`: the flat positions (`row * s + i`) where `lm_mask` is 1, in order.
+    /// `[m]`: the flat positions (`row * s + i`) where the LM loss counts, in order.
     pub text_targets: Vec<i64>,
     /// `[b, s]`.
     pub positions: Vec<i64>,
@@ -166,7 +164,6 @@ impl TransfusionBatcher {
                     .filter(|(_, &m)| m > 0.0)
                     .map(|(i, _)| first + i as i64),
             );
-            a.lm_mask.extend(mask);
             a.positions.extend(row.positions.iter().map(|&x| x as i64));
             a.span_ids.extend(span.iter().map(|&x| x as i64));
             a.doc_ids.extend(row.doc_ids.iter().map(|&x| x as i64));
@@ -214,7 +211,6 @@ impl TransfusionBatcher {
         TransfusionBatch {
             tokens: int2(a.tokens),
             targets: int2(a.targets),
-            lm_mask: Tensor::<B, 2>::from_data(TensorData::new(a.lm_mask, [b, s]), device),
             text_targets: int1(a.text_targets),
             positions: int2(a.positions),
             span_ids: int2(a.span_ids),

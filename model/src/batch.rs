@@ -21,11 +21,9 @@ pub struct TransfusionBatch<B: Backend> {
     pub tokens: Tensor<B, 2, Int>,
     /// Next-token targets (the id at position `i + 1`). Shape `[b, s]`.
     pub targets: Tensor<B, 2, Int>,
-    /// 1.0 where the LM loss counts (text predicting text), 0.0 at padding, at image
-    /// positions and wherever the target is a patch. Shape `[b, s]`.
-    pub lm_mask: Tensor<B, 2>,
-    /// The flat positions (`row * s + i`) where `lm_mask` is 1, in order: the LM head and
-    /// cross-entropy run on these rows only. Shape `[m]`.
+    /// The flat positions (`row * s + i`) where the LM loss counts (text predicting text;
+    /// never padding, an image position or a position whose target is a patch), in order:
+    /// the LM head and cross-entropy run on these rows only. Shape `[m]`.
     pub text_targets: Tensor<B, 1, Int>,
     /// RoPE position ids; they restart at 0 for each packed document. Shape `[b, s]`.
     pub positions: Tensor<B, 2, Int>,
@@ -69,7 +67,6 @@ impl<B: Backend> TransfusionBatch<B> {
         Self {
             tokens: self.tokens.to_device(device),
             targets: self.targets.to_device(device),
-            lm_mask: self.lm_mask.to_device(device),
             text_targets: self.text_targets.to_device(device),
             positions: self.positions.to_device(device),
             span_ids: self.span_ids.to_device(device),

@@ -93,7 +93,7 @@ pub fn distill_batch<B: Backend>(
             Ok(batcher.to_tensors::<B>(batcher.arrays(&uncond)?, device))
         })
         .transpose()?;
-    let text_targets = arrays.lm_mask.iter().filter(|&&m| m > 0.0).count() as u64;
+    let text_targets = arrays.text_targets.len() as u64;
     Ok(DistillBatch {
         text_targets,
         packed: batcher.to_tensors::<B>(arrays, device),

@@ -197,7 +197,6 @@ fn lift_batch<B: AutodiffBackend>(b: TransfusionBatch<B::InnerBackend>) -> Trans
     TransfusionBatch {
         tokens: Tensor::from_inner(b.tokens),
         targets: Tensor::from_inner(b.targets),
-        lm_mask: Tensor::from_inner(b.lm_mask),
         text_targets: Tensor::from_inner(b.text_targets),
         positions: Tensor::from_inner(b.positions),
         span_ids: Tensor::from_inner(b.span_ids),

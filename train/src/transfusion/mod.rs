@@ -398,7 +398,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
             return Ok(None);
         }
         let arrays = feed.batcher().arrays(&rows)?;
-        let targets = arrays.lm_mask.iter().filter(|&&m| m > 0.0).count() as u64;
+        let targets = arrays.text_targets.len() as u64;
         let work = Work {
             tokens: rows.iter().map(|r| r.used() as u64).sum(),
             images: arrays.n_img as u64,

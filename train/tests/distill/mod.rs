@@ -104,7 +104,7 @@ fn the_batch_redraws_generation_images_and_pairs_them_with_unconditional_rows() 
     let plain = batcher.arrays(&rows).unwrap();
     let a = make(0);
     assert_eq!(a.generation, vec![0, 2]);
-    let targets = plain.lm_mask.iter().filter(|&&m| m > 0.0).count() as u64;
+    let targets = plain.text_targets.len() as u64;
     assert_eq!(a.text_targets, targets);
     assert!(targets > 0);
     let t: Vec<i64> = a.packed.timesteps.to_data().to_vec().unwrap();

@@ -119,7 +119,6 @@ pub fn build_batch<B: Backend>(
     TransfusionBatch {
         tokens: int2(tokens),
         targets: int2(targets),
-        lm_mask: Tensor::<B, 1>::from_floats(lm_mask.as_slice(), device).reshape([b, s]),
         text_targets: Tensor::from_ints(text_targets.as_slice(), device),
         positions: int2(positions),
         span_ids: int2(span),

@@ -9,6 +9,7 @@ use transfusion_infer::checkpoint::load_meta;
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_infer::pipeline::ImageOptions;
 use transfusion_infer::sampler::SamplerKind;
+use transfusion_train::config::ConfigOverride;
 use transfusion_train::demo::{run_demo, DemoOptions};
 
 /// Flags of `demo`.
@@ -44,6 +45,10 @@ pub struct DemoArgs {
     /// Min-SNR-gamma weighting of the diffusion loss (0: uniform over timesteps).
     #[arg(long, default_value_t = 0.0)]
     pub min_snr_gamma: f64,
+    /// Set one key of the demo's experiment config (as `run --print-config` shows it):
+    /// KEY=VALUE, e.g. `--set data.noise_limit=250` (repeatable; the recipe ablations).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<ConfigOverride>,
     /// Score this checkpoint (e.g. assets/demo-checkpoint) instead of training one.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -85,5 +90,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     opts.checkpoint = a.checkpoint;
     opts.ema_decay = a.ema_decay;
     opts.min_snr_gamma = a.min_snr_gamma;
+    opts.overrides = a.set;
     dispatch(a.device, DemoTask(opts))?
 }

@@ -10,7 +10,7 @@ use transfusion_data::source::SourceSpec;
 use transfusion_infer::device::{dispatch, BackendTask};
 use transfusion_model::Precision;
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
-use transfusion_train::config::ExperimentConfig;
+use transfusion_train::config::{ConfigOverride, ExperimentConfig};
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
 use super::ddp;
@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// training.freeze_text).
     #[arg(long)]
     pub freeze_text: bool,
+    /// Set one config key, after the file and the other flags: KEY=VALUE with a dotted
+    /// TOML key and a TOML value, e.g. `--set data.noise_limit=250` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<ConfigOverride>,
     /// Print the resolved config as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -154,6 +158,7 @@ pub fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option
     if let Some(i) = &a.init {
         cfg.model.init = Some(i.clone());
     }
+    let mut cfg = cfg.with_overrides(&a.set)?;
     cfg.apply_init(dir.as_deref())?;
     Ok((cfg, dir))
 }

@@ -24,8 +24,10 @@ use transfusion_data::source::SourceSpec;
 use transfusion_model::{ModalityWeights, Precision, Prediction, TransfusionConfig};
 
 mod init;
+mod overrides;
 mod toml_file;
 mod validate;
+pub use overrides::ConfigOverride;
 pub use validate::validate_optimizer;
 
 /// A configuration error naming the offending key (dotted path as in the TOML file).

@@ -35,6 +35,7 @@ use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
 
+use crate::config::ConfigOverride;
 use crate::engine::RunOptions;
 use crate::error::{Result, TrainError};
 use crate::metrics::EvalMetrics;
@@ -76,6 +77,8 @@ pub struct DemoOptions {
     pub ema_decay: f64,
     /// Min-SNR-gamma weighting of the diffusion loss (`training.min_snr_gamma`; 0: uniform).
     pub min_snr_gamma: f64,
+    /// `--set KEY=VALUE` overrides of the experiment config, applied last.
+    pub overrides: Vec<ConfigOverride>,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -95,6 +98,7 @@ impl DemoOptions {
             d_model: None,
             ema_decay: 0.0,
             min_snr_gamma: 0.0,
+            overrides: Vec::new(),
             progress: true,
         }
     }
@@ -151,7 +155,7 @@ pub fn demo_config(opts: &DemoOptions, tokenizer: &Path) -> Result<ExperimentCon
         cfg.model.preset = None;
         cfg.model.config = Some(model);
     }
-    Ok(cfg)
+    Ok(cfg.with_overrides(&opts.overrides)?)
 }
 
 /// Runs the whole demo on backend `B`.

@@ -30,7 +30,7 @@ INFER=$TARGET/transfusion
 # Figures of one round, one "name value" line each.
 ours() {
   "$TRAIN" bench --preset tiny --device cpu --steps 10 --warmup 3 --json |
-    "$PY" -c 'import json,sys; print("train_ms", json.load(sys.stdin)["step_ms_median"])'
+    "$PY" -c 'import json,sys; r = json.load(sys.stdin); print("train_ms", r["step_ms_median"]); print("forward_ops", r["forward_ops"])'
   "$INFER" --device cpu bench --preset tiny --no-recompute --ddpm-steps 1 --ddim-steps 1 \
     --batch 1 --prompt-tokens 64 --text-tokens 64 --cfg 3 |
     "$PY" -c '
@@ -40,11 +40,15 @@ for line in sys.stdin:
         print("diffusion_ms", line.split()[-2])
     if line.startswith("text tokens/s (kv cache)"):
         print("text_tok_s", line.split()[-2])
+    if line.startswith("float tensor ops per diffusion step (kv cache, with CFG)"):
+        print("step_ops", line.split()[-2])
 '
 }
 theirs() {
   echo "train_ms $("$PY" $REF train --threads "$THREADS" --steps 10 --warmup 3 | cut -d' ' -f2)"
+  echo "forward_ops $("$PY" $REF train --threads "$THREADS" --count-ops | cut -d' ' -f2)"
   echo "diffusion_ms $("$PY" $REF diffusion --threads "$THREADS" --prompt-tokens 64 --cfg 3 | cut -d' ' -f2)"
+  echo "step_ops $("$PY" $REF diffusion --threads "$THREADS" --prompt-tokens 64 --cfg 3 --count-ops | cut -d' ' -f2)"
   echo "text_tok_s $("$PY" $REF text --threads "$THREADS" --prompt-tokens 64 --text-tokens 64 | cut -d' ' -f2)"
 }
 
@@ -66,9 +70,12 @@ for what, label, slower in [
     ("train_ms", "training step, 8x128 packed (ms)", lambda o, t: o / t),
     ("diffusion_ms", "kv-cached diffusion step with CFG, batch 1 (ms)", lambda o, t: o / t),
     ("text_tok_s", "kv-cached text decoding (tokens/s)", lambda o, t: t / o),
+    ("forward_ops", "float tensor ops, one training forward pass", lambda o, t: o / t),
+    ("step_ops", "float tensor ops, one cached diffusion step with CFG", lambda o, t: o / t),
 ]:
     o, t = med("ours", what), med("torch", what)
     print(f"{label:<52} {o:>10.2f} {t:>10.2f} {slower(o, t):>12.2f}x")
-print("(last column: how many times longer this project takes; 1.00x or less is the bar)")
+print("(last column: how many times longer this project takes, or how many more ops it runs;")
+print(" 1.00x or less is the bar for the times)")
 EOF
 rm -f "$log"

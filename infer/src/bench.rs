@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::error::Result;
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 
 use crate::context::{CachePolicy, Rows};
 use crate::pipeline::{ImageOptions, Pipeline};
@@ -152,8 +153,14 @@ fn cfg_label(cfg: f64) -> &'static str {
 
 /// Tokens/s of decoding `n` tokens after a prompt (argmax, no early stop).
 fn text_rate<B: Backend>(pipe: &Pipeline<B>, prompt: &str, n: usize) -> Result<f64> {
-    let ids = pipe.encode_prompt(prompt)?;
     let start = Instant::now();
+    decode_tokens(pipe, prompt, n)?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Prefills `prompt` and decodes `n` tokens greedily (no early stop).
+fn decode_tokens<B: Backend>(pipe: &Pipeline<B>, prompt: &str, n: usize) -> Result<()> {
+    let ids = pipe.encode_prompt(prompt)?;
     let pad = pipe.meta.special_tokens.pad;
     let (mut rows, mut hidden) = Rows::start(&pipe.model, &[ids], pipe.cache_policy, pad, None);
     for _ in 0..n {
@@ -166,7 +173,69 @@ fn text_rate<B: Backend>(pipe: &Pipeline<B>, prompt: &str, n: usize) -> Result<f
         hidden = rows.push_tokens(&pipe.model, &[id], None);
     }
     let _ = pipe.logits(hidden);
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    Ok(())
+}
+
+/// The next value of the autodiff graph's node counter: every float tensor made on an
+/// autodiff backend (an op's output or a leaf) takes one id from one process-wide counter.
+fn autodiff_node_counter() -> u64 {
+    burn::backend::autodiff::NodeId::new().value
+}
+
+/// `f`'s result and the float tensor ops it ran on autodiff backends: one graph node per
+/// float op output or leaf tensor (matrix products, element-wise ops, reductions, reshapes
+/// and copies alike; integer and boolean ops are not counted). The counter is
+/// process-wide: nothing else may run autodiff ops meanwhile.
+pub fn float_ops<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = autodiff_node_counter();
+    let out = f();
+    (out, autodiff_node_counter() - before - 1)
+}
+
+/// Float tensor ops (see [`float_ops`]) of one KV-cached diffusion step at `opts.cfg` and
+/// of one cached text token after the benchmark's prompt, on a pipeline over an autodiff
+/// backend (the same model as the timed one): the difference between two and one step (or
+/// token), so the prompt's prefill and the setup are not counted.
+pub fn op_counts<B: AutodiffBackend>(
+    pipe: &mut Pipeline<B>,
+    opts: &BenchOptions,
+    report: &mut BenchReport,
+) -> Result<()> {
+    let prompt = prompt_text(pipe, opts.prompt_tokens);
+    pipe.cache_policy = CachePolicy::Cached;
+    let image = |steps: usize| {
+        let o = ImageOptions {
+            num: 1,
+            steps,
+            sampler: SamplerKind::Ddim,
+            cfg: opts.cfg,
+            seed: 0,
+        };
+        float_ops(|| image_secs(pipe, &prompt, &o))
+    };
+    let ((one, a), (two, b)) = (image(1), image(2));
+    one?;
+    two?;
+    report.push(
+        format!(
+            "float tensor ops per diffusion step (kv cache, {})",
+            cfg_label(opts.cfg)
+        ),
+        (b - a) as f64,
+        "ops",
+    );
+    let ((one, a), (two, b)) = (
+        float_ops(|| decode_tokens(pipe, &prompt, 1)),
+        float_ops(|| decode_tokens(pipe, &prompt, 2)),
+    );
+    one?;
+    two?;
+    report.push(
+        "float tensor ops per text token (kv cache)",
+        (b - a) as f64,
+        "ops",
+    );
+    Ok(())
 }
 
 /// Runs every measurement, calling `on_figure` with each figure as it is measured.

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use transfusion_data::image::{center_crop_resize, image_grid, load_image, save_png};
 use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_infer::bench::{run_bench, BenchOptions};
+use transfusion_infer::bench::{op_counts, run_bench, BenchOptions};
 use transfusion_infer::checkpoint::{AutoencoderRef, ModelMeta};
 use transfusion_infer::error::report;
 use transfusion_infer::{
@@ -358,7 +358,18 @@ impl BackendTask for Task {
                     cfg: c.cfg,
                     recompute: !c.no_recompute,
                 };
-                run_bench(&mut pipe, &opts, |figure| println!("{figure}"))?;
+                let mut report = run_bench(&mut pipe, &opts, |figure| println!("{figure}"))?;
+                drop(pipe);
+                // The same model on the autodiff backend, whose graph counts the ops.
+                let mut counted = match (&c.checkpoint, &c.preset) {
+                    (Some(dir), _) => Pipeline::<B>::load(dir, &device)?,
+                    (None, Some(name)) => {
+                        preset_pipeline::<B>(name, c.tokenizer.as_deref(), &device)?
+                    }
+                    (None, None) => unreachable!("refused above"),
+                }
+                .with_precision(precision)?;
+                op_counts(&mut counted, &opts, &mut report)?;
             }
         }
         Ok(())

@@ -242,7 +242,30 @@ def time_train(args):
         out = model.decode_images(flat[batch["patch_rows"]].view(n, c.patches, c.d))
         return lm + c.lam * F.mse_loss(out.float(), eps)
 
+    if args.count_ops:
+        return count_float_ops(train_loss), "forward_ops"
     return timed(step, args.warmup, args.steps), "ms_per_step"
+
+
+def count_float_ops(f):
+    """Aten operations with a floating-point result that one call of `f` dispatches: the
+    counterpart of `transfusion-train bench`'s forward ops (float tensor ops of the forward
+    pass; integer and boolean ops not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            first = out[0] if isinstance(out, (tuple, list)) and out else out
+            if isinstance(first, torch.Tensor) and first.is_floating_point():
+                Count.n += 1
+            return out
+
+    with Count():
+        f()
+    return Count.n
 
 
 def prefix_cache(model, c, rows, prompt):
@@ -280,6 +303,8 @@ def time_diffusion(args):
         state["x"] = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         state["t"] = max(t - 20, 20)
 
+    if args.count_ops:
+        return count_float_ops(step), "step_ops"
     return timed(step, args.warmup, args.steps), "ms_per_step"
 
 
@@ -341,6 +366,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--preset", default="tiny", help="tiny or paper_160m")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="print the float ops of one training forward pass (train) or of one "
+                         "diffusion step (diffusion) instead of timing")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
                     help="bf16: autocast the training forward pass")
     args = ap.parse_args()
@@ -348,7 +376,7 @@ def main():
     torch.set_default_device(args.device)
     torch.manual_seed(0)
     value, unit = {"train": time_train, "diffusion": time_diffusion, "text": time_text}[args.what](args)
-    print(f"{unit} {value:.2f}")
+    print(f"{unit} {value:.2f}" if isinstance(value, float) else f"{unit} {value}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ use transfusion_data::shapes::ShapesGenerator;
 use transfusion_data::source::{open_source, SourceOptions, SourceSpec};
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_data::DataError;
+use transfusion_infer::bench::float_ops;
 use transfusion_model::{Precision, TransfusionConfig};
 
 use crate::config::OptimizerSection;
@@ -69,6 +70,9 @@ pub struct BenchReport {
     /// optimizer and activations on CPU backends; host memory only on GPU backends (Burn
     /// 0.21 exposes no portable peak device-memory statistic).
     pub peak_host_memory: Option<u64>,
+    /// Float tensor ops of the forward pass per step (median over the timed steps; see
+    /// [`float_ops`]); the backward pass is not counted.
+    pub forward_ops: u64,
 }
 
 /// Peak resident set size of this process (`VmHWM` in `/proc/self/status`), if readable.
@@ -157,13 +161,14 @@ pub fn run_bench<B: AutodiffBackend>(
         crate::transfusion::seeded_init::<B>(m, device, 0).with_precision(cfg.precision);
     let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();
     let mut times = vec![];
+    let mut ops = vec![];
     let (mut tokens, mut images) = (0u64, 0u64);
     for (i, rows) in all_rows.into_iter().enumerate() {
         let used: u64 = rows.iter().map(|r| r.used() as u64).sum();
         let imgs: u64 = rows.iter().map(|r| r.images.len() as u64).sum();
         let batch = pipe.batcher().batch::<B>(rows, device)?;
         let start = Instant::now();
-        let loss = model.forward_loss(batch);
+        let (loss, forward_ops) = float_ops(|| model.forward_loss(batch));
         let mut grads = GradientsParams::from_grads(loss.total.backward(), &model);
         clip_global_norm::<B, _>(&model, &mut grads, 1.0);
         model = optim.step(1e-4, model, grads);
@@ -172,6 +177,7 @@ pub fn run_bench<B: AutodiffBackend>(
         let t = start.elapsed().as_secs_f64();
         if i >= cfg.warmup {
             times.push(t);
+            ops.push(forward_ops);
             tokens += used;
             images += imgs;
         }
@@ -195,5 +201,9 @@ pub fn run_bench<B: AutodiffBackend>(
         model_tflops,
         mfu: cfg.peak_tflops.map(|p| model_tflops / p),
         peak_host_memory: peak_host_memory(),
+        forward_ops: {
+            ops.sort_unstable();
+            ops[ops.len() / 2]
+        },
     })
 }

@@ -218,3 +218,88 @@ fn run_preset_tiny_trains_what_the_demo_trains() {
     assert_eq!(run.optimizer, demo.optimizer);
     assert_eq!(run.training.ema_decay, demo.training.ema_decay);
 }
+
+/// `--set KEY=VALUE`: values land at their dotted key (a float key takes an integer, a
+/// bare word is a string, TOML arrays parse); unknown keys and wrong types are errors
+/// naming the key; the rest of the config is untouched.
+#[test]
+fn overrides_set_dotted_keys_and_name_bad_ones() {
+    use transfusion_train::config::ConfigOverride;
+    let base = ExperimentConfig::from_toml_str(BASE).unwrap();
+    let set = |items: &[&str]| {
+        let o: Vec<ConfigOverride> = items.iter().map(|s| s.parse().unwrap()).collect();
+        base.with_overrides(&o)
+    };
+    let c = set(&[
+        "data.noise_limit=250",
+        "schedule.lr=1",
+        "data.tokenizer=assets/other.json",
+        "eval.timesteps=[10, 20]",
+        "training.min_snr_gamma = 5.0",
+    ])
+    .unwrap();
+    assert_eq!(c.data.noise_limit, 250);
+    assert_eq!(c.schedule.lr, 1.0);
+    assert_eq!(
+        c.data.tokenizer,
+        std::path::PathBuf::from("assets/other.json")
+    );
+    assert_eq!(c.eval.timesteps, vec![10, 20]);
+    assert_eq!(c.training.min_snr_gamma, 5.0);
+    let mut want = base.clone();
+    want.data.noise_limit = 250;
+    want.schedule.lr = 1.0;
+    want.data.tokenizer = "assets/other.json".into();
+    want.eval.timesteps = vec![10, 20];
+    want.training.min_snr_gamma = 5.0;
+    assert_eq!(c, want);
+    // Later overrides win.
+    let c = set(&["data.noise_limit=250", "data.noise_limit=100"]).unwrap();
+    assert_eq!(c.data.noise_limit, 100);
+    assert_eq!(set(&[]).unwrap(), base);
+    // Errors name the key.
+    assert_eq!(
+        set(&["data.nosie_limit=250"]).unwrap_err().key,
+        "data.nosie_limit"
+    );
+    assert_eq!(
+        set(&["data.noise_limit=ten"]).unwrap_err().key,
+        "data.noise_limit"
+    );
+    assert_eq!(set(&["seed.x=1"]).unwrap_err().key, "seed");
+    for bad in ["data.noise_limit", "data..x=1", "=3"] {
+        assert!(bad.parse::<ConfigOverride>().is_err(), "{bad}");
+    }
+}
+
+/// `bench` counts the forward pass's float tensor ops: the same batches through 1, 2 and 3
+/// layers give counts that grow by the same positive number per layer (a count of real
+/// per-layer work, not of something fixed), and the step figures are positive. It lives in
+/// this binary because the autodiff node counter is process-wide: no other test here runs
+/// a model at the same time.
+#[test]
+fn bench_counts_forward_ops_per_layer() {
+    use transfusion_train::bench::{run_bench, BenchConfig};
+    let tok = std::sync::Arc::new(
+        transfusion_train::data::load_tokenizer(&common::tiny_cfg(1), None).unwrap(),
+    );
+    let ops = |layers: usize| {
+        let mut model = common::tiny_model();
+        model.n_layers = layers;
+        let cfg = BenchConfig {
+            model,
+            batch_size: 2,
+            seq_len: 96,
+            steps: 1,
+            warmup: 0,
+            peak_tflops: None,
+            precision: transfusion_model::Precision::F32,
+        };
+        let r = run_bench::<common::B>(&cfg, &tok, &Default::default(), "cpu").unwrap();
+        assert!(r.step_ms_median > 0.0 && r.images_per_s > 0.0);
+        r.forward_ops
+    };
+    let (one, two, three) = (ops(1), ops(2), ops(3));
+    assert!(one > 0 && two > one, "{one} {two} {three}");
+    assert_eq!(three - two, two - one, "{one} {two} {three}");
+}

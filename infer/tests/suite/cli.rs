@@ -200,6 +200,8 @@ fn bench_runs_on_a_checkpoint_and_on_the_tiny_preset() {
         "images/s at batch 2",
         "text tokens/s (kv cache)",
         "text tokens/s (full recompute)",
+        "float tensor ops per diffusion step (kv cache, with CFG)",
+        "float tensor ops per text token (kv cache)",
     ] {
         assert!(report.contains(key), "missing `{key}` in\n{report}");
     }
@@ -208,6 +210,7 @@ fn bench_runs_on_a_checkpoint_and_on_the_tiny_preset() {
     let report = ok(&p);
     assert!(report.contains("images/s"));
     assert!(!report.contains("full recompute"));
+    assert!(report.contains("float tensor ops per diffusion step"));
     let err = fails(&["bench", "--preset", "huge"]);
     assert!(err.contains("unknown preset `huge`"), "{err}");
 }

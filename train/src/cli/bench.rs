@@ -69,6 +69,11 @@ impl BackendTask for BenchTask {
             r.step_ms_median, r.step_ms_mean
         );
         println!(
+            "forward pass: {} float tensor ops per step (autodiff graph nodes; integer and \
+             mask ops and the backward pass not counted)",
+            r.forward_ops
+        );
+        println!(
             "throughput: {:.0} positions/s, {:.0} tokens/s (non-padding), {:.1} images/s",
             r.positions_per_s, r.tokens_per_s, r.images_per_s
         );

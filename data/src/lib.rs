@@ -1,10 +1,11 @@
 //! Everything between files on disk and the model's input tensors: the tokenizer, image
 //! decoding and preprocessing, dataset readers for the formats users already have, the
-//! synthetic shapes set of the demo, mixed-modal sequence building, packing, batching and
+//! synthetic shapes and digits sets of the demos, mixed-modal sequence building, packing, batching and
 //! the latent cache.
 
 #![warn(missing_docs)]
 
+pub mod digits;
 pub mod error;
 pub mod image;
 pub mod shapes;

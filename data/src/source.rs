@@ -8,6 +8,7 @@
 //! | `coco:train2017,captions_train2017.json` | COCO images folder + captions file      |
 //! | `wds:shards/{0000..0099}.tar`          | WebDataset tar shards (brace expansion)   |
 //! | `shapes:10000`                         | 10000 synthetic shapes pairs              |
+//! | `digits:10000`                         | 10000 synthetic digit pairs               |
 //! | `latents:cache/`                       | a latent cache written by `cache_latents` |
 //!
 //! `@WEIGHT` (a positive number, default 1) is the source's share in a mixture.
@@ -20,12 +21,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::datasets::coco::{CocoCaptions, CocoSource};
 use crate::datasets::imagefolder::ImageFolderSource;
-use crate::datasets::synthetic::ShapesSource;
+use crate::datasets::synthetic::{DigitsSource, ShapesSource};
 use crate::datasets::text::{TextSource, TextSplit};
 use crate::datasets::wds::WdsSource;
 use crate::datasets::SampleSource;
 use crate::error::DataError;
 use crate::latent_cache::LatentCacheSource;
+use crate::digits::DigitsGenerator;
 use crate::shapes::ShapesGenerator;
 
 /// The format of a data source.
@@ -41,18 +43,21 @@ pub enum SourceKind {
     Wds,
     /// `N` synthetic shapes pairs.
     Shapes,
+    /// `N` synthetic digit pairs (the fine-distinction set).
+    Digits,
     /// A latent cache directory.
     Latents,
 }
 
 impl SourceKind {
     /// Every kind, in the order of the docs.
-    pub const ALL: [SourceKind; 6] = [
+    pub const ALL: [SourceKind; 7] = [
         SourceKind::Text,
         SourceKind::ImageFolder,
         SourceKind::Coco,
         SourceKind::Wds,
         SourceKind::Shapes,
+        SourceKind::Digits,
         SourceKind::Latents,
     ];
 
@@ -64,8 +69,15 @@ impl SourceKind {
             SourceKind::Coco => "coco",
             SourceKind::Wds => "wds",
             SourceKind::Shapes => "shapes",
+            SourceKind::Digits => "digits",
             SourceKind::Latents => "latents",
         }
+    }
+
+    /// Whether the source is generated (`shapes`, `digits`): its held-out split is a
+    /// different seed of the same generator, never a record trained on.
+    pub fn is_generated(self) -> bool {
+        matches!(self, SourceKind::Shapes | SourceKind::Digits)
     }
 }
 
@@ -123,12 +135,15 @@ pub fn parse_source_spec(spec: &str) -> Result<SourceSpec, DataError> {
         return Err(err("empty location".into()));
     }
     match kind {
-        SourceKind::Shapes => {
-            let n: usize = location
-                .parse()
-                .map_err(|_| err(format!("`shapes:N` needs a sample count, got `{location}`")))?;
+        SourceKind::Shapes | SourceKind::Digits => {
+            let name = kind.name();
+            let n: usize = location.parse().map_err(|_| {
+                err(format!(
+                    "`{name}:N` needs a sample count, got `{location}`"
+                ))
+            })?;
             if n == 0 {
-                return Err(err("`shapes:N` needs N >= 1".into()));
+                return Err(err(format!("`{name}:N` needs N >= 1")));
             }
         }
         SourceKind::Coco => {
@@ -193,11 +208,11 @@ pub struct SourceOptions {
     /// Shuffle WebDataset shard order per epoch (indexed sources are shuffled by the
     /// mixture's cursors instead).
     pub shuffle: bool,
-    /// Image side of generated `shapes` pairs, in pixels.
+    /// Image side of generated `shapes` and `digits` pairs, in pixels.
     pub shapes_image_size: u32,
     /// Most shapes per generated image (1 to 9).
     pub shapes_max_shapes: usize,
-    /// Seed of the shapes generator.
+    /// Seed of the shapes and digits generators (the split's).
     pub shapes_seed: u64,
 }
 
@@ -242,11 +257,16 @@ pub fn open_source(
             )?)
         }
         SourceKind::Wds => Box::new(WdsSource::open(loc, opts.shuffle, opts.seed, opts.strict)?),
-        SourceKind::Shapes => {
+        SourceKind::Shapes | SourceKind::Digits => {
             let n: usize = loc.parse().map_err(|_| DataError::Spec {
                 spec: spec.to_string(),
-                message: "`shapes:N` needs a sample count".into(),
+                message: format!("`{}:N` needs a sample count", spec.kind.name()),
             })?;
+            if spec.kind == SourceKind::Digits {
+                let generator =
+                    DigitsGenerator::new(opts.shapes_seed).with_image_size(opts.shapes_image_size);
+                return Ok(Box::new(DigitsSource::new(generator, n)));
+            }
             let generator = ShapesGenerator::new(opts.shapes_seed)
                 .with_image_size(opts.shapes_image_size)
                 .with_max_shapes(opts.shapes_max_shapes);

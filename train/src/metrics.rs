@@ -9,7 +9,7 @@ use crate::error::{Result, TrainError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use transfusion_data::files::write_file;
-use transfusion_data::source::{SourceKind, SourceSpec};
+use transfusion_data::source::SourceSpec;
 
 /// A line of a JSONL metrics file: any serializable record that knows its step (the
 /// Transfusion run's [`MetricsLine`], the VAE run's lines).
@@ -115,11 +115,11 @@ pub type StepMetrics = StepLine<TransfusionLosses>;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EvalSplit {
-    /// Data never trained on: the configured held-out sources, or generated shapes alone
-    /// (drawn with the held-out seed). Metrics files written before this field read as it.
+    /// Data never trained on: the configured held-out sources, or generated sets (shapes,
+    /// digits) alone (drawn with the held-out seed). Metrics files written before this field read as it.
     #[default]
     HeldOut,
-    /// The training sources, because no held-out source is configured: generated shapes
+    /// The training sources, because no held-out source is configured: generated sets
     /// switch to the held-out seed, but every other source's records are trained on.
     Training,
 }
@@ -128,7 +128,7 @@ impl EvalSplit {
     /// The split an evaluation over `held_out` (or, when empty, `train` with the held-out
     /// shapes seed) actually reads.
     pub fn of(held_out: &[SourceSpec], train: &[SourceSpec]) -> Self {
-        if !held_out.is_empty() || train.iter().all(|s| s.kind == SourceKind::Shapes) {
+        if !held_out.is_empty() || train.iter().all(|s| s.kind.is_generated()) {
             Self::HeldOut
         } else {
             Self::Training

@@ -212,6 +212,8 @@ fn run_preset_tiny_trains_what_the_demo_trains() {
     assert_eq!(run.model.prediction, Some(transfusion_model::Prediction::V));
     assert_eq!(run.data.p_caption_first, demo.data.p_caption_first);
     assert_eq!(run.data.caption_dropout, demo.data.caption_dropout);
+    assert_eq!(run.data.noise_limit, demo.data.noise_limit);
+    assert_eq!(run.data.noise_limit, 250); // the tiny recipe, not the paper's 500
     assert_eq!(run.training.seq_len, demo.training.seq_len);
     assert_eq!(run.training.batch_size, demo.training.batch_size);
     assert_eq!(run.schedule, demo.schedule);

@@ -163,3 +163,52 @@ fn the_captioned_grid_shows_each_image_above_its_caption_wrong_words_in_red() {
     assert!(!red.is_empty());
     assert!(red.iter().all(|&(x, y)| x < 36 && y > 32), "{red:?}");
 }
+
+/// `demo --dataset digits` in seconds: it trains on digits (the run's config says so),
+/// scores both directions and the training-image captions, and writes its files.
+#[test]
+fn fast_digits_demo_trains_on_digits_and_scores_both_directions() {
+    use transfusion_train::demo::{run_digits_demo, DemoDataset};
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DemoOptions::new(dir.path());
+    opts.train_budget = Duration::from_secs(60);
+    opts.steps = 4;
+    opts.eval_samples = 3;
+    opts.sampling_steps = 2;
+    opts.d_model = Some(32);
+    opts.progress = false;
+    // The dataset field is forced to digits whatever it says.
+    opts.dataset = DemoDataset::Shapes;
+    let report = run_digits_demo::<Autodiff<NdArray>>(&opts, &Default::default(), "cpu").unwrap();
+    assert_eq!(report.steps, 4);
+    for s in [
+        &report.image_to_text,
+        &report.image_to_text_training,
+        &report.text_to_image,
+    ] {
+        assert_eq!(s.count, 3);
+        assert!((0.0..=1.0).contains(&s.accuracy) && s.distinct <= 3);
+        assert_eq!(s.per_digit.len(), 10);
+    }
+    assert!((0.0..=1.0).contains(&report.text_to_image_iou));
+    assert!(report.held_out_perplexity.is_finite() && report.held_out_perplexity > 1.0);
+    let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    assert!(config.contains("digits:100000"), "{config}");
+    for f in ["report.json", "text_to_image.png", "image_to_text.png", "loss.png"] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+}
+
+#[test]
+fn digit_scores_count_right_answers_per_digit_and_distinct_answers() {
+    use transfusion_train::demo::digits::DigitScores;
+    let s = DigitScores::new(&[7, 7, 1, 3], &[Some(7), Some(1), Some(1), None]);
+    assert_eq!(s.count, 4);
+    assert_eq!(s.accuracy, 0.5);
+    assert_eq!(s.distinct, 2); // 7 and 1 were named
+    assert_eq!((s.per_digit[7], s.per_digit[1], s.per_digit[3]), (0.5, 1.0, 0.0));
+    assert!(s.per_digit[0].is_nan());
+    // A model that names one digit for everything.
+    let collapsed = DigitScores::new(&[0, 1, 2, 3], &[Some(5); 4]);
+    assert_eq!((collapsed.accuracy, collapsed.distinct), (0.0, 1));
+}

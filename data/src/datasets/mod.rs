@@ -7,6 +7,7 @@
 //! | `coco`        | [`coco`]          | indexed   |
 //! | `wds`         | [`wds`]           | streaming |
 //! | `shapes`      | [`synthetic`]     | indexed   |
+//! | `digits`      | [`synthetic`]     | indexed   |
 //! | `latents`     | [`crate::latent_cache`] | indexed |
 //!
 //! Indexed sources implement [`IndexedSource`], which gives their [`SampleSource`].

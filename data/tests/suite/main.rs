@@ -14,6 +14,7 @@ mod dataset_formats;
 mod dataset_mixture;
 mod dataset_spec;
 mod dataset_wds;
+mod digits_dataset;
 mod image_io;
 mod latents_cache;
 mod packing_invariants;

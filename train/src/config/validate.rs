@@ -62,7 +62,11 @@ impl ExperimentConfig {
         let uses_pixels = d.train.iter().chain(&d.held_out).any(|s| {
             matches!(
                 s.kind,
-                SourceKind::ImageFolder | SourceKind::Coco | SourceKind::Wds | SourceKind::Shapes
+                SourceKind::ImageFolder
+                    | SourceKind::Coco
+                    | SourceKind::Wds
+                    | SourceKind::Shapes
+                    | SourceKind::Digits
             )
         });
         if uses_pixels && (m.latent_channels != 3 || m.latent_size != d.image_size as usize) {

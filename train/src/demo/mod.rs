@@ -19,6 +19,7 @@
 //! preset's default); both made the difference between noise and drawings in this budget.
 
 pub mod captions;
+pub mod digits;
 pub mod score;
 
 use std::fmt::Write as _;
@@ -51,11 +52,42 @@ use score::{
 /// The demo tokenizer, embedded so the demo runs from any directory.
 const DEMO_TOKENIZER: &[u8] = include_bytes!("../../../assets/tokenizer.json");
 
+/// The synthetic set a demo trains on and is scored on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DemoDataset {
+    /// Coloured shapes: colour, shape, position and size (the main demo).
+    #[default]
+    Shapes,
+    /// White digits: only the outline tells the ten classes apart (fine distinctions).
+    Digits,
+}
+
+impl DemoDataset {
+    /// The set's name, as on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            DemoDataset::Shapes => "shapes",
+            DemoDataset::Digits => "digits",
+        }
+    }
+
+    /// The training source spec.
+    fn spec(self) -> &'static str {
+        match self {
+            DemoDataset::Shapes => "shapes:100000",
+            DemoDataset::Digits => "digits:100000",
+        }
+    }
+}
+
 /// Settings of a demo run.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
     /// Output directory.
     pub out: PathBuf,
+    /// The synthetic set trained on and scored.
+    pub dataset: DemoDataset,
     /// Wall-clock budget of the training part.
     pub train_budget: Duration,
     /// Optimizer steps planned (the lr schedule's length); training stops at the budget
@@ -88,6 +120,7 @@ impl DemoOptions {
     pub fn new(out: impl Into<PathBuf>) -> Self {
         Self {
             out: out.into(),
+            dataset: DemoDataset::Shapes,
             train_budget: Duration::from_secs(8 * 60),
             steps: 1500,
             eval_samples: 64,
@@ -138,7 +171,7 @@ pub struct DemoReport {
 /// The demo's experiment: the `tiny` preset's recipe (exactly what `run --preset tiny`
 /// trains, see [`ExperimentConfig::quick`]) on `shapes`, with the demo's cadence.
 pub fn demo_config(opts: &DemoOptions, tokenizer: &Path) -> Result<ExperimentConfig> {
-    let data = vec![parse_source_spec("shapes:100000")?];
+    let data = vec![parse_source_spec(opts.dataset.spec())?];
     let mut cfg = ExperimentConfig::quick("tiny", data, opts.steps);
     cfg.data.tokenizer = tokenizer.to_path_buf();
     cfg.training.log_every = 10;
@@ -158,12 +191,24 @@ pub fn demo_config(opts: &DemoOptions, tokenizer: &Path) -> Result<ExperimentCon
     Ok(cfg.with_overrides(&opts.overrides)?)
 }
 
-/// Runs the whole demo on backend `B`.
-pub fn run_demo<B: AutodiffBackend>(
+/// What the training part of a demo left (or, for `--checkpoint`, what was loaded).
+pub(crate) struct Trained {
+    /// Optimizer steps done (0 for a loaded checkpoint).
+    steps: u64,
+    /// Training wall-clock seconds.
+    train_seconds: f64,
+    /// The checkpoint scored.
+    checkpoint: PathBuf,
+    /// Its held-out evaluation.
+    eval: EvalMetrics,
+}
+
+/// Trains the demo's model (or takes `opts.checkpoint`), loads it for inference and
+/// measures its held-out losses.
+fn train_or_load<B: AutodiffBackend>(
     opts: &DemoOptions,
     device: &B::Device,
-    label: &str,
-) -> Result<DemoReport> {
+) -> Result<(Pipeline<B::InnerBackend>, Trained)> {
     let tokenizer = opts.out.join("tokenizer.json");
     write_file(&tokenizer, DEMO_TOKENIZER)?;
     let (steps, train_seconds, checkpoint, eval) = match &opts.checkpoint {
@@ -171,7 +216,8 @@ pub fn run_demo<B: AutodiffBackend>(
         None => {
             let cfg = demo_config(opts, &tokenizer)?;
             eprintln!(
-                "demo: training the tiny preset on synthetic shapes for at most {:.1} min",
+                "demo: training the tiny preset on synthetic {} for at most {:.1} min",
+                opts.dataset.name(),
                 opts.train_budget.as_secs_f64() / 60.0
             );
             let start = Instant::now();
@@ -200,6 +246,46 @@ pub fn run_demo<B: AutodiffBackend>(
         Some(e) => e,
         None => held_out_eval(opts, &tokenizer, &pipeline, device)?,
     };
+    let trained = Trained {
+        steps,
+        train_seconds,
+        checkpoint,
+        eval,
+    };
+    Ok((pipeline, trained))
+}
+
+/// Runs the digits demo (`opts.dataset` is taken as [`DemoDataset::Digits`]) on backend `B`.
+pub fn run_digits_demo<B: AutodiffBackend>(
+    opts: &DemoOptions,
+    device: &B::Device,
+    label: &str,
+) -> Result<digits::DigitsReport> {
+    let opts = DemoOptions {
+        dataset: DemoDataset::Digits,
+        ..opts.clone()
+    };
+    let (pipeline, trained) = train_or_load::<B>(&opts, device)?;
+    eprintln!(
+        "demo: evaluating {} held-out prompts and images",
+        opts.eval_samples
+    );
+    digits::evaluate_digits(&opts, &pipeline, trained, label)
+}
+
+/// Runs the whole (shapes) demo on backend `B`.
+pub fn run_demo<B: AutodiffBackend>(
+    opts: &DemoOptions,
+    device: &B::Device,
+    label: &str,
+) -> Result<DemoReport> {
+    let (pipeline, trained) = train_or_load::<B>(opts, device)?;
+    let Trained {
+        steps,
+        train_seconds,
+        checkpoint,
+        eval,
+    } = trained;
     eprintln!(
         "demo: evaluating {} held-out prompts and images",
         opts.eval_samples

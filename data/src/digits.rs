@@ -31,6 +31,7 @@ pub const JITTER: u32 = 2;
 const INK: Rgb<u8> = Rgb([255, 255, 255]);
 
 /// The 5x7 glyphs, row by row from the top, bit 4 the leftmost pixel.
+#[rustfmt::skip]
 const FONT: [[u8; 7]; 10] = [
     [0b01110, 0b10001, 0b10011, 0b10101, 0b11001, 0b10001, 0b01110],
     [0b00100, 0b01100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110],

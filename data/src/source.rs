@@ -25,9 +25,9 @@ use crate::datasets::synthetic::{DigitsSource, ShapesSource};
 use crate::datasets::text::{TextSource, TextSplit};
 use crate::datasets::wds::WdsSource;
 use crate::datasets::SampleSource;
+use crate::digits::DigitsGenerator;
 use crate::error::DataError;
 use crate::latent_cache::LatentCacheSource;
-use crate::digits::DigitsGenerator;
 use crate::shapes::ShapesGenerator;
 
 /// The format of a data source.
@@ -137,11 +137,9 @@ pub fn parse_source_spec(spec: &str) -> Result<SourceSpec, DataError> {
     match kind {
         SourceKind::Shapes | SourceKind::Digits => {
             let name = kind.name();
-            let n: usize = location.parse().map_err(|_| {
-                err(format!(
-                    "`{name}:N` needs a sample count, got `{location}`"
-                ))
-            })?;
+            let n: usize = location
+                .parse()
+                .map_err(|_| err(format!("`{name}:N` needs a sample count, got `{location}`")))?;
             if n == 0 {
                 return Err(err(format!("`{name}:N` needs N >= 1")));
             }

@@ -194,7 +194,12 @@ fn fast_digits_demo_trains_on_digits_and_scores_both_directions() {
     assert!(report.held_out_perplexity.is_finite() && report.held_out_perplexity > 1.0);
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     assert!(config.contains("digits:100000"), "{config}");
-    for f in ["report.json", "text_to_image.png", "image_to_text.png", "loss.png"] {
+    for f in [
+        "report.json",
+        "text_to_image.png",
+        "image_to_text.png",
+        "loss.png",
+    ] {
         assert!(dir.path().join(f).is_file(), "{f} missing");
     }
 }
@@ -206,7 +211,10 @@ fn digit_scores_count_right_answers_per_digit_and_distinct_answers() {
     assert_eq!(s.count, 4);
     assert_eq!(s.accuracy, 0.5);
     assert_eq!(s.distinct, 2); // 7 and 1 were named
-    assert_eq!((s.per_digit[7], s.per_digit[1], s.per_digit[3]), (0.5, 1.0, 0.0));
+    assert_eq!(
+        (s.per_digit[7], s.per_digit[1], s.per_digit[3]),
+        (0.5, 1.0, 0.0)
+    );
     assert!(s.per_digit[0].is_nan());
     // A model that names one digit for everything.
     let collapsed = DigitScores::new(&[0, 1, 2, 3], &[Some(5); 4]);

@@ -1,36 +1,76 @@
 //! `shapes:N` and `digits:N`: N generated image-caption pairs of the synthetic shapes set
 //! or the synthetic digits set.
 
+use ::image::RgbImage;
+
 use super::{ImageData, IndexedSource, Sample};
 use crate::digits::DigitsGenerator;
 use crate::error::DataError;
 use crate::shapes::ShapesGenerator;
 
-/// The first `count` samples of a [`ShapesGenerator`]. Never skips anything.
+/// An index-addressable generator of image-caption pairs.
+pub trait PairGenerator: Clone + Send + Sync + 'static {
+    /// The spec kind (`shapes`, `digits`), for messages.
+    const KIND: &'static str;
+    /// One line for the console: what the generator draws.
+    fn describe(&self) -> String;
+    /// Pair `index`: the image and its caption.
+    fn pair(&self, index: u64) -> (RgbImage, String);
+}
+
+impl PairGenerator for ShapesGenerator {
+    const KIND: &'static str = "shapes";
+    fn describe(&self) -> String {
+        format!(
+            "{0}x{0} px, up to {1} shapes, seed {2:#x}",
+            self.image_size, self.max_shapes, self.seed
+        )
+    }
+    fn pair(&self, index: u64) -> (RgbImage, String) {
+        let s = self.sample(index);
+        (s.image, s.caption)
+    }
+}
+
+impl PairGenerator for DigitsGenerator {
+    const KIND: &'static str = "digits";
+    fn describe(&self) -> String {
+        format!("{0}x{0} px, seed {1:#x}", self.image_size, self.seed)
+    }
+    fn pair(&self, index: u64) -> (RgbImage, String) {
+        let s = self.sample(index);
+        (s.image, s.caption)
+    }
+}
+
+/// The first `count` pairs of a generator. Never skips anything.
 #[derive(Clone, Debug)]
-pub struct ShapesSource {
-    /// The generator (seed, image size, shapes per image).
-    pub generator: ShapesGenerator,
+pub struct GeneratedSource<G> {
+    /// The generator (seed, image size, ...).
+    pub generator: G,
     /// Number of samples per epoch.
     pub count: usize,
 }
 
-impl ShapesSource {
+/// `shapes:N`.
+pub type ShapesSource = GeneratedSource<ShapesGenerator>;
+/// `digits:N`.
+pub type DigitsSource = GeneratedSource<DigitsGenerator>;
+
+impl<G> GeneratedSource<G> {
     /// `count` samples of `generator`.
-    pub fn new(generator: ShapesGenerator, count: usize) -> Self {
+    pub fn new(generator: G, count: usize) -> Self {
         Self { generator, count }
     }
 }
 
-impl IndexedSource for ShapesSource {
+impl<G: PairGenerator> IndexedSource for GeneratedSource<G> {
     fn describe(&self) -> String {
         format!(
-            "shapes: {} generated pairs ({}x{} px, up to {} shapes, seed {:#x})",
+            "{}: {} generated pairs ({})",
+            G::KIND,
             self.count,
-            self.generator.image_size,
-            self.generator.image_size,
-            self.generator.max_shapes,
-            self.generator.seed
+            self.generator.describe()
         )
     }
 
@@ -39,62 +79,16 @@ impl IndexedSource for ShapesSource {
     }
 
     fn get(&self, _epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
-        check_index("shapes", index, self.count)?;
-        let s = self.generator.sample(index as u64);
-        Ok(Some(pixel_pair(s.image, s.caption)))
-    }
-}
-
-/// The first `count` samples of a [`DigitsGenerator`]. Never skips anything.
-#[derive(Clone, Debug)]
-pub struct DigitsSource {
-    /// The generator (seed, image size).
-    pub generator: DigitsGenerator,
-    /// Number of samples per epoch.
-    pub count: usize,
-}
-
-impl DigitsSource {
-    /// `count` samples of `generator`.
-    pub fn new(generator: DigitsGenerator, count: usize) -> Self {
-        Self { generator, count }
-    }
-}
-
-impl IndexedSource for DigitsSource {
-    fn describe(&self) -> String {
-        let size = self.generator.image_size;
-        format!(
-            "digits: {} generated pairs ({size}x{size} px, seed {:#x})",
-            self.count, self.generator.seed
-        )
-    }
-
-    fn record_count(&self) -> usize {
-        self.count
-    }
-
-    fn get(&self, _epoch: u64, index: usize) -> Result<Option<Sample>, DataError> {
-        check_index("digits", index, self.count)?;
-        let s = self.generator.sample(index as u64);
-        Ok(Some(pixel_pair(s.image, s.caption)))
-    }
-}
-
-/// A record number past a generated source's end is an error naming the source.
-fn check_index(kind: &str, index: usize, count: usize) -> Result<(), DataError> {
-    if index >= count {
-        return Err(DataError::Spec {
-            spec: format!("{kind}:{count}"),
-            message: format!("record {index} out of range"),
-        });
-    }
-    Ok(())
-}
-
-fn pixel_pair(image: ::image::RgbImage, caption: String) -> Sample {
-    Sample::Pair {
-        image: ImageData::Pixels(image),
-        caption,
+        if index >= self.count {
+            return Err(DataError::Spec {
+                spec: format!("{}:{}", G::KIND, self.count),
+                message: format!("record {index} out of range"),
+            });
+        }
+        let (image, caption) = self.generator.pair(index as u64);
+        Ok(Some(Sample::Pair {
+            image: ImageData::Pixels(image),
+            caption,
+        }))
     }
 }

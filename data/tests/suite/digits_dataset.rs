@@ -3,8 +3,8 @@
 
 use transfusion_data::datasets::{ImageData, Sample};
 use transfusion_data::digits::{
-    classify_digit, digit_caption, parse_digit_caption, render_digit, DigitPlacement,
-    read_digit, DigitsGenerator, DIGIT_WORDS, JITTER, MIN_READ_IOU,
+    classify_digit, digit_caption, parse_digit_caption, read_digit, render_digit, DigitPlacement,
+    DigitsGenerator, DIGIT_WORDS, JITTER, MIN_READ_IOU,
 };
 use transfusion_data::shapes::ShapesGenerator;
 use transfusion_data::source::{open_source, parse_source_spec, SourceOptions};
@@ -26,7 +26,11 @@ fn samples_are_deterministic_cover_every_digit_and_splits_differ() {
         // Centred, moved at most JITTER pixels each way.
         let (w, h) = (5 * s.placement.scale, 7 * s.placement.scale);
         let (cx, cy) = ((32 - w) / 2, (32 - h) / 2);
-        assert!(s.placement.x + w <= 32 && s.placement.y + h <= 32, "{:?}", s.placement);
+        assert!(
+            s.placement.x + w <= 32 && s.placement.y + h <= 32,
+            "{:?}",
+            s.placement
+        );
         assert!(s.placement.x.abs_diff(cx) <= JITTER && s.placement.y.abs_diff(cy) <= JITTER);
         // White ink on black only: grayscale stored as RGB.
         assert!(s
@@ -51,7 +55,10 @@ fn captions_name_the_digit_and_parse_back() {
     assert_eq!(parse_digit_caption("The digit Seven."), Some(7));
     assert_eq!(parse_digit_caption("  eight  "), Some(8));
     assert_eq!(parse_digit_caption("the digit"), None);
-    assert_eq!(parse_digit_caption("a large red circle in the center"), None);
+    assert_eq!(
+        parse_digit_caption("a large red circle in the center"),
+        None
+    );
 }
 
 #[test]
@@ -110,7 +117,10 @@ fn the_digits_source_yields_the_generator_samples_with_the_split_seed() {
     assert_eq!(source.num_records(), Some(50));
     assert!(source.describe().contains("digits"));
     let want = DigitsGenerator::new(ShapesGenerator::HELD_OUT_SEED).sample(3);
-    assert!(source.get(0, 50).is_err(), "record 50 of 50 is out of range");
+    assert!(
+        source.get(0, 50).is_err(),
+        "record 50 of 50 is out of range"
+    );
     match source.get(0, 3).unwrap() {
         Some(Sample::Pair {
             image: ImageData::Pixels(img),

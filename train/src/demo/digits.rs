@@ -19,8 +19,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::Backend;
 use serde::Serialize;
 use transfusion_data::digits::{
-    classify_digit, parse_digit_caption, render_digit, DigitSample, DigitsGenerator,
-    MIN_READ_IOU,
+    classify_digit, parse_digit_caption, render_digit, DigitSample, DigitsGenerator, MIN_READ_IOU,
 };
 use transfusion_data::files::write_json;
 use transfusion_data::image::{image_grid, save_png};
@@ -62,9 +61,7 @@ impl DigitScores {
         Self {
             count,
             accuracy: right.iter().sum::<usize>() as f64 / count.max(1) as f64,
-            per_digit: (0..10)
-                .map(|d| right[d] as f64 / seen[d] as f64)
-                .collect(),
+            per_digit: (0..10).map(|d| right[d] as f64 / seen[d] as f64).collect(),
             distinct: named.iter().filter(|&&n| n).count(),
         }
     }
@@ -147,10 +144,16 @@ pub(super) fn evaluate_digits<B: Backend>(
     // Same rule as `read_digit`: a match counts only if it overlaps enough to be legible.
     let read: Vec<_> = matches
         .iter()
-        .map(|m| m.filter(|m| m.iou >= MIN_READ_IOU).map(|m| m.placement.digit))
+        .map(|m| {
+            m.filter(|m| m.iou >= MIN_READ_IOU)
+                .map(|m| m.placement.digit)
+        })
         .collect();
     let t2i = DigitScores::new(&digits(&samples), &read);
-    let iou = matches.iter().map(|m| m.map_or(0.0, |m| m.iou)).sum::<f64>()
+    let iou = matches
+        .iter()
+        .map(|m| m.map_or(0.0, |m| m.iou))
+        .sum::<f64>()
         / matches.len().max(1) as f64;
 
     write_grids(&opts.out, &samples, &generated, &captions)?;

@@ -6,16 +6,28 @@ use std::time::Duration;
 use burn::backend::{Autodiff, NdArray};
 use transfusion_train::demo::{run_demo, DemoOptions};
 
+/// A demo of `steps` steps of a 32-wide model, scored on `samples` samples each way with
+/// `sampling_steps` DDIM steps, writing to `out`.
+fn fast_options(
+    out: &std::path::Path,
+    steps: u64,
+    samples: usize,
+    sampling_steps: usize,
+) -> DemoOptions {
+    let mut opts = DemoOptions::new(out);
+    opts.train_budget = Duration::from_secs(60);
+    opts.steps = steps;
+    opts.eval_samples = samples;
+    opts.sampling_steps = sampling_steps;
+    opts.d_model = Some(32);
+    opts.progress = false;
+    opts
+}
+
 #[test]
 fn fast_demo_writes_every_file_and_a_complete_report() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = DemoOptions::new(dir.path());
-    opts.train_budget = Duration::from_secs(60);
-    opts.steps = 6;
-    opts.eval_samples = 4;
-    opts.sampling_steps = 3;
-    opts.d_model = Some(32);
-    opts.progress = false;
+    let opts = fast_options(dir.path(), 6, 4, 3);
     let report = run_demo::<Autodiff<NdArray>>(&opts, &Default::default(), "cpu").unwrap();
 
     assert_eq!(report.steps, 6);
@@ -170,13 +182,7 @@ fn the_captioned_grid_shows_each_image_above_its_caption_wrong_words_in_red() {
 fn fast_digits_demo_trains_on_digits_and_scores_both_directions() {
     use transfusion_train::demo::{run_digits_demo, DemoDataset};
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = DemoOptions::new(dir.path());
-    opts.train_budget = Duration::from_secs(60);
-    opts.steps = 4;
-    opts.eval_samples = 3;
-    opts.sampling_steps = 2;
-    opts.d_model = Some(32);
-    opts.progress = false;
+    let mut opts = fast_options(dir.path(), 4, 3, 2);
     // The dataset field is forced to digits whatever it says.
     opts.dataset = DemoDataset::Shapes;
     let report = run_digits_demo::<Autodiff<NdArray>>(&opts, &Default::default(), "cpu").unwrap();

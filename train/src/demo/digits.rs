@@ -27,8 +27,7 @@ use transfusion_data::shapes::ShapesGenerator;
 use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::text::TextOptions;
 
-use super::captions::captioned_grid;
-use super::{DemoOptions, Trained};
+use super::{save_image_to_text, DemoOptions, Trained};
 use crate::error::Result;
 
 /// How well digits were named or drawn.
@@ -194,10 +193,7 @@ fn write_grids(
     save_png(&image_grid(&tiles, cols, 2), &out.join("text_to_image.png"))?;
     let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
     let references: Vec<_> = samples.iter().map(|s| s.caption.clone()).collect();
-    let scale = (96 / size).max(1);
-    let grid = captioned_grid(&images, captions, &references, 8, scale);
-    save_png(&grid, &out.join("image_to_text.png"))?;
-    Ok(())
+    save_image_to_text(out, &images, captions, &references)
 }
 
 fn print_report(r: &DigitsReport, out: &Path) {

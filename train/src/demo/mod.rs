@@ -54,8 +54,7 @@ use score::{
 const DEMO_TOKENIZER: &[u8] = include_bytes!("../../../assets/tokenizer.json");
 
 /// The synthetic set a demo trains on and is scored on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DemoDataset {
     /// Coloured shapes: colour, shape, position and size (the main demo).
     #[default]
@@ -410,16 +409,27 @@ fn write_outputs(
 
     let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
     let references: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
-    // Scaled so a caption wraps into a few lines under its image.
-    let scale = (96 / size).max(1);
-    let grid = captioned_grid(&images, captions, &references, 8, scale);
-    save_png(&grid, &out.join("image_to_text.png"))?;
+    save_image_to_text(out, &images, captions, &references)?;
     let mut md = String::from("# Image to text\n\nImages in `image_to_text.png`, row-major, 8 per row, each above its generated caption (words not in the reference caption in red).\n\n| # | reference | generated |\n|---|---|---|\n");
     for (i, (s, c)) in samples.iter().zip(captions).enumerate() {
         let _ = writeln!(md, "| {i} | {} | {} |", s.caption, c.trim());
     }
     write_file(&out.join("image_to_text.md"), md)?;
     Ok(())
+}
+
+/// Writes `OUT/image_to_text.png`: each image above its generated caption, 8 per row,
+/// scaled so a caption wraps into a few lines under its image.
+pub(crate) fn save_image_to_text(
+    out: &Path,
+    images: &[image::RgbImage],
+    captions: &[String],
+    references: &[String],
+) -> Result<()> {
+    let size = images.first().map_or(32, |i| i.width());
+    let scale = (96 / size).max(1);
+    let grid = captioned_grid(images, captions, references, 8, scale);
+    Ok(save_png(&grid, &out.join("image_to_text.png"))?)
 }
 
 fn print_report(r: &DemoReport, out: &Path) {

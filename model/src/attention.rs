@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::head_layout::HeadLayout;
 use crate::kv_cache::LayerKv;
 use crate::precision::Precision;
 use crate::rope::{apply_rope, RopeTables};
@@ -123,9 +124,8 @@ pub struct LayerContext<'a, B: Backend> {
     /// Which keys each query may not see, `[b, h, s, past + s]` (dense: built once per
     /// forward pass), boolean or additive (see [`AttentionMask`]).
     pub mask: &'a AttentionMask<B>,
-    /// Whether to change the head layout by block copies ([`heads_first`],
-    /// [`heads_last`]) rather than a strided copy: see [`block_copies_pay`].
-    pub block_copies: bool,
+    /// How the heads move between the projections' layout and the attention's.
+    pub head_layout: &'a HeadLayout<B>,
     /// This layer's cached keys/values (`past` positions), if any.
     pub past: Option<&'a LayerKv<B>>,
     /// The type of the matrix products.
@@ -168,14 +168,7 @@ impl<B: Backend> Attention<B> {
         let q = apply_rope(heads(&self.wq, x.clone(), self.n_heads), ctx.rope_q);
         let k = apply_rope(heads(&self.wk, x.clone(), self.n_kv_heads), ctx.rope_k);
         let v = heads(&self.wv, x, self.n_kv_heads);
-        // Without gradients the new keys/values are cached and concatenated and all three
-        // are read by the fused kernel: on the CPU backends they are made contiguous by
-        // block copies. Otherwise the products read the strided view (its backward pass
-        // is free).
-        let split = |t: Tensor<B, 4>| match ctx.mask {
-            AttentionMask::Bool(_) if ctx.block_copies => heads_first(t),
-            _ => t.swap_dims(1, 2),
-        };
+        let split = |t| ctx.head_layout.heads_first(t);
         (split(q), split(k), split(v))
     }
 
@@ -191,7 +184,7 @@ impl<B: Backend> Attention<B> {
         v: Tensor<B, 4>,
         ctx: &LayerContext<B>,
     ) -> (Tensor<B, 3>, LayerKv<B>) {
-        let [b, h, s, hd] = q.dims();
+        let h = q.dims()[1];
         let precision = ctx.precision;
         let new = LayerKv { key: k, value: v };
         let all = match ctx.past {
@@ -216,12 +209,7 @@ impl<B: Backend> Attention<B> {
         };
         let out = precision.to_f32(out);
         // [b, h, s, hd] -> [b, s, h*hd]
-        let out = match ctx.mask {
-            AttentionMask::Bool(_) if ctx.block_copies => heads_last(out),
-            // A strided copy forward; free backward.
-            _ => out.swap_dims(1, 2).reshape([b, s, h * hd]),
-        };
-        (out, new)
+        (ctx.head_layout.heads_last(out), new)
     }
 
     /// The output projection.
@@ -231,35 +219,6 @@ impl<B: Backend> Attention<B> {
     pub fn output(&self, out: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
         ctx.precision.linear(&self.wo, out)
     }
-}
-
-/// Whether the backend of `device` copies a general strided permutation element by
-/// element (Burn's CPU backends, `flex` and `ndarray`), so that moving the head axis pays
-/// as one block copy per head. On the GPU backends one permuting kernel is cheaper than a
-/// launch per head.
-pub fn block_copies_pay<B: Backend>(device: &B::Device) -> bool {
-    let name = B::name(device);
-    ["flex", "ndarray"].iter().any(|cpu| name.starts_with(cpu))
-}
-
-/// `[b, s, h, hd] -> [b, h, s, hd]`, contiguous: one copy per head of a `[b, s, hd]`
-/// block (the CPU backends copy such blocks at memory speed, but walk a general 4-D
-/// permutation element by element, several times slower).
-pub fn heads_first<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, s, h, hd] = x.dims();
-    let heads = (0..h)
-        .map(|i| x.clone().narrow(2, i, 1).reshape([b, 1, s, hd]))
-        .collect();
-    Tensor::cat(heads, 1)
-}
-
-/// `[b, h, s, hd] -> [b, s, h*hd]`, contiguous, by blocks as in [`heads_first`].
-pub fn heads_last<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
-    let [b, h, s, hd] = x.dims();
-    let heads = (0..h)
-        .map(|i| x.clone().narrow(1, i, 1).reshape([b, s, hd]))
-        .collect();
-    Tensor::cat(heads, 2)
 }
 
 /// Repeats each key/value head `rep` times for grouped-query attention.

@@ -6,10 +6,11 @@ use burn::nn::{
 };
 use burn::prelude::*;
 
-use crate::attention::{block_copies_pay, AttentionMask, LayerContext};
+use crate::attention::{AttentionMask, LayerContext};
 use crate::batch::TransfusionBatch;
 use crate::block::{DecoderBlock, DecoderBlockConfig};
 use crate::config::{ModalityWeights, TransfusionConfig};
+use crate::head_layout::HeadLayout;
 use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::{CacheMode, KvCache};
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
@@ -191,7 +192,8 @@ impl<B: Backend> Transfusion<B> {
         // [b, s]: the patch positions, for untied modality weights
         let image_positions = (self.modality_weights() == ModalityWeights::Untied)
             .then(|| meta.span.clone().greater_elem(0));
-        let block_copies = block_copies_pay::<B>(&x.device());
+        let [b, s, _] = x.dims();
+        let head_layout = HeadLayout::for_pass(b, s, h, h_kv, &x.device());
         let mut x = x;
         for (l, block) in self.blocks.iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
@@ -199,7 +201,7 @@ impl<B: Backend> Transfusion<B> {
                 rope_q: &rope_q,
                 rope_k: rope_k.as_ref().unwrap_or(&rope_q),
                 mask: &mask,
-                block_copies,
+                head_layout: &head_layout,
                 past: past.as_ref(),
                 precision: self.precision,
                 image_positions: image_positions.clone(),

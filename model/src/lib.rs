@@ -13,6 +13,7 @@ pub mod batch;
 pub mod block;
 pub mod config;
 pub mod consistency;
+pub mod fused;
 pub mod head_layout;
 pub mod image_io;
 pub mod kv_cache;

@@ -3,8 +3,8 @@
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
+use crate::fused::swiglu;
 use crate::precision::Precision;
-use burn::tensor::activation::silu;
 
 /// Configuration of [`SwiGluMlp`].
 #[derive(Config, Debug)]
@@ -42,8 +42,8 @@ impl<B: Backend> SwiGluMlp<B> {
     /// # Shapes
     /// `[b, s, d] -> [b, s, d]`; the three products in `precision`.
     pub fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
-        let gate = silu(precision.linear(&self.w1, x.clone()));
+        let gate = precision.linear(&self.w1, x.clone());
         let up = precision.linear(&self.w3, x);
-        precision.linear(&self.w2, gate * up)
+        precision.linear(&self.w2, swiglu(gate, up))
     }
 }

@@ -9,6 +9,7 @@ mod common;
 mod attention_forms;
 mod backends;
 mod consistency;
+mod fused;
 mod mask;
 mod model;
 mod patch;

@@ -48,7 +48,7 @@ pub enum AttentionMask<B: Backend> {
     /// and two broadcast divisions in the backward pass), so training uses the other form.
     Bool(Tensor<B, 4, Bool>),
     /// `[b, h, s, lk]`, `0` where visible and `-inf` where masked: added to the scores of
-    /// [`differentiable_attention`] (training).
+    /// [`crate::fused::attention`] (training).
     Additive(Tensor<B, 4>),
 }
 
@@ -66,32 +66,6 @@ impl<B: Backend> AttentionMask<B> {
             Self::Bool(masked)
         }
     }
-}
-
-/// `softmax(q k^T / sqrt(hd) + bias) v`, written so that its backward pass is short: the
-/// row maximum is a detached shift (the softmax's gradient does not depend on it), and the
-/// normalisation divides the `[.., hd]` output instead of the `[.., lk]` probabilities.
-///
-/// A row whose keys are all masked gives zeros (its sum is clamped away from zero).
-///
-/// # Shapes
-/// - `q`: `[b, h, s, hd]`, `k`, `v`: `[b, h, lk, hd]`, `bias`: `[b, h, s, lk]`
-/// - output: `[b, h, s, hd]`
-pub fn differentiable_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    bias: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let hd = q.dims()[3];
-    let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
-    // [b, h, s, lk]
-    let scores = q.matmul(k.swap_dims(2, 3)) + bias;
-    // [b, h, s, 1]; finite even for a fully masked row (any shift gives the same softmax)
-    let shift = scores.clone().detach().max_dim(3).clamp_min(-1.0e4);
-    let weights = (scores - shift).exp();
-    let sum = weights.clone().sum_dim(3).clamp_min(1.0e-30);
-    weights.matmul(v) / sum
 }
 
 /// Self-attention layer.
@@ -204,7 +178,7 @@ impl<B: Backend> Attention<B> {
                 AttentionModuleOptions::default(),
             ),
             AttentionMask::Additive(bias) => {
-                differentiable_attention(q, k, v, precision.to_compute(bias.clone()))
+                crate::fused::attention(q, k, v, precision.to_compute(bias.clone()))
             }
         };
         let out = precision.to_f32(out);

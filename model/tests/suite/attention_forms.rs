@@ -6,7 +6,8 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Distribution;
-use transfusion_model::attention::{differentiable_attention, AttentionMask};
+use transfusion_model::attention::AttentionMask;
+use transfusion_model::fused::attention as training_attention;
 use transfusion_model::head_layout::{heads_first, heads_last, HeadLayout};
 
 type B = Flex;
@@ -16,7 +17,7 @@ fn max_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
 }
 
 #[test]
-fn differentiable_attention_matches_the_fused_kernel_and_zeroes_fully_masked_rows() {
+fn training_attention_matches_the_fused_kernel_and_zeroes_fully_masked_rows() {
     let dev = Default::default();
     let [b, h, s, hd] = [2, 3, 7, 8];
     let r = || Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &dev);
@@ -37,7 +38,7 @@ fn differentiable_attention_matches_the_fused_kernel_and_zeroes_fully_masked_row
     else {
         panic!("an autodiff backend gets the additive form")
     };
-    let ours = differentiable_attention(q.clone(), k.clone(), v.clone(), bias.inner());
+    let ours = training_attention(q.clone(), k.clone(), v.clone(), bias.inner());
     let fused = attention(
         q,
         k,

@@ -3,8 +3,8 @@
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::Distribution;
-use transfusion_model::fused::swiglu;
+use burn::tensor::{DType, Distribution};
+use transfusion_model::fused::{attention as training_attention, swiglu};
 
 fn inputs<B: Backend>(dev: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
     // wide enough for several parallel chunks; gates well into both sigmoid branches
@@ -56,4 +56,93 @@ fn swiglu_on_other_backends_is_the_composition() {
     let (gate, up) = inputs::<NdArray>(&dev);
     let composed = silu(gate.clone()) * up.clone();
     assert_eq!(swiglu(gate, up).to_data(), composed.to_data());
+}
+
+/// Random `q, k, v` and an additive causal bias whose last query row of batch 1 sees
+/// nothing, as `flex` tensors.
+fn attention_inputs(dev: &Device<Flex>) -> [Tensor<Flex, 4>; 4] {
+    let [b, h, s, hd] = [2, 3, 9, 8];
+    let r = || Tensor::<Flex, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), dev);
+    let i = Tensor::<Flex, 1, Int>::arange(0..s as i64, dev);
+    let causal = i.clone().reshape([s, 1]).lower(i.reshape([1, s]));
+    let masked = causal
+        .reshape([1, 1, s, s])
+        .repeat_dim(0, b)
+        .repeat_dim(1, h)
+        .slice_assign(
+            [1..2, 0..h, s - 1..s, 0..s],
+            Tensor::from_data(TensorData::new(vec![true; h * s], [1, h, 1, s]), dev),
+        );
+    let bias = Tensor::zeros([b, h, s, s], dev).mask_fill(masked, f32::NEG_INFINITY);
+    [r(), r(), r(), bias]
+}
+
+/// `[output, dq, dk, dv, dbias]` of `sum(w * attention(q, k, v, bias))` on autodiff
+/// backend `A`, as f64 data; bias gradients on visible keys only (masked ones: any value
+/// times 0).
+fn attention_grads<A: burn::tensor::backend::AutodiffBackend>(
+    inputs: &[Tensor<Flex, 4>; 4],
+    w: &Tensor<Flex, 4>,
+    dtype: burn::tensor::DType,
+) -> [TensorData; 5] {
+    let dev = Default::default();
+    let t = |x: &Tensor<Flex, 4>| {
+        Tensor::<A, 4>::from_data(x.to_data().convert_dtype(dtype), &dev).require_grad()
+    };
+    let [q, k, v, bias] = inputs.each_ref().map(t);
+    let visible = bias.clone().inner().equal_elem(0.0).float();
+    let y = training_attention(q.clone(), k.clone(), v.clone(), bias.clone());
+    let out = y.clone().inner();
+    let g = (y * t(w)).sum().backward();
+    let grad = |x: &Tensor<A, 4>| x.grad(&g).unwrap();
+    [out, grad(&q), grad(&k), grad(&v), grad(&bias) * visible]
+        .map(|t| t.into_data().convert::<f64>())
+}
+
+fn max_abs_diff(a: &TensorData, b: &TensorData) -> f64 {
+    a.iter::<f64>()
+        .zip(b.iter::<f64>())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// The fused attention's output and gradients (q, k, v, and a tracked bias) against an f64
+/// reference (the composition in f64): no further from it than twice the f32
+/// composition's own rounding error (or 1e-6). The fully masked row gives zeros and passes
+/// no gradient to its query.
+#[test]
+fn fused_attention_gradients_match_the_composition() {
+    let dev = Default::default();
+    let inputs = attention_inputs(&dev);
+    let w = Tensor::<Flex, 4>::random(inputs[0].dims(), Distribution::Normal(0.0, 1.0), &dev);
+    let fused = attention_grads::<Autodiff<Flex>>(&inputs, &w, DType::F32);
+    let composed = attention_grads::<Autodiff<NdArray>>(&inputs, &w, DType::F32);
+    // flex in f64 takes the composition
+    let exact = attention_grads::<Autodiff<Flex>>(&inputs, &w, DType::F64);
+    assert_eq!(exact[1].dtype, DType::F64);
+    for (i, name) in ["output", "dq", "dk", "dv", "dbias"].iter().enumerate() {
+        let (ours, theirs) = (
+            max_abs_diff(&fused[i], &exact[i]),
+            max_abs_diff(&composed[i], &exact[i]),
+        );
+        assert!(
+            ours <= (2.0 * theirs).max(1e-6),
+            "{name}: fused is {ours:e} from f64, the f32 composition {theirs:e}"
+        );
+        assert!(
+            fused[i].iter::<f64>().all(f64::is_finite),
+            "{name} not finite"
+        );
+    }
+    // the blind row: zero output and no gradient to its query
+    let [_, h, s, hd] = inputs[0].dims();
+    let blind = |d: &TensorData| {
+        Tensor::<Flex, 4>::from_data(d.clone().convert::<f32>(), &dev)
+            .slice([1..2, 0..h, s - 1..s, 0..hd])
+            .abs()
+            .max()
+            .into_scalar()
+    };
+    assert_eq!(blind(&fused[0]), 0.0);
+    assert_eq!(blind(&fused[1]), 0.0);
 }

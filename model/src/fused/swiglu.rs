@@ -1,33 +1,20 @@
-//! Fused kernels for the `flex` CPU backend, with and without autodiff.
-//!
-//! The model is generic over Burn backends; a fused kernel is taken when the backend is
-//! `Flex` or `Autodiff<Flex>` (recognised at run time from the tensor primitive's type) and
-//! the tensors are f32. Every other backend runs the same maths as a composition of
-//! Burn's tensor operations.
-//!
-//! - [`swiglu`]: `silu(gate) * up` in one pass over the data forward (bit-identical to the
-//!   composition: the same sigmoid, the same two products in the same order) and one pass
-//!   backward, where the composition records three operations whose backward passes walk
-//!   the data nine times and compute the sigmoid again.
-
-use std::any::{Any, TypeId};
+//! `silu(gate) * up` in one pass over the data forward (bit-identical to the composition:
+//! the same sigmoid, the same two products in the same order) and one pass backward, where
+//! the composition records three operations whose backward passes walk the data nine
+//! times and compute the sigmoid again.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, TensorData, TensorPrimitive};
+use burn::tensor::DType;
 use rayon::prelude::*;
 
-/// The float primitive of `Autodiff<Flex>`.
-type AutodiffFlexTensor =
-    <Autodiff<Flex> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
-
-/// Elements per parallel work item of the elementwise kernels.
-const CHUNK: usize = 16 * 1024;
+use super::{flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
 
 /// `silu(gate) * up`, the gated product of a SwiGLU block.
 ///
@@ -36,32 +23,14 @@ const CHUNK: usize = 16 * 1024;
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     let fusable =
         gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.dims() == up.dims();
-    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
-    if !fusable
-        || ![
-            TypeId::of::<FlexTensor>(),
-            TypeId::of::<AutodiffFlexTensor>(),
-        ]
-        .contains(&primitive)
-    {
-        return silu(gate) * up;
+    match path::<B>().filter(|_| fusable) {
+        Some(Path::Flex) => {
+            let (g, u) = (primitive(gate), primitive(up));
+            tensor(swiglu_forward(&g, &u).0)
+        }
+        Some(Path::AutodiffFlex) => tensor(swiglu_autodiff(primitive(gate), primitive(up))),
+        None => silu(gate) * up,
     }
-    let (g, u) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
-    let out = if primitive == TypeId::of::<FlexTensor>() {
-        cast(swiglu_forward(&cast(g), &cast(u)).0)
-    } else {
-        cast(swiglu_autodiff(cast(g), cast(u)))
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
-}
-
-/// `t` as a `U`; the caller has checked that `T` is `U`.
-fn cast<T: 'static, U: 'static>(t: T) -> U {
-    let mut slot = Some(t);
-    (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<U>>()
-        .and_then(Option::take)
-        .expect("the caller checked the type")
 }
 
 /// Burn `flex`'s sigmoid, so that the fused forward pass is bit-identical.
@@ -75,18 +44,10 @@ fn sigmoid(x: f32) -> f32 {
     }
 }
 
-fn contiguous_f32(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
-}
-
-fn flex_from(values: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
-}
-
 /// `(silu(g) * u, sigmoid(g))`.
 fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> (FlexTensor, FlexTensor) {
     let shape = g.layout().shape().clone();
-    let (g, u) = (contiguous_f32(g), contiguous_f32(u));
+    let (g, u) = (g.to_contiguous(), u.to_contiguous());
     let (g, u) = (g.storage::<f32>(), u.storage::<f32>());
     let n = g.len();
     let mut out = vec![0.0f32; n];
@@ -115,10 +76,10 @@ fn swiglu_backward(
 ) -> (FlexTensor, FlexTensor) {
     let shape = g.layout().shape().clone();
     let (dy, g, u, s) = (
-        contiguous_f32(dy),
-        contiguous_f32(g),
-        contiguous_f32(u),
-        contiguous_f32(s),
+        dy.to_contiguous(),
+        g.to_contiguous(),
+        u.to_contiguous(),
+        s.to_contiguous(),
     );
     let (dy, g, u, s) = (
         dy.storage::<f32>(),
@@ -167,10 +128,7 @@ impl Backward<Flex, 2> for SwiGluBackward {
 fn swiglu_autodiff(g: AutodiffFlexTensor, u: AutodiffFlexTensor) -> AutodiffFlexTensor {
     let (out, s) = swiglu_forward(&g.primitive, &u.primitive);
     match SwiGluBackward
-        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([
-            g.node.clone(),
-            u.node.clone(),
-        ])
+        .prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()])
         .compute_bound()
         .stateful()
     {

@@ -26,7 +26,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8.0, value_parser = super::parse_minutes)]
     pub minutes: f64,
     /// Optimizer steps planned; training stops at the budget or here.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = transfusion_train::demo::DEFAULT_STEPS)]
     pub steps: u64,
     /// Held-out prompts and images to score.
     #[arg(long, default_value_t = 64)]

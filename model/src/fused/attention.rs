@@ -18,7 +18,7 @@ use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-use super::{flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
+use super::{contiguous, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
 
 /// `softmax(q k^T / sqrt(hd) + bias) v`, the attention of a pass that records gradients
 /// (`bias`: `0` where a key is visible, `-inf` where masked).
@@ -125,18 +125,8 @@ fn score_gradient(
 ) -> FlexTensor {
     let shape = p.layout().shape().clone();
     let (lk, hd) = (shape[3], d_out.layout().shape()[3]);
-    let (p, dp, d_out, out) = (
-        p.to_contiguous(),
-        dp.to_contiguous(),
-        d_out.to_contiguous(),
-        out.to_contiguous(),
-    );
-    let (p, dp, d_out, out) = (
-        p.storage::<f32>(),
-        dp.storage::<f32>(),
-        d_out.storage::<f32>(),
-        out.storage::<f32>(),
-    );
+    let [p, dp, d_out, out] = contiguous([p, dp, d_out, out]);
+    let [p, dp, d_out, out] = [&p, &dp, &d_out, &out].map(|t| t.storage::<f32>());
     let mut ds = vec![0.0f32; p.len()];
     let rows_per_task = (CHUNK / lk.max(1)).max(1);
     ds.par_chunks_mut(rows_per_task * lk)

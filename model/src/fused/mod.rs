@@ -20,6 +20,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
+use rayon::prelude::*;
 
 /// The float primitive of `Autodiff<Flex>`.
 type AutodiffFlexTensor =
@@ -66,6 +67,30 @@ fn primitive<B: Backend, const D: usize, U: 'static>(t: Tensor<B, D>) -> U {
 /// A tensor of backend `B` from a primitive `U` that is `B`'s.
 fn tensor<B: Backend, const D: usize, U: 'static>(t: U) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(cast(t)))
+}
+
+/// The tensors, each contiguous (itself when it already is, a copy otherwise).
+fn contiguous<const N: usize>(tensors: [&FlexTensor; N]) -> [FlexTensor; N] {
+    tensors.map(FlexTensor::to_contiguous)
+}
+
+/// Two f32 tensors of `shape`, filled in parallel chunks: `f(i)` gives both values at flat
+/// index `i`.
+fn fill_pair(
+    shape: burn::tensor::Shape,
+    f: impl Fn(usize) -> (f32, f32) + Sync,
+) -> (FlexTensor, FlexTensor) {
+    let n = shape.num_elements();
+    let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (a, b))| {
+            for (i, (a, b)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+                (*a, *b) = f(c * CHUNK + i);
+            }
+        });
+    (flex_from(a, shape.clone()), flex_from(b, shape))
 }
 
 /// A contiguous f32 `flex` tensor from `values` laid out row-major in `shape`.

@@ -12,9 +12,8 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::DType;
-use rayon::prelude::*;
 
-use super::{flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
+use super::{contiguous, fill_pair, path, primitive, tensor, AutodiffFlexTensor, Path};
 
 /// `silu(gate) * up`, the gated product of a SwiGLU block.
 ///
@@ -47,23 +46,12 @@ fn sigmoid(x: f32) -> f32 {
 /// `(silu(g) * u, sigmoid(g))`.
 fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> (FlexTensor, FlexTensor) {
     let shape = g.layout().shape().clone();
-    let (g, u) = (g.to_contiguous(), u.to_contiguous());
+    let [g, u] = contiguous([g, u]);
     let (g, u) = (g.storage::<f32>(), u.storage::<f32>());
-    let n = g.len();
-    let mut out = vec![0.0f32; n];
-    let mut sig = vec![0.0f32; n];
-    out.par_chunks_mut(CHUNK)
-        .zip(sig.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, (out, sig))| {
-            let at = c * CHUNK;
-            for i in 0..out.len() {
-                let (x, s) = (g[at + i], sigmoid(g[at + i]));
-                sig[i] = s;
-                out[i] = (x * s) * u[at + i];
-            }
-        });
-    (flex_from(out, shape.clone()), flex_from(sig, shape))
+    fill_pair(shape, |i| {
+        let (x, s) = (g[i], sigmoid(g[i]));
+        ((x * s) * u[i], s)
+    })
 }
 
 /// `(d gate, d up)` from the output's gradient `dy`:
@@ -75,33 +63,12 @@ fn swiglu_backward(
     s: &FlexTensor,
 ) -> (FlexTensor, FlexTensor) {
     let shape = g.layout().shape().clone();
-    let (dy, g, u, s) = (
-        dy.to_contiguous(),
-        g.to_contiguous(),
-        u.to_contiguous(),
-        s.to_contiguous(),
-    );
-    let (dy, g, u, s) = (
-        dy.storage::<f32>(),
-        g.storage::<f32>(),
-        u.storage::<f32>(),
-        s.storage::<f32>(),
-    );
-    let n = g.len();
-    let mut dg = vec![0.0f32; n];
-    let mut du = vec![0.0f32; n];
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, (dg, du))| {
-            let at = c * CHUNK;
-            for i in 0..dg.len() {
-                let (d, x, v, s) = (dy[at + i], g[at + i], u[at + i], s[at + i]);
-                du[i] = d * (x * s);
-                dg[i] = d * v * s * (1.0 + x * (1.0 - s));
-            }
-        });
-    (flex_from(dg, shape.clone()), flex_from(du, shape))
+    let [dy, g, u, s] = contiguous([dy, g, u, s]);
+    let [dy, g, u, s] = [&dy, &g, &u, &s].map(|t| t.storage::<f32>());
+    fill_pair(shape, |i| {
+        let (d, x, v, s) = (dy[i], g[i], u[i], s[i]);
+        (d * v * s * (1.0 + x * (1.0 - s)), d * (x * s))
+    })
 }
 
 #[derive(Debug)]

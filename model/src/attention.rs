@@ -1,6 +1,7 @@
 //! Multi-head (optionally grouped-query) self-attention: through Burn's fused
-//! `module::attention` with a boolean mask when no gradient is recorded, and through a
-//! differentiable composition with an additive mask when one is (see [`AttentionMask`]).
+//! `module::attention` with a boolean mask when no gradient is recorded, and through
+//! [`crate::fused::attention`] (a kernel with its own backward pass on `flex`, a
+//! composition elsewhere) with an additive mask when one is (see [`AttentionMask`]).
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;

@@ -178,6 +178,13 @@ pub struct DigitMatch {
     pub iou: f64,
 }
 
+impl DigitMatch {
+    /// The matched digit when the match is legible (overlap at least [`MIN_READ_IOU`]).
+    pub fn legible_digit(&self) -> Option<u8> {
+        (self.iou >= MIN_READ_IOU).then_some(self.placement.digit)
+    }
+}
+
 /// Finds the placement (every digit, scale and position) whose ink overlaps the image's
 /// lit pixels best by intersection over union. `None` for an image with no lit pixel.
 /// Whether that match is legible is for the caller to judge (see [`MIN_READ_IOU`]).
@@ -225,7 +232,5 @@ pub fn classify_digit(image: &RgbImage) -> Option<DigitMatch> {
 /// The digit an image shows: its best match (see [`classify_digit`]) if that overlaps
 /// at least [`MIN_READ_IOU`].
 pub fn read_digit(image: &RgbImage) -> Option<u8> {
-    classify_digit(image)
-        .filter(|m| m.iou >= MIN_READ_IOU)
-        .map(|m| m.placement.digit)
+    classify_digit(image).and_then(|m| m.legible_digit())
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::Backend;
 use serde::Serialize;
 use transfusion_data::digits::{
-    classify_digit, parse_digit_caption, render_digit, DigitSample, DigitsGenerator, MIN_READ_IOU,
+    classify_digit, parse_digit_caption, render_digit, DigitSample, DigitsGenerator,
 };
 use transfusion_data::files::write_json;
 use transfusion_data::image::{image_grid, save_png};
@@ -140,13 +140,10 @@ pub(super) fn evaluate_digits<B: Backend>(
         generated.extend(pipeline.image(&s.caption, &image_opts)?);
     }
     let matches: Vec<_> = generated.iter().map(classify_digit).collect();
-    // Same rule as `read_digit`: a match counts only if it overlaps enough to be legible.
+    // The rule of `read_digit`: a match counts only if it is legible.
     let read: Vec<_> = matches
         .iter()
-        .map(|m| {
-            m.filter(|m| m.iou >= MIN_READ_IOU)
-                .map(|m| m.placement.digit)
-        })
+        .map(|m| m.and_then(|m| m.legible_digit()))
         .collect();
     let t2i = DigitScores::new(&digits(&samples), &read);
     let iou = matches

@@ -74,7 +74,7 @@ impl Precision {
         let rows = dims[..D - 1].iter().product::<usize>();
         let x = x.reshape([rows, dims[D - 1]]);
         let y = if self.compute_dtype().is_none() {
-            layer.forward(x)
+            crate::fused::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
         } else {
             let weight = self.to_compute(layer.weight.val());
             let bias = layer.bias.as_ref().map(|b| self.to_compute(b.val()));

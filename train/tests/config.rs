@@ -221,6 +221,23 @@ fn run_preset_tiny_trains_what_the_demo_trains() {
     assert_eq!(run.training.ema_decay, demo.training.ema_decay);
 }
 
+/// The demo plans the steps that fit 90% of its budget at the measured step time, in
+/// hundreds, never fewer than 100 and never more than its cap.
+#[test]
+fn demo_plans_the_steps_that_fit_its_budget() {
+    use std::time::Duration;
+    use transfusion_train::demo::budget::steps_for_budget;
+    let (min8, ms) = (Duration::from_secs(480), Duration::from_millis);
+    // 0.9 * 480 s / 0.2 s = 2160
+    assert_eq!(steps_for_budget(min8, ms(200), 20_000), 2100);
+    // 0.9 * 480 s / 0.129 s = 3348
+    assert_eq!(steps_for_budget(min8, ms(129), 20_000), 3300);
+    assert_eq!(steps_for_budget(min8, ms(1), 20_000), 20_000);
+    assert_eq!(steps_for_budget(min8, ms(200), 1234), 1200);
+    assert_eq!(steps_for_budget(min8, Duration::from_secs(60), 20_000), 100);
+    assert_eq!(steps_for_budget(min8, ms(200), 50), 100);
+}
+
 /// `--set KEY=VALUE`: values land at their dotted key (a float key takes an integer, a
 /// bare word is a string, TOML arrays parse); unknown keys and wrong types are errors
 /// naming the key; the rest of the config is untouched.

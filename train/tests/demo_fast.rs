@@ -17,6 +17,7 @@ fn fast_options(
     let mut opts = DemoOptions::new(out);
     opts.train_budget = Duration::from_secs(60);
     opts.steps = steps;
+    opts.fit_steps_to_budget = false;
     opts.eval_samples = samples;
     opts.sampling_steps = sampling_steps;
     opts.d_model = Some(32);

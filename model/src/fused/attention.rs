@@ -14,10 +14,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::prelude::*;
-use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
+use super::gemm::{matmul, matmul_values};
 use super::{contiguous, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
 
 /// `softmax(q k^T / sqrt(hd) + bias) v`, the attention of a pass that records gradients
@@ -80,68 +80,93 @@ fn attention_forward(
     bias: &FlexTensor,
     scale: f32,
 ) -> (FlexTensor, FlexTensor) {
-    // [b, h, s, lk]
-    let raw = Flex::float_matmul(q.clone(), k.transpose(2, 3)).to_contiguous();
-    let shape = raw.layout().shape().clone();
+    // [b, h, s, lk]: bias + scale q k^T, in the buffer that becomes P
+    let (mut p, shape) = matmul_values(q, &k.transpose(2, 3), scale, Some(dense_values(bias)));
     let lk = shape[3];
-    let bias = bias.to_contiguous();
-    let (raw, bias) = (raw.storage::<f32>(), bias.storage::<f32>());
-    let mut p = vec![0.0f32; raw.len()];
     let rows_per_task = (CHUNK / lk.max(1)).max(1);
-    p.par_chunks_mut(rows_per_task * lk)
-        .enumerate()
-        .for_each(|(task, rows)| {
-            let at = task * rows_per_task * lk;
-            for (r, row) in rows.chunks_mut(lk).enumerate() {
-                let base = at + r * lk;
-                let mut max = f32::NEG_INFINITY;
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = raw[base + j] * scale + bias[base + j];
-                    max = max.max(*x);
-                }
-                let shift = max.max(-1.0e4);
-                let mut sum = 0.0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - shift).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum.max(1.0e-30);
-                for x in row.iter_mut() {
-                    *x *= inv;
-                }
+    p.par_chunks_mut(rows_per_task * lk).for_each(|rows| {
+        for row in rows.chunks_mut(lk) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let shift = max.max(-1.0e4);
+            for x in row.iter_mut() {
+                *x = exp_nonpositive(*x - shift);
             }
-        });
+            let inv = 1.0 / row.iter().sum::<f32>().max(1.0e-30);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        }
+    });
     let p = flex_from(p, shape);
-    let out = Flex::float_matmul(p.clone(), v.clone());
+    let out = matmul(&p, v, 1.0);
     (out, p)
 }
 
-/// `dS = P (dP - rowsum(dO O))`, `[b, h, s, lk]`.
+/// The values of `t`, row-major (a copy).
+fn dense_values(t: &FlexTensor) -> Vec<f32> {
+    let t = t.to_contiguous();
+    let at = t.layout().start_offset();
+    t.storage::<f32>()[at..at + t.layout().num_elements()].to_vec()
+}
+
+/// `e^x` for `x <= 0` (a score minus its row maximum), within about 2 ulp of the exact
+/// value; `0` below `-87` (and for `-inf`), NaN for NaN. Written without calls or
+/// branches so that the softmax loop runs in vector registers, where the C library's
+/// `expf` takes one call per score.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer, kept in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    // ln 2 split in two so that n * LN2_HI is exact for the n used here.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // n in [-126, 0]: the exponent bits of 2^n
+    let two_n =
+        f32::from_bits(((shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
+    // e^r for r = x - n ln 2 in [-ln2/2, ln2/2]
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut poly = 1.987_569_2e-4f32;
+    poly = poly * r + 1.398_199_9e-3;
+    poly = poly * r + 8.333_452e-3;
+    poly = poly * r + 4.166_579_6e-2;
+    poly = poly * r + 1.666_666_5e-1;
+    poly = poly * r + 5.000_000_1e-1;
+    let e_r = poly * r * r + r + 1.0;
+    if x < -87.0 {
+        0.0
+    } else {
+        e_r * two_n
+    }
+}
+
+/// `dS = P (dP - rowsum(dO O))`, `[b, h, s, lk]`, computed in `dp`'s buffer.
 fn score_gradient(
     p: &FlexTensor,
-    dp: &FlexTensor,
+    mut dp: Vec<f32>,
     d_out: &FlexTensor,
     out: &FlexTensor,
 ) -> FlexTensor {
     let shape = p.layout().shape().clone();
     let (lk, hd) = (shape[3], d_out.layout().shape()[3]);
-    let [p, dp, d_out, out] = contiguous([p, dp, d_out, out]);
-    let [p, dp, d_out, out] = [&p, &dp, &d_out, &out].map(|t| t.storage::<f32>());
-    let mut ds = vec![0.0f32; p.len()];
+    let [p, d_out, out] = contiguous([p, d_out, out]);
+    let [p, d_out, out] = [&p, &d_out, &out].map(|t| t.storage::<f32>());
     let rows_per_task = (CHUNK / lk.max(1)).max(1);
-    ds.par_chunks_mut(rows_per_task * lk)
+    dp.par_chunks_mut(rows_per_task * lk)
         .enumerate()
         .for_each(|(task, rows)| {
             let first = task * rows_per_task;
             for (r, row) in rows.chunks_mut(lk).enumerate() {
                 let (row_at, o_at) = ((first + r) * lk, (first + r) * hd);
                 let dot: f32 = (0..hd).map(|d| d_out[o_at + d] * out[o_at + d]).sum();
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = p[row_at + j] * (dp[row_at + j] - dot);
+                let p = &p[row_at..row_at + lk];
+                for (x, &p) in row.iter_mut().zip(p) {
+                    *x = p * (*x - dot);
                 }
             }
         });
-    flex_from(ds, shape)
+    flex_from(dp, shape)
 }
 
 #[derive(Debug)]
@@ -174,25 +199,24 @@ impl Backward<Flex, 4> for AttentionBackward {
         let [q_node, k_node, v_node, bias_node] = ops.parents;
         if let Some(node) = v_node {
             // [b, h, lk, hd]
-            let dv = Flex::float_matmul(p.transpose(2, 3), d_out.clone());
-            grads.register::<Flex>(node.id, dv);
+            grads.register::<Flex>(node.id, matmul(&p.transpose(2, 3), &d_out, 1.0));
         }
         if q_node.is_none() && k_node.is_none() && bias_node.is_none() {
             return;
         }
-        let dp = Flex::float_matmul(d_out.clone(), v.transpose(2, 3));
-        let ds = score_gradient(&p, &dp, &d_out, &out);
-        if let Some(node) = bias_node {
-            grads.register::<Flex>(node.id, ds.clone());
-        }
-        let ds = Flex::float_mul_scalar(ds, (scale as f64).into());
+        // [b, h, s, lk]
+        let (dp, _) = matmul_values(&d_out, &v.transpose(2, 3), 1.0, None);
+        let ds = score_gradient(&p, dp, &d_out, &out);
         if let Some(node) = q_node {
             // [b, h, s, hd]
-            grads.register::<Flex>(node.id, Flex::float_matmul(ds.clone(), k));
+            grads.register::<Flex>(node.id, matmul(&ds, &k, scale));
         }
         if let Some(node) = k_node {
             // [b, h, lk, hd]
-            grads.register::<Flex>(node.id, Flex::float_matmul(ds.transpose(2, 3), q));
+            grads.register::<Flex>(node.id, matmul(&ds.transpose(2, 3), &q, scale));
+        }
+        if let Some(node) = bias_node {
+            grads.register::<Flex>(node.id, ds);
         }
     }
 }
@@ -233,5 +257,29 @@ fn attention_autodiff(
             prep.finish(saved, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_nonpositive;
+
+    /// Over `[-87, 0]` the fast exponential is within 2 ulp of the exact one (measured
+    /// against f64), and it maps the masked and out-of-range inputs as documented.
+    #[test]
+    fn fast_exponential_is_within_two_ulp() {
+        let mut worst = 0.0f64;
+        for i in 0..=1_000_000 {
+            let x = -87.0 * i as f32 / 1_000_000.0;
+            let exact = (x as f64).exp();
+            let ulp = (exact as f32).to_bits();
+            let ulp = (f32::from_bits(ulp + 1) - exact as f32) as f64;
+            worst = worst.max((exp_nonpositive(x) as f64 - exact).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(-90.0), 0.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 }

@@ -7,11 +7,17 @@
 //!
 //! - [`swiglu`]: `silu(gate) * up` (see [`swiglu`]'s module).
 //! - [`attention`]: the training attention `softmax(q k^T / sqrt(hd) + bias) v`.
+//! - [`linear`]: the linear layer `x w (+ bias)`.
+//!
+//! Their matrix products share [`gemm`]'s entry to the `gemm` crate.
 
 mod attention;
+mod gemm;
+mod linear;
 mod swiglu;
 
 pub use attention::attention;
+pub use linear::linear;
 pub use swiglu::swiglu;
 
 use std::any::{Any, TypeId};

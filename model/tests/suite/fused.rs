@@ -4,7 +4,7 @@ use burn::backend::{Autodiff, Flex, NdArray};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Distribution};
-use transfusion_model::fused::{attention as training_attention, swiglu};
+use transfusion_model::fused::{attention as training_attention, linear, swiglu};
 
 fn inputs<B: Backend>(dev: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
     // wide enough for several parallel chunks; gates well into both sigmoid branches
@@ -145,4 +145,73 @@ fn fused_attention_gradients_match_the_composition() {
     };
     assert_eq!(blind(&fused[0]), 0.0);
     assert_eq!(blind(&fused[1]), 0.0);
+}
+
+/// `[output, dx, dw, dbias]` of `sum(g * linear(x, w, bias))` on autodiff backend `A`, as
+/// f64 data, with `x` read through a transposed view (`x` given as `[d_in, rows]`).
+fn linear_grads<A: burn::tensor::backend::AutodiffBackend>(
+    [x_t, w, bias, g]: &[Tensor<Flex, 2>; 4],
+    dtype: DType,
+) -> [TensorData; 4] {
+    let dev = Default::default();
+    let t = |x: &Tensor<Flex, 2>| {
+        Tensor::<A, 2>::from_data(x.to_data().convert_dtype(dtype), &dev).require_grad()
+    };
+    let b = Tensor::<A, 1>::from_data(
+        bias.clone().reshape([-1]).to_data().convert_dtype(dtype),
+        &dev,
+    )
+    .require_grad();
+    let (x_t, w) = (t(x_t), t(w));
+    let y = linear(x_t.clone().transpose(), w.clone(), Some(b.clone()));
+    let out = y.clone().inner().into_data();
+    let grads = (y * t(g)).sum().backward();
+    [
+        out,
+        x_t.grad(&grads).unwrap().into_data(),
+        w.grad(&grads).unwrap().into_data(),
+        b.grad(&grads).unwrap().into_data(),
+    ]
+    .map(|d| d.convert::<f64>())
+}
+
+/// The fused linear layer (a transposed input view, a bias) against the f64 composition:
+/// output and the gradients of input, weight and bias no further from it than twice the
+/// f32 composition's own rounding error (or 1e-6).
+#[test]
+fn fused_linear_gradients_match_the_composition() {
+    let dev = Default::default();
+    let [rows, d_in, d_out] = [37, 24, 19];
+    let r =
+        |shape: [usize; 2]| Tensor::<Flex, 2>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let inputs = [
+        r([d_in, rows]),
+        r([d_in, d_out]),
+        r([1, d_out]),
+        r([rows, d_out]),
+    ];
+    let fused = linear_grads::<Autodiff<Flex>>(&inputs, DType::F32);
+    let composed = linear_grads::<Autodiff<NdArray>>(&inputs, DType::F32);
+    // flex in f64 takes the composition
+    let exact = linear_grads::<Autodiff<Flex>>(&inputs, DType::F64);
+    assert_eq!(exact[1].dtype, DType::F64);
+    for (i, name) in ["output", "dx", "dw", "dbias"].iter().enumerate() {
+        let (ours, theirs) = (
+            max_abs_diff(&fused[i], &exact[i]),
+            max_abs_diff(&composed[i], &exact[i]),
+        );
+        assert!(
+            ours <= (2.0 * theirs).max(1e-6),
+            "{name}: fused is {ours:e} from f64, the f32 composition {theirs:e}"
+        );
+    }
+    // without autodiff: the same product
+    let plain = linear(inputs[0].clone().transpose(), inputs[1].clone(), None);
+    let composed = inputs[0].clone().transpose().matmul(inputs[1].clone());
+    assert!(
+        max_abs_diff(
+            &plain.into_data().convert::<f64>(),
+            &composed.into_data().convert::<f64>()
+        ) < 1e-5
+    );
 }

@@ -25,9 +25,11 @@ pub struct DemoArgs {
     /// Training budget in minutes (evaluation comes after it).
     #[arg(long, default_value_t = 8.0, value_parser = super::parse_minutes)]
     pub minutes: f64,
-    /// Optimizer steps planned; training stops at the budget or here.
-    #[arg(long, default_value_t = transfusion_train::demo::DEFAULT_STEPS)]
-    pub steps: u64,
+    /// Optimizer steps planned (the learning-rate schedule's length); training stops at the
+    /// budget or here [default: as many as fit the budget on this machine, timed before
+    /// training].
+    #[arg(long)]
+    pub steps: Option<u64>,
     /// Held-out prompts and images to score.
     #[arg(long, default_value_t = 64)]
     pub eval_samples: usize,
@@ -78,7 +80,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut opts = DemoOptions::new(&a.out);
     opts.dataset = a.dataset;
     opts.train_budget = Duration::from_secs_f64(a.minutes * 60.0);
-    opts.steps = a.steps;
+    if let Some(steps) = a.steps {
+        opts.steps = steps;
+        opts.fit_steps_to_budget = false;
+    }
     opts.eval_samples = a.eval_samples;
     // A consistency-distilled checkpoint samples with its own sampler, unguided.
     let demo = ImageOptions {

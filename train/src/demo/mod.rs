@@ -19,12 +19,14 @@
 //! predicts `v` rather than `eps` and its patches carry a 2D position embedding (the tiny
 //! preset's default); both made the difference between noise and drawings in this budget.
 
+pub mod budget;
 pub mod captions;
 pub mod digits;
 pub mod score;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::AutodiffBackend;
@@ -33,6 +35,7 @@ use transfusion_data::files::{write_file, write_json};
 use transfusion_data::image::{image_grid, save_png};
 use transfusion_data::shapes::{render, ShapesGenerator};
 use transfusion_data::source::parse_source_spec;
+use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
@@ -81,9 +84,9 @@ impl DemoDataset {
     }
 }
 
-/// Optimizer steps a default demo plans: what an idle 2-core machine trains within the
-/// 8-minute budget on the CPU backend (3000 in 453 s, measured).
-pub const DEFAULT_STEPS: u64 = 3000;
+/// The most optimizer steps a demo plans when it fits the plan to its budget (a fast
+/// GPU would otherwise plan hundreds of thousands).
+pub const MAX_PLANNED_STEPS: u64 = 20_000;
 
 /// Settings of a demo run.
 #[derive(Clone, Debug)]
@@ -95,8 +98,11 @@ pub struct DemoOptions {
     /// Wall-clock budget of the training part.
     pub train_budget: Duration,
     /// Optimizer steps planned (the lr schedule's length); training stops at the budget
-    /// or here, whichever comes first.
+    /// or here, whichever comes first. With `fit_steps_to_budget`, the most planned.
     pub steps: u64,
+    /// Plan as many steps as fit `train_budget` on this machine, measured before training
+    /// ([`budget`]); off, `steps` is the plan.
+    pub fit_steps_to_budget: bool,
     /// Held-out prompts and images scored.
     pub eval_samples: usize,
     /// DDIM steps used for the text-to-image evaluation.
@@ -120,13 +126,15 @@ pub struct DemoOptions {
 }
 
 impl DemoOptions {
-    /// The README's defaults: 8 minutes of training, 64 held-out samples each way.
+    /// The README's defaults: 8 minutes of training (as many steps as fit), 64 held-out
+    /// samples each way.
     pub fn new(out: impl Into<PathBuf>) -> Self {
         Self {
             out: out.into(),
             dataset: DemoDataset::Shapes,
             train_budget: Duration::from_secs(8 * 60),
-            steps: DEFAULT_STEPS,
+            steps: MAX_PLANNED_STEPS,
+            fit_steps_to_budget: true,
             eval_samples: 64,
             sampling_steps: 50,
             cfg_scale: 3.0,
@@ -219,7 +227,17 @@ fn train_or_load<B: AutodiffBackend>(
     let (steps, train_seconds, checkpoint, eval) = match &opts.checkpoint {
         Some(dir) => (0, 0.0, dir.clone(), None),
         None => {
-            let cfg = demo_config(opts, &tokenizer)?;
+            let steps = match opts.fit_steps_to_budget {
+                true => planned_steps::<B>(opts, &tokenizer, device)?,
+                false => opts.steps,
+            };
+            let cfg = demo_config(
+                &DemoOptions {
+                    steps,
+                    ..opts.clone()
+                },
+                &tokenizer,
+            )?;
             eprintln!(
                 "demo: training the tiny preset on synthetic {} for at most {:.1} min",
                 opts.dataset.name(),
@@ -258,6 +276,29 @@ fn train_or_load<B: AutodiffBackend>(
         eval,
     };
     Ok((pipeline, trained))
+}
+
+/// The steps that fit `opts.train_budget` on `device` (at most `opts.steps`), from a few
+/// timed steps of the demo's model.
+fn planned_steps<B: AutodiffBackend>(
+    opts: &DemoOptions,
+    tokenizer: &Path,
+    device: &B::Device,
+) -> Result<u64> {
+    let cfg = demo_config(opts, tokenizer)?;
+    let tokenizer = Arc::new(
+        TextTokenizer::from_file(tokenizer)
+            .map_err(|e| TrainError::from(e).within("demo tokenizer"))?,
+    );
+    let step = budget::measure_step_time::<B>(&cfg, &tokenizer, device, "demo")?;
+    let steps = budget::steps_for_budget(opts.train_budget, step, opts.steps);
+    eprintln!(
+        "demo: one training step takes {:.0} ms here: planning {steps} steps for the \
+         {:.1}-minute budget (--steps N fixes the plan)",
+        step.as_secs_f64() * 1e3,
+        opts.train_budget.as_secs_f64() / 60.0
+    );
+    Ok(steps)
 }
 
 /// Runs the digits demo (`opts.dataset` is taken as [`DemoDataset::Digits`]) on backend `B`.

@@ -1,0 +1,58 @@
+//! How many optimizer steps a demo plans: as many as fit its time budget on this machine.
+//!
+//! The learning-rate schedule (warm-up, then cosine decay) is laid out over the planned
+//! steps, so a plan the machine cannot finish stops with the rate still high. Before
+//! training, a few steps of the demo's own model and batch shape are timed
+//! ([`crate::bench::run_bench`]) and the plan is what fits [`BUDGET_SHARE`] of the budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::tensor::backend::AutodiffBackend;
+use transfusion_data::tokenizer::TextTokenizer;
+
+use crate::bench::{run_bench, BenchConfig};
+use crate::error::Result;
+use crate::ExperimentConfig;
+
+/// The share of the training budget the plan fills: the rest covers what the timed steps
+/// leave out (making batches, the evaluations and checkpoints during training).
+pub const BUDGET_SHARE: f64 = 0.9;
+
+/// Plans are rounded down to a multiple of this (and are at least this).
+pub const STEP_QUANTUM: u64 = 100;
+
+/// Timed steps of the measurement (after [`WARMUP_STEPS`] untimed ones).
+const TIMED_STEPS: usize = 6;
+
+/// Untimed steps before the measurement.
+const WARMUP_STEPS: usize = 2;
+
+/// The steps that fit `budget` at `step_time` each, rounded down to [`STEP_QUANTUM`]
+/// and kept within `[STEP_QUANTUM, max]` (`max` rounded down too, but not below
+/// `STEP_QUANTUM`).
+pub fn steps_for_budget(budget: Duration, step_time: Duration, max: u64) -> u64 {
+    let fit = (BUDGET_SHARE * budget.as_secs_f64() / step_time.as_secs_f64().max(1e-9)) as u64;
+    let round = |n: u64| (n / STEP_QUANTUM * STEP_QUANTUM).max(STEP_QUANTUM);
+    round(fit).min(round(max))
+}
+
+/// Times a few optimizer steps of `cfg`'s model on batches of its shape on `device`.
+pub fn measure_step_time<B: AutodiffBackend>(
+    cfg: &ExperimentConfig,
+    tokenizer: &Arc<TextTokenizer>,
+    device: &B::Device,
+    label: &str,
+) -> Result<Duration> {
+    let bench = BenchConfig {
+        model: cfg.model_config(tokenizer.vocab_size())?,
+        batch_size: cfg.training.batch_size,
+        seq_len: cfg.training.seq_len,
+        steps: TIMED_STEPS,
+        warmup: WARMUP_STEPS,
+        peak_tflops: None,
+        precision: cfg.training.precision,
+    };
+    let report = run_bench::<B>(&bench, tokenizer, device, label)?;
+    Ok(Duration::from_secs_f64(report.step_ms_median / 1e3))
+}

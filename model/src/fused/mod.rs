@@ -9,7 +9,7 @@
 //! - [`attention`]: the training attention `softmax(q k^T / sqrt(hd) + bias) v`.
 //! - [`linear`]: the linear layer `x w (+ bias)`.
 //!
-//! Their matrix products share [`gemm`]'s entry to the `gemm` crate.
+//! Their matrix products share one entry to the `gemm` crate (`fused/gemm.rs`).
 
 mod attention;
 mod gemm;

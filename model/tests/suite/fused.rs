@@ -106,6 +106,30 @@ fn max_abs_diff(a: &TensorData, b: &TensorData) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Each fused result is finite and no further from the f64 reference than twice the f32
+/// composition's own error (or 1e-6).
+fn assert_within_composition_error(
+    names: &[&str],
+    fused: &[TensorData],
+    composed: &[TensorData],
+    exact: &[TensorData],
+) {
+    for (i, name) in names.iter().enumerate() {
+        let (ours, theirs) = (
+            max_abs_diff(&fused[i], &exact[i]),
+            max_abs_diff(&composed[i], &exact[i]),
+        );
+        assert!(
+            ours <= (2.0 * theirs).max(1e-6),
+            "{name}: fused is {ours:e} from f64, the f32 composition {theirs:e}"
+        );
+        assert!(
+            fused[i].iter::<f64>().all(f64::is_finite),
+            "{name} not finite"
+        );
+    }
+}
+
 /// The fused attention's output and gradients (q, k, v, and a tracked bias) against an f64
 /// reference (the composition in f64): no further from it than twice the f32
 /// composition's own rounding error (or 1e-6). The fully masked row gives zeros and passes
@@ -120,20 +144,12 @@ fn fused_attention_gradients_match_the_composition() {
     // flex in f64 takes the composition
     let exact = attention_grads::<Autodiff<Flex>>(&inputs, &w, DType::F64);
     assert_eq!(exact[1].dtype, DType::F64);
-    for (i, name) in ["output", "dq", "dk", "dv", "dbias"].iter().enumerate() {
-        let (ours, theirs) = (
-            max_abs_diff(&fused[i], &exact[i]),
-            max_abs_diff(&composed[i], &exact[i]),
-        );
-        assert!(
-            ours <= (2.0 * theirs).max(1e-6),
-            "{name}: fused is {ours:e} from f64, the f32 composition {theirs:e}"
-        );
-        assert!(
-            fused[i].iter::<f64>().all(f64::is_finite),
-            "{name} not finite"
-        );
-    }
+    assert_within_composition_error(
+        &["output", "dq", "dk", "dv", "dbias"],
+        &fused,
+        &composed,
+        &exact,
+    );
     // the blind row: zero output and no gradient to its query
     let [_, h, s, hd] = inputs[0].dims();
     let blind = |d: &TensorData| {
@@ -195,16 +211,7 @@ fn fused_linear_gradients_match_the_composition() {
     // flex in f64 takes the composition
     let exact = linear_grads::<Autodiff<Flex>>(&inputs, DType::F64);
     assert_eq!(exact[1].dtype, DType::F64);
-    for (i, name) in ["output", "dx", "dw", "dbias"].iter().enumerate() {
-        let (ours, theirs) = (
-            max_abs_diff(&fused[i], &exact[i]),
-            max_abs_diff(&composed[i], &exact[i]),
-        );
-        assert!(
-            ours <= (2.0 * theirs).max(1e-6),
-            "{name}: fused is {ours:e} from f64, the f32 composition {theirs:e}"
-        );
-    }
+    assert_within_composition_error(&["output", "dx", "dw", "dbias"], &fused, &composed, &exact);
     // without autodiff: the same product
     let plain = linear(inputs[0].clone().transpose(), inputs[1].clone(), None);
     let composed = inputs[0].clone().transpose().matmul(inputs[1].clone());

@@ -5,14 +5,16 @@
 //! training, a few steps of the demo's own model and batch shape are timed
 //! ([`crate::bench::run_bench`]) and the plan is what fits [`BUDGET_SHARE`] of the budget.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
 use transfusion_data::tokenizer::TextTokenizer;
 
+use super::{demo_config, DemoOptions};
 use crate::bench::{run_bench, BenchConfig};
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::ExperimentConfig;
 
 /// The share of the training budget the plan fills: the rest covers what the timed steps
@@ -38,7 +40,7 @@ pub fn steps_for_budget(budget: Duration, step_time: Duration, max: u64) -> u64 
 }
 
 /// Times a few optimizer steps of `cfg`'s model on batches of its shape on `device`.
-pub fn measure_step_time<B: AutodiffBackend>(
+fn measure_step_time<B: AutodiffBackend>(
     cfg: &ExperimentConfig,
     tokenizer: &Arc<TextTokenizer>,
     device: &B::Device,
@@ -55,4 +57,27 @@ pub fn measure_step_time<B: AutodiffBackend>(
     };
     let report = run_bench::<B>(&bench, tokenizer, device, label)?;
     Ok(Duration::from_secs_f64(report.step_ms_median / 1e3))
+}
+
+/// The steps that fit `opts.train_budget` on `device` (at most `opts.steps`), from a few
+/// timed steps of the demo's model.
+pub(crate) fn planned_steps<B: AutodiffBackend>(
+    opts: &DemoOptions,
+    tokenizer: &Path,
+    device: &B::Device,
+) -> Result<u64> {
+    let cfg = demo_config(opts, tokenizer)?;
+    let tokenizer = Arc::new(
+        TextTokenizer::from_file(tokenizer)
+            .map_err(|e| TrainError::from(e).within("demo tokenizer"))?,
+    );
+    let step = measure_step_time::<B>(&cfg, &tokenizer, device, "demo")?;
+    let steps = steps_for_budget(opts.train_budget, step, opts.steps);
+    eprintln!(
+        "demo: one training step takes {:.0} ms here: planning {steps} steps for the \
+         {:.1}-minute budget (--steps N fixes the plan)",
+        step.as_secs_f64() * 1e3,
+        opts.train_budget.as_secs_f64() / 60.0
+    );
+    Ok(steps)
 }

@@ -26,7 +26,6 @@ pub mod score;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::AutodiffBackend;
@@ -35,7 +34,6 @@ use transfusion_data::files::{write_file, write_json};
 use transfusion_data::image::{image_grid, save_png};
 use transfusion_data::shapes::{render, ShapesGenerator};
 use transfusion_data::source::parse_source_spec;
-use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
@@ -227,9 +225,10 @@ fn train_or_load<B: AutodiffBackend>(
     let (steps, train_seconds, checkpoint, eval) = match &opts.checkpoint {
         Some(dir) => (0, 0.0, dir.clone(), None),
         None => {
-            let steps = match opts.fit_steps_to_budget {
-                true => planned_steps::<B>(opts, &tokenizer, device)?,
-                false => opts.steps,
+            let steps = if opts.fit_steps_to_budget {
+                budget::planned_steps::<B>(opts, &tokenizer, device)?
+            } else {
+                opts.steps
             };
             let cfg = demo_config(
                 &DemoOptions {
@@ -276,29 +275,6 @@ fn train_or_load<B: AutodiffBackend>(
         eval,
     };
     Ok((pipeline, trained))
-}
-
-/// The steps that fit `opts.train_budget` on `device` (at most `opts.steps`), from a few
-/// timed steps of the demo's model.
-fn planned_steps<B: AutodiffBackend>(
-    opts: &DemoOptions,
-    tokenizer: &Path,
-    device: &B::Device,
-) -> Result<u64> {
-    let cfg = demo_config(opts, tokenizer)?;
-    let tokenizer = Arc::new(
-        TextTokenizer::from_file(tokenizer)
-            .map_err(|e| TrainError::from(e).within("demo tokenizer"))?,
-    );
-    let step = budget::measure_step_time::<B>(&cfg, &tokenizer, device, "demo")?;
-    let steps = budget::steps_for_budget(opts.train_budget, step, opts.steps);
-    eprintln!(
-        "demo: one training step takes {:.0} ms here: planning {steps} steps for the \
-         {:.1}-minute budget (--steps N fixes the plan)",
-        step.as_secs_f64() * 1e3,
-        opts.train_budget.as_secs_f64() / 60.0
-    );
-    Ok(steps)
 }
 
 /// Runs the digits demo (`opts.dataset` is taken as [`DemoDataset::Digits`]) on backend `B`.

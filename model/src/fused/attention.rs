@@ -18,6 +18,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_values};
+use super::math::{exp_nonpositive, multiversion};
 use super::{contiguous, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
 
 /// `softmax(q k^T / sqrt(hd) + bias) v`, the attention of a pass that records gradients
@@ -84,19 +85,8 @@ fn attention_forward(
     let (mut p, shape) = matmul_values(q, &k.transpose(2, 3), scale, Some(dense_values(bias)));
     let lk = shape[3];
     let rows_per_task = (CHUNK / lk.max(1)).max(1);
-    p.par_chunks_mut(rows_per_task * lk).for_each(|rows| {
-        for row in rows.chunks_mut(lk) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let shift = max.max(-1.0e4);
-            for x in row.iter_mut() {
-                *x = exp_nonpositive(*x - shift);
-            }
-            let inv = 1.0 / row.iter().sum::<f32>().max(1.0e-30);
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
-        }
-    });
+    p.par_chunks_mut(rows_per_task * lk)
+        .for_each(|rows| softmax_rows(rows, lk));
     let p = flex_from(p, shape);
     let out = matmul(&p, v, 1.0);
     (out, p)
@@ -109,35 +99,43 @@ fn dense_values(t: &FlexTensor) -> Vec<f32> {
     t.storage::<f32>()[at..at + t.layout().num_elements()].to_vec()
 }
 
-/// `e^x` for `x <= 0` (a score minus its row maximum), within about 2 ulp of the exact
-/// value; `0` below `-87` (and for `-inf`), NaN for NaN. Written without calls or
-/// branches so that the softmax loop runs in vector registers, where the C library's
-/// `expf` takes one call per score.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    // 1.5 * 2^23: adding it rounds to an integer, kept in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    // ln 2 split in two so that n * LN2_HI is exact for the n used here.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    // n in [-126, 0]: the exponent bits of 2^n
-    let two_n =
-        f32::from_bits(((shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
-    // e^r for r = x - n ln 2 in [-ln2/2, ln2/2]
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut poly = 1.987_569_2e-4f32;
-    poly = poly * r + 1.398_199_9e-3;
-    poly = poly * r + 8.333_452e-3;
-    poly = poly * r + 4.166_579_6e-2;
-    poly = poly * r + 1.666_666_5e-1;
-    poly = poly * r + 5.000_000_1e-1;
-    let e_r = poly * r * r + r + 1.0;
-    if x < -87.0 {
-        0.0
-    } else {
-        e_r * two_n
+multiversion! {
+    /// Each row of `lk` scores in `rows` replaced by its softmax; the shift before the
+    /// exponential is the row maximum (clamped to at least `-1e4`).
+    fn softmax_rows(rows: &mut [f32], lk: usize) {
+        for row in rows.chunks_mut(lk) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let shift = max.max(-1.0e4);
+            for x in row.iter_mut() {
+                *x = exp_nonpositive(*x - shift);
+            }
+            let inv = 1.0 / row.iter().sum::<f32>().max(1.0e-30);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `dS = P (dP - rowsum(dO O))` over rows of `lk` scores: `rows` holds `dP` and
+    /// becomes `dS`; `p` holds the same rows of `P`, `d_out` and `out` start at their
+    /// first row of `hd` values.
+    fn score_gradient_rows(
+        rows: &mut [f32],
+        p: &[f32],
+        d_out: &[f32],
+        out: &[f32],
+        lk: usize,
+        hd: usize,
+    ) {
+        let rows = rows.chunks_mut(lk).zip(p.chunks(lk));
+        for ((row, p), (d_out, out)) in rows.zip(d_out.chunks(hd).zip(out.chunks(hd))) {
+            let dot: f32 = d_out.iter().zip(out).map(|(a, b)| a * b).sum();
+            for (x, &p) in row.iter_mut().zip(p) {
+                *x = p * (*x - dot);
+            }
+        }
     }
 }
 
@@ -157,14 +155,12 @@ fn score_gradient(
         .enumerate()
         .for_each(|(task, rows)| {
             let first = task * rows_per_task;
-            for (r, row) in rows.chunks_mut(lk).enumerate() {
-                let (row_at, o_at) = ((first + r) * lk, (first + r) * hd);
-                let dot: f32 = (0..hd).map(|d| d_out[o_at + d] * out[o_at + d]).sum();
-                let p = &p[row_at..row_at + lk];
-                for (x, &p) in row.iter_mut().zip(p) {
-                    *x = p * (*x - dot);
-                }
-            }
+            let (p, d_out, out) = (
+                &p[first * lk..first * lk + rows.len()],
+                &d_out[first * hd..],
+                &out[first * hd..],
+            );
+            score_gradient_rows(rows, p, d_out, out, lk, hd);
         });
     flex_from(dp, shape)
 }
@@ -257,29 +253,5 @@ fn attention_autodiff(
             prep.finish(saved, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp_nonpositive;
-
-    /// Over `[-87, 0]` the fast exponential is within 2 ulp of the exact one (measured
-    /// against f64), and it maps the masked and out-of-range inputs as documented.
-    #[test]
-    fn fast_exponential_is_within_two_ulp() {
-        let mut worst = 0.0f64;
-        for i in 0..=1_000_000 {
-            let x = -87.0 * i as f32 / 1_000_000.0;
-            let exact = (x as f64).exp();
-            let ulp = (exact as f32).to_bits();
-            let ulp = (f32::from_bits(ulp + 1) - exact as f32) as f64;
-            worst = worst.max((exp_nonpositive(x) as f64 - exact).abs() / ulp);
-        }
-        assert!(worst <= 2.0, "worst error {worst} ulp");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpositive(-90.0), 0.0);
-        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 }

@@ -14,6 +14,7 @@
 mod attention;
 mod gemm;
 mod linear;
+mod math;
 mod swiglu;
 
 pub use attention::attention;
@@ -21,6 +22,7 @@ pub use linear::linear;
 pub use swiglu::swiglu;
 
 use std::any::{Any, TypeId};
+use std::mem::MaybeUninit;
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
@@ -80,23 +82,48 @@ fn contiguous<const N: usize>(tensors: [&FlexTensor; N]) -> [FlexTensor; N] {
     tensors.map(FlexTensor::to_contiguous)
 }
 
-/// Two f32 tensors of `shape`, filled in parallel chunks: `f(i)` gives both values at flat
-/// index `i`.
-fn fill_pair(
-    shape: burn::tensor::Shape,
-    f: impl Fn(usize) -> (f32, f32) + Sync,
-) -> (FlexTensor, FlexTensor) {
-    let n = shape.num_elements();
-    let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks_mut(CHUNK))
+/// `len` f32 values written in parallel chunks of [`CHUNK`]: `fill(start, chunk)` writes
+/// the values at `start..start + chunk.len()`.
+///
+/// # Safety
+/// `fill` writes every element of each chunk it is given (the buffer is not zeroed first).
+unsafe fn filled(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    values.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(c, (a, b))| {
-            for (i, (a, b)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
-                (*a, *b) = f(c * CHUNK + i);
-            }
-        });
-    (flex_from(a, shape.clone()), flex_from(b, shape))
+        .for_each(|(c, chunk)| fill(c * CHUNK, chunk));
+    // SAFETY: `fill` wrote all `len` values (the caller's promise).
+    unsafe { values.set_len(len) };
+    values
+}
+
+/// Two sets of `len` f32 values written together in parallel chunks, as in [`filled`].
+///
+/// # Safety
+/// `fill` writes every element of both chunks it is given.
+unsafe fn filled_pair(
+    len: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]) + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut b) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    a.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(b.spare_capacity_mut()[..len].par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (a, b))| fill(c * CHUNK, a, b));
+    // SAFETY: `fill` wrote all `len` values of both (the caller's promise).
+    unsafe {
+        a.set_len(len);
+        b.set_len(len);
+    }
+    (a, b)
+}
+
+/// The values of a contiguous f32 tensor, row-major.
+fn dense(t: &FlexTensor) -> &[f32] {
+    let at = t.layout().start_offset();
+    &t.storage::<f32>()[at..at + t.layout().num_elements()]
 }
 
 /// A contiguous f32 `flex` tensor from `values` laid out row-major in `shape`.

@@ -18,7 +18,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_values};
-use super::math::{exp_nonpositive, multiversion};
+use super::math::{exp_nonpositive, max_of, multiversion, sum_of};
 use super::{contiguous, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
 
 /// `softmax(q k^T / sqrt(hd) + bias) v`, the attention of a pass that records gradients
@@ -104,12 +104,11 @@ multiversion! {
     /// exponential is the row maximum (clamped to at least `-1e4`).
     fn softmax_rows(rows: &mut [f32], lk: usize) {
         for row in rows.chunks_mut(lk) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let shift = max.max(-1.0e4);
+            let shift = max_of(row).max(-1.0e4);
             for x in row.iter_mut() {
                 *x = exp_nonpositive(*x - shift);
             }
-            let inv = 1.0 / row.iter().sum::<f32>().max(1.0e-30);
+            let inv = 1.0 / sum_of(row).max(1.0e-30);
             for x in row.iter_mut() {
                 *x *= inv;
             }

@@ -35,6 +35,37 @@ macro_rules! multiversion {
 }
 pub(super) use multiversion;
 
+/// Independent accumulators of the reductions below: a sum or maximum taken in order
+/// depends on each previous step, which keeps it in one scalar register.
+const LANES: usize = 16;
+
+/// `f` folded over `xs` in [`LANES`] independent accumulators from `init`, which are then
+/// folded together (the compiler keeps them in vector registers).
+#[inline(always)]
+fn lane_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, x);
+        }
+    }
+    lanes.into_iter().fold(rest, f)
+}
+
+/// The largest value of `xs` (NaNs ignored, as by [`f32::max`]; `-inf` when empty).
+#[inline(always)]
+pub(super) fn max_of(xs: &[f32]) -> f32 {
+    lane_fold(xs, f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum of `xs`, added in [`LANES`] interleaved partial sums.
+#[inline(always)]
+pub(super) fn sum_of(xs: &[f32]) -> f32 {
+    lane_fold(xs, 0.0, |a, x| a + x)
+}
+
 /// `e^x` for `x <= 0` (a score minus its row maximum, or `-|x|`), within about 2 ulp of
 /// the exact value; `0` below `-87` (and for `-inf`), NaN for NaN.
 #[inline(always)]
@@ -80,20 +111,28 @@ pub(super) fn sigmoid(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_nonpositive, sigmoid};
+    use super::{exp_nonpositive, max_of, sigmoid, sum_of};
+
+    /// The largest error of `f(x) = (ours, exact)` over `xs`, in units in the last place
+    /// of the exact value rounded to f32.
+    fn worst_ulps(xs: impl Iterator<Item = f32>, f: impl Fn(f32) -> (f32, f64)) -> f64 {
+        xs.map(|x| {
+            let (ours, exact) = f(x);
+            let bits = (exact as f32).to_bits();
+            let ulp = (f32::from_bits(bits + 1) - exact as f32) as f64;
+            (ours as f64 - exact).abs() / ulp
+        })
+        .fold(0.0, f64::max)
+    }
 
     /// Over `[-87, 0]` the fast exponential is within 2 ulp of the exact one (measured
     /// against f64), and it maps the masked and out-of-range inputs as documented.
     #[test]
     fn fast_exponential_is_within_two_ulp() {
-        let mut worst = 0.0f64;
-        for i in 0..=1_000_000 {
-            let x = -87.0 * i as f32 / 1_000_000.0;
-            let exact = (x as f64).exp();
-            let ulp = (exact as f32).to_bits();
-            let ulp = (f32::from_bits(ulp + 1) - exact as f32) as f64;
-            worst = worst.max((exp_nonpositive(x) as f64 - exact).abs() / ulp);
-        }
+        let worst = worst_ulps(
+            (0..=1_000_000).map(|i| -87.0 * i as f32 / 1_000_000.0),
+            |x| (exp_nonpositive(x), (x as f64).exp()),
+        );
         assert!(worst <= 2.0, "worst error {worst} ulp");
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
@@ -104,19 +143,26 @@ mod tests {
     /// The sigmoid against f64 over both signs and the saturated ends.
     #[test]
     fn sigmoid_is_within_four_ulp() {
-        let mut worst = 0.0f64;
-        for i in -1_000_000..=1_000_000 {
-            let x = 30.0 * i as f32 / 1_000_000.0;
-            let exact = 1.0 / (1.0 + (-(x as f64)).exp());
-            let ulp = (exact as f32).to_bits();
-            let ulp = (f32::from_bits(ulp + 1) - exact as f32) as f64;
-            worst = worst.max((sigmoid(x) as f64 - exact).abs() / ulp);
-        }
+        let xs = (-1_000_000..=1_000_000).map(|i| 30.0 * i as f32 / 1_000_000.0);
+        let worst = worst_ulps(xs, |x| (sigmoid(x), 1.0 / (1.0 + (-(x as f64)).exp())));
         assert!(worst <= 4.0, "worst error {worst} ulp");
         assert_eq!(sigmoid(0.0), 0.5);
         assert_eq!(sigmoid(f32::INFINITY), 1.0);
         assert_eq!(sigmoid(f32::NEG_INFINITY), 0.0);
         assert_eq!(sigmoid(-200.0), 0.0);
         assert!(sigmoid(f32::NAN).is_nan());
+    }
+
+    /// The lane-wise reductions against in-order ones, over lengths around the lane count.
+    #[test]
+    fn lane_reductions_match_in_order_ones() {
+        for len in [0, 1, 15, 16, 17, 33, 100] {
+            let xs: Vec<f32> = (0..len).map(|i| ((i * 37) % 23) as f32 - 11.5).collect();
+            let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(max_of(&xs), max);
+            // integers and halves: every partial sum is exact in f32
+            assert_eq!(sum_of(&xs), xs.iter().sum::<f32>());
+        }
+        assert_eq!(max_of(&[1.0, f32::NAN, 3.0]), 3.0);
     }
 }

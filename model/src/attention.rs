@@ -11,7 +11,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use crate::head_layout::HeadLayout;
 use crate::kv_cache::LayerKv;
 use crate::precision::Precision;
-use crate::rope::{apply_rope, RopeTables};
+use crate::rope::RopeTables;
 
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
@@ -140,11 +140,11 @@ impl<B: Backend> Attention<B> {
         let hd = self.head_dim;
         // [b, s, h*hd] -> [b, s, h, hd] (rotated in this layout) -> [b, h, s, hd]
         let heads = |w: &Linear<B>, x, h| ctx.precision.linear(w, x).reshape([b, s, h, hd]);
-        let q = apply_rope(heads(&self.wq, x.clone(), self.n_heads), ctx.rope_q);
-        let k = apply_rope(heads(&self.wk, x.clone(), self.n_kv_heads), ctx.rope_k);
-        let v = heads(&self.wv, x, self.n_kv_heads);
-        let split = |t| ctx.head_layout.heads_first(t);
-        (split(q), split(k), split(v))
+        let layout = ctx.head_layout;
+        let q = layout.rotated_heads_first(heads(&self.wq, x.clone(), self.n_heads), ctx.rope_q);
+        let k = layout.rotated_heads_first(heads(&self.wk, x.clone(), self.n_kv_heads), ctx.rope_k);
+        let v = layout.heads_first(heads(&self.wv, x, self.n_kv_heads));
+        (q, k, v)
     }
 
     /// Attends the new positions' queries to `ctx.past` followed by their own keys/values.

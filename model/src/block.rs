@@ -7,6 +7,7 @@ use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
 use crate::attention::{Attention, AttentionConfig, LayerContext};
+use crate::fused::rms_norm;
 use crate::kv_cache::LayerKv;
 use crate::mlp::{SwiGluMlp, SwiGluMlpConfig};
 use crate::params::materialize;
@@ -110,10 +111,10 @@ impl<B: Backend> DecoderBlock<B> {
     /// [`Attention::forward`]).
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> (Tensor<B, 3>, LayerKv<B>) {
         let (Some(image), Some(at_image)) = (&self.image, &ctx.image_positions) else {
-            let normed = self.attn_norm.forward(x.clone());
+            let normed = rms_norm(&self.attn_norm, x.clone());
             let (a, kv) = self.attn.forward(normed, ctx);
             let x = x + a;
-            let x = x.clone() + self.mlp.forward(self.mlp_norm.forward(x), ctx.precision);
+            let x = x.clone() + self.mlp.forward(rms_norm(&self.mlp_norm, x), ctx.precision);
             return (x, kv);
         };
         let [b, s, d] = x.dims();
@@ -121,8 +122,8 @@ impl<B: Backend> DecoderBlock<B> {
         let pick = at_image.clone().reshape([b, s, 1]).expand([b, s, d]);
         let choose = |text: Tensor<B, 3>, img: Tensor<B, 3>| text.mask_where(pick.clone(), img);
         let normed = choose(
-            self.attn_norm.forward(x.clone()),
-            image.attn_norm.forward(x.clone()),
+            rms_norm(&self.attn_norm, x.clone()),
+            rms_norm(&image.attn_norm, x.clone()),
         );
         let (q, k, v) = self.attn.project(normed.clone(), ctx);
         let (qi, ki, vi) = image.attn.project(normed, ctx);
@@ -144,10 +145,10 @@ impl<B: Backend> DecoderBlock<B> {
         let x = x + a;
         let m = choose(
             self.mlp
-                .forward(self.mlp_norm.forward(x.clone()), ctx.precision),
+                .forward(rms_norm(&self.mlp_norm, x.clone()), ctx.precision),
             image
                 .mlp
-                .forward(image.mlp_norm.forward(x.clone()), ctx.precision),
+                .forward(rms_norm(&image.mlp_norm, x.clone()), ctx.precision),
         );
         (x + m, kv)
     }

@@ -4,14 +4,20 @@
 //! A transposed view is free to make, but the CPU backends read it (and, under autodiff,
 //! the transposed gradient that flows back through it) element by element. So on the CPU
 //! backends the heads move by copies of whole `hd`-long rows instead:
-//! - without gradients, by block copies of one head at a time ([`heads_first`],
+//! - on `flex`, by the fused kernels of [`crate::fused::heads_first`] and
+//!   [`crate::fused::heads_last`] (one pass forward, one backward; the queries and keys
+//!   are rotated on the way);
+//! - otherwise without gradients, by block copies of one head at a time ([`heads_first`],
 //!   [`heads_last`]);
-//! - with gradients, by one row gather (`select` over `[b·s·h, hd]` rows), whose backward
-//!   pass is one row scatter. (The block copies' backward pass would write `h` zero-filled
-//!   full-size gradients, one per head.)
+//! - otherwise with gradients, by one row gather (`select` over `[b·s·h, hd]` rows), whose
+//!   backward pass is one row scatter. (The block copies' backward pass would write `h`
+//!   zero-filled full-size gradients, one per head.)
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
+
+use crate::fused;
+use crate::rope::{apply_rope, RopeTables};
 
 /// The head layout changes of one forward pass.
 #[derive(Clone, Debug)]
@@ -22,13 +28,17 @@ pub enum HeadLayout<B: Backend> {
     BlockCopies,
     /// Row gathers (CPU backends under autodiff).
     RowGather(HeadRows<B>),
+    /// The fused kernels (`flex`, with or without autodiff).
+    Fused,
 }
 
 impl<B: Backend> HeadLayout<B> {
     /// The layout changes for a forward pass of `b` rows of `s` new positions with `h`
     /// query heads and `h_kv` key/value heads on `device`.
     pub fn for_pass(b: usize, s: usize, h: usize, h_kv: usize, device: &B::Device) -> Self {
-        if !block_copies_pay::<B>(device) {
+        if fused::available::<B>() {
+            Self::Fused
+        } else if !block_copies_pay::<B>(device) {
             Self::Views
         } else if B::ad_enabled(device) {
             Self::RowGather(HeadRows::new(b, s, h, h_kv, device))
@@ -37,10 +47,20 @@ impl<B: Backend> HeadLayout<B> {
         }
     }
 
+    /// `[b, s, h, hd] -> [b, h, s, hd]` rotated by `rope` (as [`apply_rope`] before
+    /// [`HeadLayout::heads_first`]; one pass with [`HeadLayout::Fused`]).
+    pub fn rotated_heads_first(&self, x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
+        match self {
+            Self::Fused => fused::heads_first(x, Some(rope)),
+            _ => self.heads_first(apply_rope(x, rope)),
+        }
+    }
+
     /// `[b, s, h, hd] -> [b, h, s, hd]`, contiguous except for [`HeadLayout::Views`].
     pub fn heads_first(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match self {
             Self::Views => x.swap_dims(1, 2),
+            Self::Fused => fused::heads_first(x, None),
             Self::BlockCopies => heads_first(x),
             Self::RowGather(rows) => {
                 let [b, s, h, hd] = x.dims();
@@ -63,6 +83,7 @@ impl<B: Backend> HeadLayout<B> {
             // A strided copy forward; free backward.
             Self::Views => x.swap_dims(1, 2).reshape([b, s, h * hd]),
             Self::BlockCopies => heads_last(x),
+            Self::Fused => fused::heads_last(x),
             Self::RowGather(rows) => x
                 .reshape([b * h * s, hd])
                 .select(0, rows.last.clone())

@@ -218,7 +218,7 @@ impl<B: Backend> Transfusion<B> {
         if let (Some(c), CacheMode::Append) = (cache, mode) {
             c.append_meta(meta);
         }
-        self.norm.forward(x)
+        crate::fused::rms_norm(&self.norm, x)
     }
 
     /// Logits of the next token.

@@ -8,17 +8,24 @@
 //! - [`swiglu`]: `silu(gate) * up` (see [`swiglu`]'s module).
 //! - [`attention`]: the training attention `softmax(q k^T / sqrt(hd) + bias) v`.
 //! - [`linear`]: the linear layer `x w (+ bias)`.
+//! - [`rms_norm`]: RMSNorm over the last dimension.
+//! - [`heads_first`], [`heads_last`]: the attention's head layout changes, the rotary
+//!   embedding applied on the way in.
 //!
 //! Their matrix products share one entry to the `gemm` crate (`fused/gemm.rs`).
 
 mod attention;
 mod gemm;
+mod heads;
 mod linear;
 mod math;
+mod rms_norm;
 mod swiglu;
 
 pub use attention::attention;
+pub use heads::{heads_first, heads_last};
 pub use linear::linear;
+pub use rms_norm::rms_norm;
 pub use swiglu::swiglu;
 
 use std::any::{Any, TypeId};
@@ -58,6 +65,12 @@ fn path<B: Backend>() -> Option<Path> {
     }
 }
 
+/// Whether backend `B` takes the fused kernels (`Flex` or `Autodiff<Flex>`; for f32
+/// tensors).
+pub fn available<B: Backend>() -> bool {
+    path::<B>().is_some()
+}
+
 /// `t` as a `U`; the caller has checked that `T` is `U` (with [`path`]).
 fn cast<T: 'static, U: 'static>(t: T) -> U {
     let mut slot = Some(t);
@@ -82,17 +95,23 @@ fn contiguous<const N: usize>(tensors: [&FlexTensor; N]) -> [FlexTensor; N] {
     tensors.map(FlexTensor::to_contiguous)
 }
 
-/// `len` f32 values written in parallel chunks of [`CHUNK`]: `fill(start, chunk)` writes
-/// the values at `start..start + chunk.len()`.
+/// `len` f32 values written in parallel chunks of about [`CHUNK`] values, each a whole
+/// number of rows of `row` values: `fill(start, chunk)` writes the values at
+/// `start..start + chunk.len()`.
 ///
 /// # Safety
 /// `fill` writes every element of each chunk it is given (the buffer is not zeroed first).
-unsafe fn filled(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+unsafe fn filled(
+    len: usize,
+    row: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let chunk = (CHUNK / row.max(1)).max(1) * row.max(1);
     let mut values = Vec::with_capacity(len);
     values.spare_capacity_mut()[..len]
-        .par_chunks_mut(CHUNK)
+        .par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(c, chunk)| fill(c * CHUNK, chunk));
+        .for_each(|(c, values)| fill(c * chunk, values));
     // SAFETY: `fill` wrote all `len` values (the caller's promise).
     unsafe { values.set_len(len) };
     values

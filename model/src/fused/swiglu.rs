@@ -60,7 +60,7 @@ fn swiglu_forward(
     } else {
         // SAFETY: `gated_rows` writes every element of the chunk.
         let y = unsafe {
-            filled(g.len(), |at, y| {
+            filled(g.len(), 1, |at, y| {
                 let (g, u) = inputs(at, y.len());
                 gated_rows(g, u, y, None);
             })

@@ -1,7 +1,7 @@
 //! The two forms of attention agree: the differentiable composition used under autodiff
 //! against Burn's fused attention, and every head layout change against the strided views.
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::{Autodiff, Flex, NdArray};
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -9,6 +9,7 @@ use burn::tensor::Distribution;
 use transfusion_model::attention::AttentionMask;
 use transfusion_model::fused::attention as training_attention;
 use transfusion_model::head_layout::{heads_first, heads_last, HeadLayout};
+use transfusion_model::rope::rope_tables;
 
 type B = Flex;
 
@@ -69,42 +70,108 @@ fn block_copy_head_transposes_equal_the_strided_ones() {
     assert_eq!(max_diff(heads_last(y), x.reshape([2, 5, 12])), 0.0);
 }
 
-/// Each layout a CPU forward pass picks (block copies without gradients, row gathers under
-/// autodiff) moves the heads exactly as the strided views do, for query heads and for
-/// fewer key/value heads, and under autodiff passes the same gradient back.
+/// `max |a - b|` on any backend.
+fn largest_difference<C: Backend, const D: usize>(a: Tensor<C, D>, b: Tensor<C, D>) -> f32 {
+    (a - b).abs().max().into_scalar().elem()
+}
+
+/// Each layout a CPU forward pass picks (on `ndarray` block copies without gradients and
+/// row gathers under autodiff; on `flex` the fused kernels both ways) moves the heads
+/// exactly as the strided views do, for query heads and for fewer key/value heads, and
+/// under autodiff passes the same gradient back.
 #[test]
 fn every_head_layout_moves_heads_and_gradients_like_the_views() {
-    type A = Autodiff<B>;
+    layouts_move_heads_like_the_views::<NdArray>(
+        |l| matches!(l, HeadLayout::BlockCopies),
+        |l| matches!(l, HeadLayout::RowGather(_)),
+    );
+    layouts_move_heads_like_the_views::<Flex>(
+        |l| matches!(l, HeadLayout::Fused),
+        |l| matches!(l, HeadLayout::Fused),
+    );
+}
+
+fn layouts_move_heads_like_the_views<C: Backend>(
+    plain_is: fn(&HeadLayout<C>) -> bool,
+    tracked_is: fn(&HeadLayout<Autodiff<C>>) -> bool,
+) {
+    type A<C> = Autodiff<C>;
     let dev = Default::default();
     let [b, s, h, h_kv, hd] = [2, 5, 4, 2, 3];
-    let x = Tensor::<B, 4>::random([b, s, h, hd], Distribution::Normal(0.0, 1.0), &dev);
-    let xkv = Tensor::<B, 4>::random([b, s, h_kv, hd], Distribution::Normal(0.0, 1.0), &dev);
-    let plain = HeadLayout::<B>::for_pass(b, s, h, h_kv, &dev);
-    assert!(matches!(plain, HeadLayout::BlockCopies));
-    let tracked = HeadLayout::<A>::for_pass(b, s, h, h_kv, &dev);
-    assert!(matches!(tracked, HeadLayout::RowGather(_)));
+    let x = Tensor::<C, 4>::random([b, s, h, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let xkv = Tensor::<C, 4>::random([b, s, h_kv, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let plain = HeadLayout::<C>::for_pass(b, s, h, h_kv, &dev);
+    assert!(plain_is(&plain));
+    let tracked = HeadLayout::<A<C>>::for_pass(b, s, h, h_kv, &dev);
+    assert!(tracked_is(&tracked));
     for t in [x.clone(), xkv] {
         let want = t.clone().swap_dims(1, 2);
-        assert_eq!(max_diff(plain.heads_first(t.clone()), want.clone()), 0.0);
-        let got = tracked.heads_first(Tensor::<A, 4>::from_inner(t));
-        assert_eq!(max_diff(got.inner(), want), 0.0);
+        assert_eq!(
+            largest_difference(plain.heads_first(t.clone()), want.clone()),
+            0.0
+        );
+        let got = tracked.heads_first(Tensor::<A<C>, 4>::from_inner(t));
+        assert_eq!(largest_difference(got.inner(), want), 0.0);
     }
     let y = x.clone().swap_dims(1, 2); // [b, h, s, hd]
     let want = x.clone().reshape([b, s, h * hd]);
-    assert_eq!(max_diff(plain.heads_last(y.clone()), want.clone()), 0.0);
     assert_eq!(
-        max_diff(tracked.heads_last(Tensor::from_inner(y)).inner(), want),
+        largest_difference(plain.heads_last(y.clone()), want.clone()),
         0.0
     );
-    // d/dx of sum(w * heads_last(heads_first(x) * u)): the gathers' backward passes (row
-    // scatters) against the views' (transposes).
-    let u = Tensor::<B, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &dev);
-    let w = Tensor::<B, 3>::random([b, s, h * hd], Distribution::Normal(0.0, 1.0), &dev);
-    let grad = |layout: &HeadLayout<A>| {
-        let xa = Tensor::<A, 4>::from_inner(x.clone()).require_grad();
+    assert_eq!(
+        largest_difference(tracked.heads_last(Tensor::from_inner(y)).inner(), want),
+        0.0
+    );
+    // d/dx of sum(w * heads_last(heads_first(x) * u)): the layouts' backward passes
+    // against the views' (transposes).
+    let u = Tensor::<C, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let w = Tensor::<C, 3>::random([b, s, h * hd], Distribution::Normal(0.0, 1.0), &dev);
+    let grad = |layout: &HeadLayout<A<C>>| {
+        let xa = Tensor::<A<C>, 4>::from_inner(x.clone()).require_grad();
         let mid = layout.heads_first(xa.clone()) * Tensor::from_inner(u.clone());
         let loss = (layout.heads_last(mid) * Tensor::from_inner(w.clone())).sum();
         xa.grad(&loss.backward()).expect("x is tracked")
     };
-    assert!(max_diff(grad(&tracked), grad(&HeadLayout::Views)) < 1e-6);
+    assert!(largest_difference(grad(&tracked), grad(&HeadLayout::Views)) < 1e-6);
+}
+
+/// `[rotated heads-first x, d x]` of `sum(w * rotated_heads_first(x))` with `layout`'s
+/// change on autodiff backend `A`, RoPE tables for positions restarting at 0 in the
+/// second row (packed documents) and `h` heads.
+fn rotated<A: burn::tensor::backend::AutodiffBackend>(
+    x: &Tensor<Flex, 4>,
+    w: &Tensor<Flex, 4>,
+    layout: fn(usize, usize, usize, &A::Device) -> HeadLayout<A>,
+) -> [TensorData; 2] {
+    let dev = Default::default();
+    let [b, s, h, hd] = x.dims();
+    let positions: Vec<i64> = (0..b * s).map(|i| (i % 7) as i64 * 3).collect();
+    let positions = Tensor::<A, 2, Int>::from_data(TensorData::new(positions, [b, s]), &dev);
+    let tables = rope_tables(positions, hd, 10_000.0, h);
+    let xa = Tensor::<A, 4>::from_data(x.to_data(), &dev).require_grad();
+    let out = layout(b, s, h, &dev).rotated_heads_first(xa.clone(), &tables);
+    let loss = (out.clone() * Tensor::from_data(w.to_data(), &dev)).sum();
+    let dx = xa.grad(&loss.backward()).expect("x is tracked");
+    [out.into_data(), dx.into_data()]
+}
+
+/// The fused head layout change of the queries and keys (`flex`) rotates exactly as
+/// `apply_rope` before the strided view does (`ndarray`, views), and passes back exactly
+/// the composition's gradient (the inverse rotation); without autodiff too.
+#[test]
+fn fused_rotated_heads_first_equals_rope_then_transpose() {
+    let dev = Default::default();
+    let [b, s, h, hd] = [2, 9, 3, 8];
+    let x = Tensor::<Flex, 4>::random([b, s, h, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let w = Tensor::<Flex, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), &dev);
+    let fused = rotated::<Autodiff<Flex>>(&x, &w, |b, s, h, d| HeadLayout::for_pass(b, s, h, h, d));
+    let composed = rotated::<Autodiff<NdArray>>(&x, &w, |_, _, _, _| HeadLayout::Views);
+    assert_eq!(fused[0], composed[0], "rotated heads");
+    assert_eq!(fused[1], composed[1], "gradient");
+    let positions: Vec<i64> = (0..b * s).map(|i| (i % 7) as i64 * 3).collect();
+    let positions = Tensor::<Flex, 2, Int>::from_data(TensorData::new(positions, [b, s]), &dev);
+    let tables = rope_tables(positions, hd, 10_000.0, h);
+    let plain = HeadLayout::<Flex>::for_pass(b, s, h, h, &dev).rotated_heads_first(x, &tables);
+    assert_eq!(plain.into_data(), fused[0]);
 }

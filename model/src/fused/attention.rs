@@ -19,7 +19,9 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_values};
 use super::math::{exp_nonpositive, max_of, multiversion, sum_of};
-use super::{contiguous, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK};
+use super::{
+    contiguous, dense, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK,
+};
 
 /// `softmax(q k^T / sqrt(hd) + bias) v`, the attention of a pass that records gradients
 /// (`bias`: `0` where a key is visible, `-inf` where masked).
@@ -81,29 +83,30 @@ fn attention_forward(
     bias: &FlexTensor,
     scale: f32,
 ) -> (FlexTensor, FlexTensor) {
-    // [b, h, s, lk]: bias + scale q k^T, in the buffer that becomes P
-    let (mut p, shape) = matmul_values(q, &k.transpose(2, 3), scale, Some(dense_values(bias)));
+    // [b, h, s, lk]: scale q k^T, in the buffer that becomes P
+    let (mut p, shape) = matmul_values(q, &k.transpose(2, 3), scale);
     let lk = shape[3];
+    let [bias] = contiguous([bias]);
+    let bias = dense(&bias);
+    assert_eq!(bias.len(), p.len(), "attention: a bias for every score");
     let rows_per_task = (CHUNK / lk.max(1)).max(1);
     p.par_chunks_mut(rows_per_task * lk)
-        .for_each(|rows| softmax_rows(rows, lk));
+        .zip(bias.par_chunks(rows_per_task * lk))
+        .for_each(|(rows, bias)| softmax_rows(rows, bias, lk));
     let p = flex_from(p, shape);
     let out = matmul(&p, v, 1.0);
     (out, p)
 }
 
-/// The values of `t`, row-major (a copy).
-fn dense_values(t: &FlexTensor) -> Vec<f32> {
-    let t = t.to_contiguous();
-    let at = t.layout().start_offset();
-    t.storage::<f32>()[at..at + t.layout().num_elements()].to_vec()
-}
-
 multiversion! {
-    /// Each row of `lk` scores in `rows` replaced by its softmax; the shift before the
-    /// exponential is the row maximum (clamped to at least `-1e4`).
-    fn softmax_rows(rows: &mut [f32], lk: usize) {
-        for row in rows.chunks_mut(lk) {
+    /// Each row of `lk` scores in `rows`, plus the same row of `bias`, replaced by its
+    /// softmax; the shift before the exponential is the row maximum (clamped to at least
+    /// `-1e4`).
+    fn softmax_rows(rows: &mut [f32], bias: &[f32], lk: usize) {
+        for (row, bias) in rows.chunks_mut(lk).zip(bias.chunks(lk)) {
+            for (x, &b) in row.iter_mut().zip(bias) {
+                *x += b;
+            }
             let shift = max_of(row).max(-1.0e4);
             for x in row.iter_mut() {
                 *x = exp_nonpositive(*x - shift);
@@ -200,7 +203,7 @@ impl Backward<Flex, 4> for AttentionBackward {
             return;
         }
         // [b, h, s, lk]
-        let (dp, _) = matmul_values(&d_out, &v.transpose(2, 3), 1.0, None);
+        let (dp, _) = matmul_values(&d_out, &v.transpose(2, 3), 1.0);
         let ds = score_gradient(&p, dp, &d_out, &out);
         if let Some(node) = q_node {
             // [b, h, s, hd]

@@ -3,9 +3,9 @@
 //!
 //! Burn `flex`'s own product allocates its output as zeroed bytes and then copies them
 //! once more to reach the buffer alignment it wants (a memset and a memcpy of every
-//! output, about 7% of a tiny training step); here the output is one zeroed `Vec<f32>`,
-//! the product can be scaled for free (`gemm` multiplies by a scalar as it accumulates),
-//! and the fused kernels can keep working in the same buffer.
+//! output, about 7% of a tiny training step); here the output is one `Vec<f32>` that
+//! `gemm` writes without reading, the product can be scaled for free (`gemm` multiplies by
+//! a scalar as it writes), and the fused kernels can keep working in the same buffer.
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Shape;
@@ -30,18 +30,12 @@ const PARALLEL_BATCH: usize = 64 * 64 * 64;
 ///   strides (transposed views are read in place)
 /// - output: `[.., m, n]`
 pub(super) fn matmul(a: &FlexTensor, b: &FlexTensor, scale: f32) -> FlexTensor {
-    let (values, shape) = matmul_values(a, b, scale, None);
+    let (values, shape) = matmul_values(a, b, scale);
     flex_from(values, shape)
 }
 
-/// [`matmul`]'s values, row-major, and their shape; with `onto`, the product is added to
-/// those values (row-major `[.., m, n]`) instead of to zeros.
-pub(super) fn matmul_values(
-    a: &FlexTensor,
-    b: &FlexTensor,
-    scale: f32,
-    onto: Option<Vec<f32>>,
-) -> (Vec<f32>, Shape) {
+/// [`matmul`]'s values, row-major, and their shape.
+pub(super) fn matmul_values(a: &FlexTensor, b: &FlexTensor, scale: f32) -> (Vec<f32>, Shape) {
     let (a, b) = (positive_strides(a), positive_strides(b));
     let (sa, sb) = (a.layout().shape(), b.layout().shape());
     let d = sa.num_dims();
@@ -61,19 +55,11 @@ pub(super) fn matmul_values(
     let shape = Shape::from(dims);
     let len = batch * m * n;
     if m * n == 0 || k == 0 {
-        // An empty sum: `onto` itself, or zeros.
-        let out = onto.unwrap_or_else(|| vec![0.0f32; len]);
-        assert_eq!(out.len(), len, "matmul: the buffer to add onto");
-        return (out, shape);
+        // An empty sum.
+        return (vec![0.0f32; len], shape);
     }
-    let read_dst = onto.is_some();
-    // Without `onto`, the output is not zeroed first: `gemm` writes every element of it
-    // without reading it when told not to accumulate (`read_dst` false).
-    let mut out = onto.unwrap_or_else(|| Vec::with_capacity(len));
-    assert!(
-        !read_dst || out.len() == len,
-        "matmul: the buffer to add onto"
-    );
+    // Not zeroed first: `gemm` writes every element without reading it (`read_dst` false).
+    let mut out = Vec::with_capacity(len);
     let product = Product {
         m,
         n,
@@ -85,7 +71,6 @@ pub(super) fn matmul_values(
         a_strides: last_two_strides(&a),
         b_strides: last_two_strides(&b),
         scale,
-        read_dst,
     };
     let dst = Dst(out.as_mut_ptr());
     let each = m * n * k;
@@ -114,10 +99,8 @@ pub(super) fn matmul_values(
             product.run(i, 0..m, 0..n, &dst);
         }
     }
-    if !read_dst {
-        // SAFETY: the products above wrote all `batch * m * n` values.
-        unsafe { out.set_len(len) };
-    }
+    // SAFETY: the products above wrote all `batch * m * n` values.
+    unsafe { out.set_len(len) };
     (out, shape)
 }
 
@@ -141,8 +124,6 @@ struct Product {
     a_strides: (isize, isize),
     b_strides: (isize, isize),
     scale: f32,
-    /// Add onto the output's values instead of overwriting them.
-    read_dst: bool,
 }
 
 // SAFETY: the operands are only read.
@@ -168,7 +149,7 @@ impl Product {
                     .offset(r0 * self.n as isize + c0),
                 1,
                 self.n as isize,
-                self.read_dst,
+                false,
                 self.a.add(self.a_at[i]).offset(r0 * a_rs),
                 a_cs,
                 a_rs,
@@ -260,7 +241,7 @@ mod tests {
             let (a, b) = (values(k * m, 1), values(k * n, 2));
             let a_t = flex_from(a.clone(), Shape::from(vec![k, m])).transpose(0, 1);
             let b_t: FlexTensor = flex_from(b.clone(), Shape::from(vec![k, n]));
-            let (out, shape) = matmul_values(&a_t, &b_t, 0.5, None);
+            let (out, shape) = matmul_values(&a_t, &b_t, 0.5);
             assert_eq!(shape.to_vec(), vec![m, n]);
             let eps = f32::EPSILON as f64;
             for i in 0..m {

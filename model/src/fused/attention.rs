@@ -8,9 +8,8 @@
 //! `dS = P (dP - rowsum(dO O))`, `dq = dS k / sqrt(hd)`, `dk = dS^T q / sqrt(hd)`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::prelude::*;
@@ -20,7 +19,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul, matmul_values};
 use super::math::{exp_nonpositive, max_of, multiversion, sum_of};
 use super::{
-    contiguous, dense, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK,
+    contiguous, dense, flex_from, path, primitive, record, tensor, AutodiffFlexTensor, Path, CHUNK,
 };
 
 /// `softmax(q k^T / sqrt(hd) + bias) v`, the attention of a pass that records gradients
@@ -233,27 +232,13 @@ fn attention_autodiff(
         &bias.primitive,
         scale,
     );
-    match AttentionBackward
-        .prepare::<NoCheckpointing>([
-            q.node.clone(),
-            k.node.clone(),
-            v.node.clone(),
-            bias.node.clone(),
-        ])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let saved = Saved {
-                q: q.primitive,
-                k: k.primitive,
-                v: v.primitive,
-                p,
-                out: out.clone(),
-                scale,
-            };
-            prep.finish(saved, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    let saved = Saved {
+        q: q.primitive.clone(),
+        k: k.primitive.clone(),
+        v: v.primitive.clone(),
+        p,
+        out: out.clone(),
+        scale,
+    };
+    record(AttentionBackward, [&q, &k, &v, &bias], saved, out)
 }

@@ -10,9 +10,8 @@
 //! its gradient is the inverse rotation.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::prelude::*;
@@ -21,7 +20,7 @@ use std::mem::MaybeUninit;
 
 use super::math::multiversion;
 use super::{
-    contiguous, dense, filled, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path,
+    contiguous, dense, filled, flex_from, path, primitive, record, tensor, AutodiffFlexTensor, Path,
 };
 use crate::rope::{apply_rope, RopeTables};
 
@@ -204,59 +203,41 @@ fn dims(t: &FlexTensor) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-#[derive(Debug)]
-struct FirstBackward;
+/// Which move a recorded head layout change made.
+#[derive(Clone, Debug)]
+enum Moved {
+    /// [`heads_first`], with its tables when it rotated.
+    First(Option<Tables>),
+    /// [`heads_last`] of `h` heads of `hd` values.
+    Last { h: usize, hd: usize },
+}
 
-impl Backward<Flex, 1> for FirstBackward {
-    type State = Option<Tables>;
+#[derive(Debug)]
+struct HeadsBackward;
+
+impl Backward<Flex, 1> for HeadsBackward {
+    type State = Moved;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Flex>(&ops.node);
         let [x_node] = ops.parents;
         if let Some(node) = x_node {
-            grads.register::<Flex>(node.id, first_backward(&dy, ops.state.as_ref()));
+            let dx = match ops.state {
+                Moved::First(tables) => first_backward(&dy, tables.as_ref()),
+                Moved::Last { h, hd } => last_backward(&dy, h, hd),
+            };
+            grads.register::<Flex>(node.id, dx);
         }
     }
 }
 
 fn first_autodiff(x: AutodiffFlexTensor, tables: Option<Tables>) -> AutodiffFlexTensor {
     let out = first_forward(&x.primitive, tables.as_ref());
-    match FirstBackward
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(tables, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
-}
-
-#[derive(Debug)]
-struct LastBackward;
-
-impl Backward<Flex, 1> for LastBackward {
-    /// `(h, hd)`.
-    type State = (usize, usize);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = grads.consume::<Flex>(&ops.node);
-        let [x_node] = ops.parents;
-        let (h, hd) = ops.state;
-        if let Some(node) = x_node {
-            grads.register::<Flex>(node.id, last_backward(&dy, h, hd));
-        }
-    }
+    record(HeadsBackward, [&x], Moved::First(tables), out)
 }
 
 fn last_autodiff(x: AutodiffFlexTensor) -> AutodiffFlexTensor {
     let [_, h, _, hd] = dims(&x.primitive);
     let out = last_forward(&x.primitive);
-    match LastBackward
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((h, hd), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    record(HeadsBackward, [&x], Moved::Last { h, hd }, out)
 }

@@ -3,16 +3,15 @@
 //! place (see [`super::gemm`]); the bias, where there is one, is added by Burn.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::DType;
 
 use super::gemm::matmul;
-use super::{path, primitive, tensor, AutodiffFlexTensor, Path};
+use super::{path, primitive, record, tensor, AutodiffFlexTensor, Path};
 
 /// `x w + bias`, Burn's linear layer ([`burn::tensor::module::linear`]) on two-dimensional
 /// input.
@@ -65,12 +64,6 @@ impl Backward<Flex, 2> for LinearBackward {
 
 fn linear_autodiff(x: AutodiffFlexTensor, w: AutodiffFlexTensor) -> AutodiffFlexTensor {
     let out = matmul(&x.primitive, &w.primitive, 1.0);
-    match LinearBackward
-        .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    let state = (x.primitive.clone(), w.primitive.clone());
+    record(LinearBackward, [&x, &w], state, out)
 }

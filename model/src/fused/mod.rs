@@ -31,6 +31,8 @@ pub use swiglu::swiglu;
 use std::any::{Any, TypeId};
 use std::mem::MaybeUninit;
 
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::ops::{Backward, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
@@ -88,6 +90,24 @@ fn primitive<B: Backend, const D: usize, U: 'static>(t: Tensor<B, D>) -> U {
 /// A tensor of backend `B` from a primitive `U` that is `B`'s.
 fn tensor<B: Backend, const D: usize, U: 'static>(t: U) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(cast(t)))
+}
+
+/// `out`, computed by the operation `op` from `parents`, as an autodiff tensor: recorded
+/// with `state` for `op`'s backward pass when a parent is tracked.
+fn record<O: Backward<Flex, N>, const N: usize>(
+    op: O,
+    parents: [&AutodiffFlexTensor; N],
+    state: O::State,
+    out: FlexTensor,
+) -> AutodiffFlexTensor {
+    match op
+        .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
 }
 
 /// The tensors, each contiguous (itself when it already is, a copy otherwise).

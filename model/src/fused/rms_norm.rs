@@ -8,9 +8,8 @@
 //! `d gamma = sum over rows of dy x r`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::nn::RmsNorm;
@@ -21,7 +20,8 @@ use std::mem::MaybeUninit;
 
 use super::math::{multiversion, sum_of};
 use super::{
-    contiguous, dense, filled, flex_from, path, primitive, tensor, AutodiffFlexTensor, Path, CHUNK,
+    contiguous, dense, filled, flex_from, path, primitive, record, tensor, AutodiffFlexTensor,
+    Path, CHUNK,
 };
 
 /// `norm.forward(x)`: RMSNorm over the last dimension with `norm`'s gain and epsilon.
@@ -188,24 +188,16 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let (x, gamma, inverse_roots) = ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
         let (dx, d_gamma) = norm_backward(&dy, &x, &gamma, &inverse_roots);
-        let [x_node, gamma_node] = ops.parents;
-        if let Some(node) = x_node {
-            grads.register::<Flex>(node.id, dx);
-        }
-        if let Some(node) = gamma_node {
-            grads.register::<Flex>(node.id, d_gamma);
+        for (parent, grad) in ops.parents.into_iter().zip([dx, d_gamma]) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, grad);
+            }
         }
     }
 }
 
 fn norm_autodiff(x: AutodiffFlexTensor, gamma: AutodiffFlexTensor, eps: f32) -> AutodiffFlexTensor {
     let (out, inverse_roots) = norm_forward(&x.primitive, &gamma.primitive, eps);
-    match RmsNormBackward
-        .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, inverse_roots), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    let state = (x.primitive.clone(), gamma.primitive.clone(), inverse_roots);
+    record(RmsNormBackward, [&x, &gamma], state, out)
 }

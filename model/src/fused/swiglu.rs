@@ -5,9 +5,8 @@
 //! value cost 4% of a training step).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::prelude::*;
@@ -17,8 +16,8 @@ use std::mem::MaybeUninit;
 
 use super::math::{multiversion, sigmoid};
 use super::{
-    contiguous, dense, filled, filled_pair, flex_from, path, primitive, tensor, AutodiffFlexTensor,
-    Path,
+    contiguous, dense, filled, filled_pair, flex_from, path, primitive, record, tensor,
+    AutodiffFlexTensor, Path,
 };
 
 /// `silu(gate) * up`, the gated product of a SwiGLU block.
@@ -144,12 +143,10 @@ impl Backward<Flex, 2> for SwiGluBackward {
         let (g, u, s) = ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
         let (dg, du) = swiglu_backward(&dy, &g, &u, &s);
-        let [gate_node, up_node] = ops.parents;
-        if let Some(node) = gate_node {
-            grads.register::<Flex>(node.id, dg);
-        }
-        if let Some(node) = up_node {
-            grads.register::<Flex>(node.id, du);
+        for (parent, grad) in ops.parents.into_iter().zip([dg, du]) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, grad);
+            }
         }
     }
 }
@@ -157,12 +154,6 @@ impl Backward<Flex, 2> for SwiGluBackward {
 fn swiglu_autodiff(g: AutodiffFlexTensor, u: AutodiffFlexTensor) -> AutodiffFlexTensor {
     let (out, s) = swiglu_forward(&g.primitive, &u.primitive, true);
     let s = s.expect("kept");
-    match SwiGluBackward
-        .prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((g.primitive, u.primitive, s), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    let state = (g.primitive.clone(), u.primitive.clone(), s);
+    record(SwiGluBackward, [&g, &u], state, out)
 }

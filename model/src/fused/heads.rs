@@ -142,41 +142,36 @@ multiversion! {
     }
 }
 
-/// [`heads_first`] on `flex`.
+/// [`heads_first`] on `flex`: `[b, s, h, hd] -> [b, h, s, hd]`, rotated by the tables.
 fn first_forward(x: &FlexTensor, tables: Option<&Tables>) -> FlexTensor {
-    let [b, s, h, hd] = dims(x);
-    let [x] = contiguous([x]);
-    let out = match tables {
-        Some(t) => {
-            let [cos, sin] = contiguous([&t.cos, &t.sin]);
-            assert_eq!(dims(&cos), [b, s, h, hd], "RoPE tables for [b, s, h, hd]");
-            let turn = Turn::Rotate {
-                cos: dense(&cos),
-                sin: dense(&sin),
-            };
-            swap_row_axes(dense(&x), [b, s, h], hd, turn)
-        }
-        None => swap_row_axes(dense(&x), [b, s, h], hd, Turn::Not),
-    };
-    flex_from(out, Shape::from(vec![b, h, s, hd]))
+    first_move(x, tables, true)
 }
 
 /// The gradient of [`heads_first`]: `[b, h, s, hd] -> [b, s, h, hd]`, rotated back.
 fn first_backward(dy: &FlexTensor, tables: Option<&Tables>) -> FlexTensor {
-    let [b, h, s, hd] = dims(dy);
-    let [dy] = contiguous([dy]);
+    first_move(dy, tables, false)
+}
+
+/// The rows of `x`, `[b, m, n, hd]`, moved to `[b, n, m, hd]`; with tables (`[b, s, h, hd]`,
+/// at the `[b, s, h]` side), rotated when `forward`, rotated back otherwise.
+fn first_move(x: &FlexTensor, tables: Option<&Tables>, forward: bool) -> FlexTensor {
+    let [b, m, n, hd] = dims(x);
+    let [x] = contiguous([x]);
     let out = match tables {
         Some(t) => {
             let [cos, sin] = contiguous([&t.cos, &t.sin]);
-            let turn = Turn::Unrotate {
-                cos: dense(&cos),
-                sin: dense(&sin),
+            let (cos, sin) = (dense(&cos), dense(&sin));
+            assert_eq!(cos.len(), b * m * n * hd, "RoPE tables for [b, s, h, hd]");
+            let turn = if forward {
+                Turn::Rotate { cos, sin }
+            } else {
+                Turn::Unrotate { cos, sin }
             };
-            swap_row_axes(dense(&dy), [b, h, s], hd, turn)
+            swap_row_axes(dense(&x), [b, m, n], hd, turn)
         }
-        None => swap_row_axes(dense(&dy), [b, h, s], hd, Turn::Not),
+        None => swap_row_axes(dense(&x), [b, m, n], hd, Turn::Not),
     };
-    flex_from(out, Shape::from(vec![b, s, h, hd]))
+    flex_from(out, Shape::from(vec![b, n, m, hd]))
 }
 
 /// [`heads_last`] on `flex`.

@@ -1,5 +1,9 @@
 //! Parameter counts computed from a config alone (no allocation, so the 7B preset can be
-//! counted anywhere), and drawing lazily initialised parameters ([`materialize`]).
+//! counted anywhere), drawing lazily initialised parameters ([`materialize`]) and the lock on
+//! Burn's global RNG that every draw takes ([`with_backend_rng`]).
+
+use std::cell::Cell;
+use std::sync::Mutex;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
@@ -8,7 +12,7 @@ use crate::config::{ImageIoConfig, TransfusionConfig};
 
 /// Draws every lazily initialised parameter of `module` now (Burn draws a parameter's
 /// values at its first use; a clone of a parameter not drawn yet would draw values of its
-/// own).
+/// own). The draws happen under [`with_backend_rng`].
 pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
     struct Touch;
     impl<B: Backend> ModuleVisitor<B> for Touch {
@@ -16,7 +20,38 @@ pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
             let _ = param.val();
         }
     }
-    module.visit(&mut Touch);
+    with_backend_rng(|| module.visit(&mut Touch));
+}
+
+static BACKEND_RNG: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static HOLDS_BACKEND_RNG: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` holding the process-wide lock on Burn's backend RNG.
+///
+/// Each Burn backend has one global RNG: a seeded initialisation gets its weights only if
+/// no other thread draws from that RNG between the seed and the last draw. Every draw in
+/// this project (seeded initialisation, materialising parameters, a VAE posterior sample)
+/// goes through here, so two runs in one process (tests side by side, a data-parallel
+/// replica) cannot take each other's numbers. Re-entrant on one thread: a seeded
+/// initialisation may materialise parameters inside it.
+pub fn with_backend_rng<R>(f: impl FnOnce() -> R) -> R {
+    if HOLDS_BACKEND_RNG.with(Cell::get) {
+        return f();
+    }
+    let _guard = BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    HOLDS_BACKEND_RNG.with(|h| h.set(true));
+    // Cleared on unwind too, so a panicking draw does not leave this thread marked.
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            HOLDS_BACKEND_RNG.with(|h| h.set(false));
+        }
+    }
+    let _release = Release;
+    f()
 }
 
 /// Parameters of a model, by part.

@@ -42,11 +42,13 @@ impl<B: Backend> DiagonalGaussian<B> {
 
     /// A reparameterised sample `mean + std * eps`, `eps ~ N(0, 1)` from the backend's RNG.
     pub fn sample(&self) -> Tensor<B, 4> {
-        let eps = Tensor::random(
-            self.mean.shape(),
-            Distribution::Normal(0.0, 1.0),
-            &self.mean.device(),
-        );
+        let eps = crate::params::with_backend_rng(|| {
+            Tensor::random(
+                self.mean.shape(),
+                Distribution::Normal(0.0, 1.0),
+                &self.mean.device(),
+            )
+        });
         self.sample_with(eps)
     }
 

@@ -490,3 +490,37 @@ fn valid_model_is_an_autodiff_module() {
         .into_scalar();
     assert!((a - b).abs() < 1e-5);
 }
+
+/// Building an untied layer draws its copies' values from the backend's global RNG; it
+/// must wait while a seeded initialisation holds that RNG, or the seeded weights change.
+#[test]
+fn untied_copies_do_not_draw_from_a_seeded_initialisation_in_progress() {
+    use std::sync::mpsc;
+    use transfusion_model::block::DecoderBlockConfig;
+    use transfusion_model::params::with_backend_rng;
+
+    let dev = Default::default();
+    let draw = |dev: &<B as Backend>::Device| {
+        Tensor::<B, 1>::random([64], burn::tensor::Distribution::Default, dev).into_data()
+    };
+    let alone = with_backend_rng(|| {
+        B::seed(&dev, 11);
+        draw(&dev)
+    });
+    let (started, wait_start) = mpsc::channel();
+    let builder = std::thread::spawn(move || {
+        wait_start.recv().unwrap();
+        let cfg = DecoderBlockConfig::new(16, 2, 2, 32).with_untied(true);
+        let _ = cfg.init::<B>(&Default::default());
+    });
+    let beside = with_backend_rng(|| {
+        B::seed(&dev, 11);
+        started.send(()).unwrap();
+        // The other thread builds its untied layer now; without the lock its draws
+        // would come from this seeded sequence before the draw below.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        draw(&dev)
+    });
+    builder.join().unwrap();
+    assert_eq!(alone, beside);
+}

@@ -2,13 +2,12 @@
 
 use burn::module::Module;
 use burn::prelude::*;
-use transfusion_model::params::materialize;
+use transfusion_model::params::{materialize, with_backend_rng};
 
-static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Builds a module with `init` right after seeding the backend's RNG with `seed`, under a
-/// process-wide lock: Burn's backend RNG is global, so two runs initialising at the same
-/// time (tests, the demo) would otherwise interleave their draws and get different weights.
+/// Builds a module with `init` right after seeding the backend's RNG with `seed`, holding
+/// the lock on the backend's RNG ([`with_backend_rng`]): Burn's backend RNG is global, so
+/// two runs initialising at the same time (tests, the demo) would otherwise interleave
+/// their draws and get different weights.
 ///
 /// Burn creates parameters lazily (their values drawn at first use); every parameter is
 /// drawn here, before the lock is released. That also makes the module safe to copy (a copy
@@ -18,12 +17,15 @@ pub fn seeded_module<B: Backend, M: Module<B>>(
     seed: u64,
     init: impl FnOnce() -> M,
 ) -> M {
-    let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    B::seed(device, seed);
-    let module = init();
-    // Lazy parameters would draw at first use, after the lock is released, from the global
-    // RNG another run of the process (a test beside it) may be drawing from at that moment:
-    // the Transfusion resume test failed 7 runs in 12 that way.
-    materialize(&module);
-    module
+    with_backend_rng(|| {
+        B::seed(device, seed);
+        let module = init();
+        // Lazy parameters would draw at first use, after the lock is released, from the
+        // global RNG another run of the process (a test beside it) may be drawing from at
+        // that moment: the Transfusion resume test failed 7 runs in 12 that way. Loading an
+        // untied model drew the copies' initial values outside the lock until every draw
+        // took it: the same test failed 1 run in 40.
+        materialize(&module);
+        module
+    })
 }

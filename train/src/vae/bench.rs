@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use serde::Serialize;
+use transfusion_model::params::{materialize, with_backend_rng};
 use transfusion_model::vae::VaeConfig;
 
 /// Encode and decode throughput of a VAE (`transfusion-train vae-bench`).
@@ -35,20 +36,24 @@ pub fn bench_vae<B: Backend>(
     device: &B::Device,
     label: &str,
 ) -> VaeBenchReport {
-    let model = config.init::<B>(device);
-    // [N, 3, S, S]
-    let x = Tensor::<B, 4>::random(
-        [batch, 3, size, size],
-        burn::tensor::Distribution::Uniform(-1.0, 1.0),
-        device,
-    );
     let f = config.down_factor();
-    // [N, c, S/f, S/f]
-    let z = Tensor::<B, 4>::random(
-        [batch, config.latent_channels, size / f, size / f],
-        burn::tensor::Distribution::Normal(0.0, 1.0),
-        device,
-    );
+    let (model, x, z) = with_backend_rng(|| {
+        let model = config.init::<B>(device);
+        materialize(&model);
+        // [N, 3, S, S]
+        let x = Tensor::<B, 4>::random(
+            [batch, 3, size, size],
+            burn::tensor::Distribution::Uniform(-1.0, 1.0),
+            device,
+        );
+        // [N, c, S/f, S/f]
+        let z = Tensor::<B, 4>::random(
+            [batch, config.latent_channels, size / f, size / f],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        (model, x, z)
+    });
     let sync = |t: Tensor<B, 4>| {
         let _ = t.slice([0..1, 0..1, 0..1, 0..1]).into_data();
     };

@@ -500,7 +500,7 @@ fn untied_copies_do_not_draw_from_a_seeded_initialisation_in_progress() {
     use transfusion_model::params::with_backend_rng;
 
     let dev = Default::default();
-    let draw = |dev: &<B as Backend>::Device| {
+    let draw = |dev: &burn::tensor::Device<B>| {
         Tensor::<B, 1>::random([64], burn::tensor::Distribution::Default, dev).into_data()
     };
     let alone = with_backend_rng(|| {

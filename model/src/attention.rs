@@ -44,23 +44,25 @@ impl AttentionConfig {
 /// The Transfusion mask in the form the attention of one forward pass uses.
 #[derive(Clone, Debug)]
 pub enum AttentionMask<B: Backend> {
-    /// `[b, h, s, lk]`, `true` = masked: for Burn's fused attention (inference). Its
-    /// autodiff form is a generic decomposition (a max with indices and its scatter, masking
-    /// and two broadcast divisions in the backward pass), so training uses the other form.
+    /// `[b, h, s, lk]`, `true` = masked: for Burn's fused attention (inference off `flex`).
+    /// Its autodiff form is a generic decomposition (a max with indices and its scatter,
+    /// masking and two broadcast divisions in the backward pass), so training uses the
+    /// other form.
     Bool(Tensor<B, 4, Bool>),
     /// `[b, h, s, lk]`, `0` where visible and `-inf` where masked: added to the scores of
-    /// [`crate::fused::attention`] (training).
+    /// [`crate::fused::attention`] (training, and inference on `flex`, whose own fused
+    /// attention is a scalar loop: 18% of a cached diffusion step, measured).
     Additive(Tensor<B, 4>),
 }
 
 impl<B: Backend> AttentionMask<B> {
     /// The form for a forward pass on `device`: additive when the backend records
-    /// gradients, boolean otherwise.
+    /// gradients or has the fused kernels (`flex`), boolean otherwise.
     ///
     /// # Shapes
     /// `masked`: `[b, h, s, lk]`, `true` = masked
     pub fn for_device(masked: Tensor<B, 4, Bool>, device: &B::Device) -> Self {
-        if B::ad_enabled(device) {
+        if B::ad_enabled(device) || crate::fused::available::<B>() {
             let zeros = Tensor::zeros(masked.dims(), device);
             Self::Additive(zeros.mask_fill(masked, f32::NEG_INFINITY))
         } else {

@@ -51,7 +51,8 @@ pub enum AttentionMask<B: Backend> {
     Bool(Tensor<B, 4, Bool>),
     /// `[b, h, s, lk]`, `0` where visible and `-inf` where masked: added to the scores of
     /// [`crate::fused::attention`] (training, and inference on `flex`, whose own fused
-    /// attention is a scalar loop: 18% of a cached diffusion step, measured).
+    /// attention is a scalar loop: 18% of a `perf` profile of `transfusion bench` running
+    /// cached diffusion steps).
     Additive(Tensor<B, 4>),
 }
 

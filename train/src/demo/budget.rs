@@ -4,6 +4,8 @@
 //! steps, so a plan the machine cannot finish stops with the rate still high. Before
 //! training, a few steps of the demo's own model and batch shape are timed
 //! ([`crate::bench::run_bench`]) and the plan is what fits [`BUDGET_SHARE`] of the budget.
+//! That plan sets the warm-up and the evaluation cadence; while training, the loop
+//! re-plans the schedule's end from the pace it keeps ([`crate::engine::budget`]).
 
 use std::path::Path;
 use std::sync::Arc;

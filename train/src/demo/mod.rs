@@ -246,6 +246,8 @@ fn train_or_load<B: AutodiffBackend>(
             let mut run = RunOptions::new(&opts.out);
             run.progress = opts.progress;
             run.time_budget = Some(opts.train_budget);
+            // The plan above is a guess from a few steps: re-planned while training.
+            run.fit_to_budget = opts.fit_steps_to_budget.then_some(opts.steps);
             // The demo's OUT is its own: running it again trains afresh.
             run.overwrite = true;
             let summary = run_training::<B>(&cfg, &run, &mut TrainHooks::default(), device)?;

@@ -13,6 +13,7 @@
 //! ([`crate::vae::VaeTask`]) and consistency distillation
 //! ([`crate::distill::DistillTask`]) are the tasks today.
 
+pub mod budget;
 pub mod ema;
 pub mod init;
 mod lead;

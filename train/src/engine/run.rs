@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::budget::{fitted_total, REFIT_EVERY};
 use super::lead::Lead;
 use super::prepare::{prepare, Prepared};
 use super::step::{accumulate, optimizer_step, LocalStep, SingleDevice, StepSync};
@@ -35,6 +36,11 @@ pub struct RunOptions {
     pub stop_at_step: Option<u64>,
     /// Stop (with a checkpoint and a final evaluation) after this much wall-clock time.
     pub time_budget: Option<Duration>,
+    /// With a `time_budget`, on one device: re-plan the run's length (the schedule's end)
+    /// from the pace it keeps, so its learning-rate decay ends when the budget does, at
+    /// most this many steps ([`super::budget`]). The plan then depends on the machine's
+    /// speed; without it the config's `steps` is the plan and the budget only cuts it.
+    pub fit_to_budget: Option<u64>,
     /// Directory the config file was read from (relative paths in it).
     pub config_dir: Option<PathBuf>,
 }
@@ -49,6 +55,7 @@ impl RunOptions {
             progress: true,
             stop_at_step: None,
             time_budget: None,
+            fit_to_budget: None,
             config_dir: None,
         }
     }
@@ -171,8 +178,14 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
         None
     };
 
-    let total = settings.steps;
-    let end = opts.stop_at_step.map_or(total, |s| s.min(total));
+    let mut total = settings.steps;
+    let end_of = |total: u64| opts.stop_at_step.map_or(total, |s| s.min(total));
+    let mut end = end_of(total);
+    // Re-planned from the pace only on one device: replicas must agree on the schedule.
+    let refit = match (opts.fit_to_budget, opts.time_budget) {
+        (Some(max), Some(budget)) if world == 1 => Some((max, budget)),
+        _ => None,
+    };
     let bar = step_progress_bar(total, state.step, opts.progress && lead.is_some());
     let started = Instant::now();
     let mut consecutive_bad = 0u32;
@@ -234,6 +247,20 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
             consecutive_bad += 1;
         }
         state.step += 1;
+        if let Some((max, budget)) = refit.filter(|_| state.step % REFIT_EVERY == 0) {
+            let done_here = state.step - started_at;
+            if let Some(t) = fitted_total(state.step, done_here, started.elapsed(), budget, max) {
+                if t != total && lead.is_some() && t.abs_diff(total) * 20 > total {
+                    bar.println(format!(
+                        "re-planned to {t} steps: {:.0} ms per step so far fits the time budget",
+                        started.elapsed().as_secs_f64() * 1e3 / done_here as f64
+                    ));
+                }
+                total = t;
+                end = end_of(total);
+                bar.set_length(total);
+            }
+        }
         bar.set_position(state.step);
 
         if let Some(lead) = lead

@@ -24,6 +24,7 @@ use super::common::B;
 struct ToyStep {
     step: u64,
     loss: f64,
+    lr: f64,
 }
 
 impl Record for ToyStep {
@@ -59,6 +60,8 @@ struct Toy {
     next: u64,
     scripted_evals: Vec<f64>,
     evals_done: usize,
+    /// Sleep this long per batch made (a slow data pipeline).
+    batch_time: std::time::Duration,
 }
 
 impl Toy {
@@ -87,6 +90,7 @@ impl Toy {
             next: 0,
             scripted_evals: vec![3.0, 1.0, 2.0, 4.0],
             evals_done: 0,
+            batch_time: std::time::Duration::ZERO,
         }
     }
 }
@@ -159,6 +163,7 @@ impl TrainTask<B> for Toy {
         keep: bool,
         device: &burn::tensor::Device<B>,
     ) -> transfusion_train::Result<Option<(Self::Batch, Work)>> {
+        std::thread::sleep(self.batch_time);
         let xs: Vec<f32> = (0..4).map(|i| ((self.next + i) % 7) as f32 / 7.0).collect();
         self.next += 4;
         let ys: Vec<f32> = xs.iter().map(|x| 3.0 * x + 1.0).collect();
@@ -186,6 +191,7 @@ impl TrainTask<B> for Toy {
         ToyStep {
             step: f.step,
             loss: f.losses[0],
+            lr: f.lr,
         }
     }
     fn evaluate(
@@ -467,4 +473,64 @@ fn a_fresh_run_refuses_a_directory_holding_a_run_unless_told_to_overwrite() {
     let file = out.path().join("metrics.jsonl");
     let err = run(&quiet(&file)).unwrap_err().to_string();
     assert!(err.contains("is a file"), "{err}");
+}
+
+#[test]
+fn fitted_total_fills_the_rest_of_the_budget_at_the_pace_kept() {
+    use std::time::Duration;
+    use transfusion_train::engine::budget::{fitted_total, REFIT_EVERY, REFIT_SHARE};
+    let s = Duration::from_secs_f64;
+    // Not before REFIT_EVERY steps of this session.
+    assert_eq!(
+        fitted_total(10, REFIT_EVERY - 1, s(1.0), s(100.0), 10_000),
+        None
+    );
+    // 100 steps in 10 s of a 100 s budget: 0.1 s a step, (97 - 10) / 0.1 = 870 more.
+    assert_eq!(REFIT_SHARE, 0.97);
+    assert_eq!(fitted_total(100, 100, s(10.0), s(100.0), 10_000), Some(970));
+    // Resumed at step 500: only this session's 100 steps set the pace.
+    assert_eq!(
+        fitted_total(600, 100, s(10.0), s(100.0), 10_000),
+        Some(1470)
+    );
+    // Kept within [step, max]: a spent budget ends the run at this step.
+    assert_eq!(fitted_total(100, 100, s(10.0), s(100.0), 500), Some(500));
+    assert_eq!(fitted_total(100, 100, s(99.0), s(100.0), 10_000), Some(100));
+}
+
+#[test]
+fn a_run_fitted_to_its_budget_decays_its_learning_rate_before_the_budget_ends() {
+    use std::time::Duration;
+    let device = Default::default();
+    let out = tempfile::tempdir().unwrap();
+    // Planned for a million steps of at least 2 ms (two 1 ms batches): the budget
+    // of 1.5 s fits a few hundred, and the plan is fitted to them while training.
+    let mut toy = Toy::new(1_000_000);
+    toy.batch_time = Duration::from_millis(1);
+    toy.settings.eval_every = 0;
+    toy.settings.checkpoint_every = 0;
+    let mut opts = quiet(out.path());
+    opts.time_budget = Some(Duration::from_millis(1500));
+    opts.fit_to_budget = Some(1_000_000);
+    let mut lrs = Vec::new();
+    let mut record = |r: &ToyStep| lrs.push(r.lr);
+    let mut hooks = EngineHooks {
+        poison_step: None,
+        on_step: Some(&mut record),
+    };
+    let outcome = run_task(&mut toy, &opts, &mut hooks, &device).unwrap();
+    assert!(
+        outcome.steps > 50 && outcome.steps < 1_000_000,
+        "{}",
+        outcome.steps
+    );
+    // Budget-cut at the million-step plan, the rate would still be at its peak (0.3);
+    // fitted, the cosine has (nearly) reached its floor 0.03 by the last step.
+    let last = *lrs.last().unwrap();
+    assert!(
+        last < 0.03 + 0.1 * 0.27,
+        "last lr {last}, {} steps",
+        outcome.steps
+    );
+    assert!(outcome.last_checkpoint.is_some() && outcome.last_eval.is_some());
 }

@@ -70,6 +70,16 @@ fn fast_demo_writes_every_file_and_a_complete_report() {
             "{f} missing"
         );
     }
+    // text_to_image.md lists each image's lit groups: its one-group rows are the report's share.
+    let md = std::fs::read_to_string(dir.path().join("text_to_image.md")).unwrap();
+    let groups: Vec<usize> = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| #"))
+        .map(|l| l.split('|').nth(5).unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(groups.len(), 4, "{md}");
+    let one = groups.iter().filter(|&&g| g == 1).count() as f64 / 4.0;
+    assert_eq!(one, clean.one_component, "{md}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
             .unwrap();

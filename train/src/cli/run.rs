@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// Stop after this many minutes of training (with a checkpoint and an evaluation).
     #[arg(long, value_parser = super::parse_minutes)]
     pub minutes: Option<f64>,
+    /// With --minutes: shorten the run while it trains so the learning-rate decay ends
+    /// with the budget, from the pace the steps keep (at most training.steps).
+    #[arg(long, requires = "minutes")]
+    pub fit_to_minutes: bool,
     /// Start from this checkpoint's weights (e.g. one `import-llm` wrote); its model config,
     /// tokenizer and image size are used (sets model.init).
     #[arg(long, conflicts_with = "preset")]
@@ -177,6 +181,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     opts.overwrite = a.run.overwrite;
     opts.config_dir = dir;
     opts.time_budget = a.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+    opts.fit_to_budget = a.fit_to_minutes.then_some(cfg.training.steps);
     if a.ddp.requested() {
         return ddp::run(&a.ddp, cfg, opts);
     }

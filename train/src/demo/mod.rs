@@ -135,7 +135,7 @@ impl DemoOptions {
             fit_steps_to_budget: true,
             eval_samples: 64,
             sampling_steps: 50,
-            cfg_scale: 3.0,
+            cfg_scale: 2.0,
             sampler: SamplerKind::Ddim,
             checkpoint: None,
             d_model: None,
@@ -401,7 +401,7 @@ fn write_outputs(
     let size = samples.first().map_or(32, |s| s.image.width());
     // Text to image: 8 per row, generated row above its reference row.
     let mut tiles = vec![];
-    let mut md = String::from("# Text to image\n\nGrid rows alternate: generated, then the reference rendering of the same prompts, up to 8 per row.\n\n| # | prompt | analyzer reads |\n|---|---|---|\n");
+    let mut md = String::from("# Text to image\n\nGrid rows alternate: generated, then the reference rendering of the same prompts, up to 8 per row.\n\n| # | prompt | analyzer reads | clean background | lit groups |\n|---|---|---|---|---|\n");
     let cols = samples.len().clamp(1, 8);
     let blank = image::RgbImage::new(size, size);
     for (chunk_s, chunk_g) in samples.chunks(cols).zip(generated.chunks(cols)) {
@@ -425,7 +425,9 @@ fn write_outputs(
         let seen = seen
             .first()
             .map_or("nothing".to_string(), |a| a.to_string());
-        let _ = writeln!(md, "| {i} | {} | {seen} |", s.caption);
+        let c = transfusion_data::shapes::cleanliness(g);
+        let (bg, groups) = (100.0 * c.background, c.components);
+        let _ = writeln!(md, "| {i} | {} | {seen} | {bg:.1}% | {groups} |", s.caption);
     }
     save_png(&image_grid(&tiles, cols, 2), &out.join("text_to_image.png"))?;
     write_file(&out.join("text_to_image.md"), md)?;

@@ -251,10 +251,13 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
             let done_here = state.step - started_at;
             if let Some(t) = fitted_total(state.step, done_here, started.elapsed(), budget, max) {
                 if t != total && lead.is_some() && t.abs_diff(total) * 20 > total {
-                    bar.println(format!(
-                        "re-planned to {t} steps: {:.0} ms per step so far fits the time budget",
-                        started.elapsed().as_secs_f64() * 1e3 / done_here as f64
-                    ));
+                    let ms = started.elapsed().as_secs_f64() * 1e3 / done_here as f64;
+                    let line = format!("re-planned to {t} steps: {ms:.0} ms per step so far");
+                    if bar.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
                 }
                 total = t;
                 end = end_of(total);

@@ -102,32 +102,21 @@ def build(name, seed, tok, torch_dtype, shard, **kw):
     print(name, files)
 
 
+# The two checkpoints: (folder, seed, dtype, sharded weights, Llama config values).
+CASES = [
+    ("gqa_tied", 1, torch.float32, False, dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_theta=500000.0, rms_norm_eps=1e-6)),
+    ("mha_untied_bf16", 2, torch.bfloat16, True, dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+        rope_theta=10000.0, rms_norm_eps=1e-5)),
+]
+
+
 def main():
     tok = train_tokenizer()
-    build(
-        "gqa_tied",
-        1,
-        tok,
-        torch.float32,
-        shard=False,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-6,
-    )
-    build(
-        "mha_untied_bf16",
-        2,
-        tok,
-        torch.bfloat16,
-        shard=True,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-    )
+    for name, seed, dtype, shard, kw in CASES:
+        build(name, seed, tok, dtype, shard=shard, **kw)
 
 
 if __name__ == "__main__":

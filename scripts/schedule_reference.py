@@ -50,13 +50,16 @@ probe = [0, 1, 2, 10, 100, 250, 500, 750, 900, 998, 999]
 out = {
     "T": T,
     "probe_t": probe,
-    "betas": [betas[t] for t in probe],
-    "alphas_cumprod": [abar[t] for t in probe],
-    "posterior_variance": [var[t] for t in probe],
-    "posterior_log_variance_clipped": [log_var[t] for t in probe],
-    "posterior_mean_coef1": [c1[t] for t in probe],
-    "posterior_mean_coef2": [c2[t] for t in probe],
 }
+for key, values in [
+    ("betas", betas),
+    ("alphas_cumprod", abar),
+    ("posterior_variance", var),
+    ("posterior_log_variance_clipped", log_var),
+    ("posterior_mean_coef1", c1),
+    ("posterior_mean_coef2", c2),
+]:
+    out[key] = [values[t] for t in probe]
 for steps in (250, 50):
     keep, nb = respace(betas, steps)
     _, rvar, rlog, rc1, rc2 = posterior(nb)

@@ -263,11 +263,19 @@ impl TransfusionConfig {
                 format!("must be a number above 1, got {}", self.rope_theta),
             );
         }
-        if self.d_model % self.n_heads != 0 {
-            return err(
-                "n_heads",
-                format!("({}) must divide d_model ({})", self.n_heads, self.d_model),
-            );
+        for (key, divisor, of, value) in [
+            ("n_heads", self.n_heads, "d_model", self.d_model),
+            ("n_kv_heads", self.n_kv_heads, "n_heads", self.n_heads),
+            (
+                "patch_size",
+                self.patch_size,
+                "latent_size",
+                self.latent_size,
+            ),
+        ] {
+            if value % divisor != 0 {
+                return err(key, format!("({divisor}) must divide {of} ({value})"));
+            }
         }
         if self.head_dim() % 2 != 0 {
             return err(
@@ -275,24 +283,6 @@ impl TransfusionConfig {
                 format!(
                     "gives an odd head dimension {}; RoPE needs it even",
                     self.head_dim()
-                ),
-            );
-        }
-        if self.n_heads % self.n_kv_heads != 0 {
-            return err(
-                "n_kv_heads",
-                format!(
-                    "({}) must divide n_heads ({})",
-                    self.n_kv_heads, self.n_heads
-                ),
-            );
-        }
-        if self.latent_size % self.patch_size != 0 {
-            return err(
-                "patch_size",
-                format!(
-                    "({}) must divide latent_size ({})",
-                    self.patch_size, self.latent_size
                 ),
             );
         }

@@ -208,20 +208,6 @@ pub fn normalize_tangent<B: Backend, const D: usize>(g: Tensor<B, D>) -> Tensor<
     g / norm.reshape(column).expand(shape)
 }
 
-/// The distillation loss summed over the samples (the engine divides by the step's image
-/// count): `sum_i [ e^{-w_i} mse_i + w_i ]`, see [`adaptive_weighted_loss`].
-///
-/// # Shapes
-/// - `student`, `target`: `[N, ..]`; `log_weight`: `[N]`; output `[1]`
-pub fn adaptive_weighted_loss_sum<B: Backend, const D: usize>(
-    student: Tensor<B, D>,
-    target: Tensor<B, D>,
-    log_weight: Tensor<B, 1>,
-) -> Tensor<B, 1> {
-    let n = student.dims()[0];
-    adaptive_weighted_loss(student, target, log_weight).mul_scalar(n as f64)
-}
-
 /// The distillation loss `mean_i [ e^{-w_i} mse_i + w_i ]`: `mse_i` is sample `i`'s mean
 /// squared error of `student` against `target` (`||.||^2 / D`), `w_i` the learned log-weight
 /// of its angle. At the optimum `e^{w_i}` tracks `mse_i`, which evens out the loss across

@@ -19,11 +19,19 @@ pub trait LogLine: Serialize + DeserializeOwned {
 }
 
 /// A training-step or evaluation record of one kind of run: it knows its step and says
-/// itself in one line (the progress bar, the console).
+/// itself in one line (the progress bar, the console). The engine's [`StepLine`] and
+/// [`EvalLine`] are records around any task's [`Figures`].
 pub trait Record: Clone + std::fmt::Debug + Serialize + DeserializeOwned {
     /// The step the record belongs to.
     fn step(&self) -> u64;
     /// One human-readable line (`lm 2.31 diff 0.041 | ...`, `perplexity 3.2, ...`).
+    fn summary(&self) -> String;
+}
+
+/// A task's own figures of a step (its losses) or of an evaluation, written as fields of
+/// the line's flat JSON object.
+pub trait Figures: Clone + std::fmt::Debug + Serialize + DeserializeOwned {
+    /// The figures in one human-readable line (`lm 2.31 diff 0.041`, `perplexity 3.2, ...`).
     fn summary(&self) -> String;
 }
 
@@ -35,6 +43,24 @@ pub enum Line<S, E> {
     Train(S),
     /// An evaluation.
     Eval(E),
+}
+
+impl<S, E> Line<S, E> {
+    /// The training step, when this line is one.
+    pub fn train(&self) -> Option<&S> {
+        match self {
+            Line::Train(m) => Some(m),
+            Line::Eval(_) => None,
+        }
+    }
+
+    /// The evaluation, when this line is one.
+    pub fn eval(&self) -> Option<&E> {
+        match self {
+            Line::Eval(e) => Some(e),
+            Line::Train(_) => None,
+        }
+    }
 }
 
 impl<S: Record, E: Record> Line<S, E> {
@@ -97,6 +123,48 @@ impl<L> StepLine<L> {
     }
 }
 
+impl<L: Figures> Record for StepLine<L> {
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn summary(&self) -> String {
+        let pace = if self.tokens_per_s > 0.0 {
+            format!("{:.0} tok/s", self.tokens_per_s)
+        } else {
+            format!("{:.1} img/s", self.images_per_s)
+        };
+        let skipped = match self.skipped {
+            0 => String::new(),
+            n => format!(" | skipped {n}"),
+        };
+        let losses = self.losses.summary();
+        format!("{losses} | {pace} | lr {:.2e}{skipped}", self.lr)
+    }
+}
+
+/// One evaluation of any task: the step and split around the task's figures `M`, whose
+/// fields are written into the same flat JSON object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalLine<M> {
+    /// Step evaluated.
+    pub step: u64,
+    /// Held-out data, or the training sources when none is configured.
+    #[serde(default)]
+    pub split: EvalSplit,
+    /// The task's figures.
+    #[serde(flatten)]
+    pub figures: M,
+}
+
+impl<M: Figures> Record for EvalLine<M> {
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!("{}: {}", self.split.label(), self.figures.summary())
+    }
+}
+
 /// The losses of a Transfusion step.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TransfusionLosses {
@@ -144,14 +212,9 @@ impl EvalSplit {
     }
 }
 
-/// One evaluation (see [`EvalMetrics::split`] for what it ran on).
+/// The figures of one Transfusion evaluation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvalMetrics {
-    /// Step evaluated.
-    pub step: u64,
-    /// Held-out data, or the training sources when none is configured.
-    #[serde(default)]
-    pub split: EvalSplit,
+pub struct TransfusionEval {
     /// Mean LM negative log-likelihood per text target (nats).
     pub lm_nll: f64,
     /// `exp(lm_nll)`.
@@ -166,7 +229,10 @@ pub struct EvalMetrics {
     pub loss: f64,
 }
 
-impl EvalMetrics {
+/// One Transfusion evaluation (see [`EvalLine::split`] for what it ran on).
+pub type EvalMetrics = EvalLine<TransfusionEval>;
+
+impl TransfusionEval {
     /// The evaluated diffusion losses as `t=100: 0.0123, t=500: ...`.
     pub fn diffusion_summary(&self) -> String {
         self.diffusion
@@ -180,37 +246,16 @@ impl EvalMetrics {
 /// A line of a Transfusion run's metrics file.
 pub type MetricsLine = Line<StepMetrics, EvalMetrics>;
 
-impl Record for StepMetrics {
-    fn step(&self) -> u64 {
-        self.step
-    }
+impl Figures for TransfusionLosses {
     fn summary(&self) -> String {
-        format!(
-            "lm {:.3} diff {:.4} | {:.0} tok/s | lr {:.2e}{}",
-            self.losses.lm,
-            self.losses.diffusion,
-            self.tokens_per_s,
-            self.lr,
-            if self.skipped > 0 {
-                format!(" | skipped {}", self.skipped)
-            } else {
-                String::new()
-            }
-        )
+        format!("lm {:.3} diff {:.4}", self.lm, self.diffusion)
     }
 }
 
-impl Record for EvalMetrics {
-    fn step(&self) -> u64 {
-        self.step
-    }
+impl Figures for TransfusionEval {
     fn summary(&self) -> String {
-        format!(
-            "{}: perplexity {:.3}, diffusion {}",
-            self.split.label(),
-            self.perplexity,
-            self.diffusion_summary()
-        )
+        let (perplexity, diffusion) = (self.perplexity, self.diffusion_summary());
+        format!("perplexity {perplexity:.3}, diffusion {diffusion}")
     }
 }
 

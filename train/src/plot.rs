@@ -188,9 +188,10 @@ pub fn smooth(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
 
 /// An evaluation's points: its LM NLL, and the mean of its per-timestep image losses.
 fn eval_points(e: &EvalMetrics, lm: &mut Vec<(u64, f64)>, image: &mut Vec<(u64, f64)>) {
-    lm.push((e.step, e.lm_nll));
-    if !e.diffusion.is_empty() {
-        let mean = e.diffusion.iter().map(|(_, v)| v).sum::<f64>() / e.diffusion.len() as f64;
+    let diffusion = &e.figures.diffusion;
+    lm.push((e.step, e.figures.lm_nll));
+    if !diffusion.is_empty() {
+        let mean = diffusion.iter().map(|(_, v)| v).sum::<f64>() / diffusion.len() as f64;
         image.push((e.step, mean));
     }
 }

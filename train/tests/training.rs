@@ -9,13 +9,13 @@ mod modality;
 
 use std::sync::Arc;
 
-use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, tiny_pipeline, B};
+use common::{flat_grads, quiet, tensors, tiny_cfg, tiny_model, tiny_pipeline, train, B};
 use transfusion_data::packing::PackedRow;
 use transfusion_data::sequence::MixedSequence;
 use transfusion_train::checkpoint::{latest_checkpoint, list_checkpoints, read_state};
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
 use transfusion_train::engine::RAW_WEIGHTS_FILE;
-use transfusion_train::metrics::MetricsLine;
+use transfusion_train::metrics::{Line, MetricsLine};
 use transfusion_train::optim::{clip_global_norm, global_grad_norm, param_ids};
 use transfusion_train::{accumulate_grads, run_training, TrainHooks};
 
@@ -216,18 +216,12 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
     let device = Default::default();
 
     let full = tempfile::tempdir().unwrap();
-    run_training::<B>(
-        &cfg,
-        &quiet(full.path()),
-        &mut TrainHooks::default(),
-        &device,
-    )
-    .unwrap();
+    train(&cfg, &quiet(full.path())).unwrap();
 
     let split = tempfile::tempdir().unwrap();
     let mut o = quiet(split.path());
     o.stop_at_step = Some(3);
-    let first = run_training::<B>(&cfg, &o, &mut TrainHooks::default(), &device).unwrap();
+    let first = train(&cfg, &o).unwrap();
     assert_eq!(first.steps, 3);
     // A crash while writing step 6 (temp dir) and a half-copied step directory.
     let root = split.path().join("checkpoints");
@@ -246,7 +240,7 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
 
     let mut o = quiet(split.path());
     o.resume = true;
-    let second = run_training::<B>(&cfg, &o, &mut TrainHooks::default(), &device).unwrap();
+    let second = train(&cfg, &o).unwrap();
     assert_eq!(second.started_at, 3);
     assert_eq!(second.steps, 6);
     assert!(!root.join(".tmp-step-00000006").exists());
@@ -300,10 +294,8 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
     let train_steps: Vec<u64> = second
         .metrics
         .iter()
-        .filter_map(|l| match l {
-            MetricsLine::Train(m) => Some(m.step),
-            _ => None,
-        })
+        .filter_map(Line::train)
+        .map(|m| m.step)
         .collect();
     assert_eq!(train_steps, (1..=6).collect::<Vec<_>>());
     // The checkpoint loads for inference.
@@ -319,21 +311,12 @@ fn both_losses_fall_on_shapes() {
     cfg.training.batch_size = 4;
     cfg.eval.every = 30;
     cfg.checkpoint.every = 60;
-    let device = Default::default();
-    let s = run_training::<B>(
-        &cfg,
-        &quiet(dir.path()),
-        &mut TrainHooks::default(),
-        &device,
-    )
-    .unwrap();
+    let s = train(&cfg, &quiet(dir.path())).unwrap();
     let train: Vec<(f64, f64)> = s
         .metrics
         .iter()
-        .filter_map(|l| match l {
-            MetricsLine::Train(m) => Some((m.losses.lm, m.losses.diffusion)),
-            _ => None,
-        })
+        .filter_map(Line::train)
+        .map(|m| (m.losses.lm, m.losses.diffusion))
         .collect();
     let mean = |v: &[(f64, f64)]| {
         let n = v.len() as f64;
@@ -348,18 +331,16 @@ fn both_losses_fall_on_shapes() {
         last.1 < 0.9 * first.1,
         "diffusion loss {first:?} -> {last:?}"
     );
-    let evals: Vec<_> = s
-        .metrics
-        .iter()
-        .filter_map(|l| match l {
-            MetricsLine::Eval(e) => Some(e.clone()),
-            _ => None,
-        })
-        .collect();
+    let evals: Vec<_> = s.metrics.iter().filter_map(Line::eval).cloned().collect();
     assert_eq!(evals.len(), 2);
-    assert!(evals[1].lm_nll < evals[0].lm_nll);
+    assert!(evals[1].figures.lm_nll < evals[0].figures.lm_nll);
     assert_eq!(
-        evals[0].diffusion.iter().map(|d| d.0).collect::<Vec<_>>(),
+        evals[0]
+            .figures
+            .diffusion
+            .iter()
+            .map(|d| d.0)
+            .collect::<Vec<_>>(),
         vec![100, 500, 900]
     );
     assert!(dir.path().join("loss.png").is_file());
@@ -380,13 +361,7 @@ fn bf16_trains_on_flex_with_f32_weights_and_is_refused_on_ndarray_before_any_wor
     cfg.eval.at_end = false;
 
     let nd_out = dir.path().join("ndarray");
-    let err = run_training::<B>(
-        &cfg,
-        &quiet(&nd_out),
-        &mut TrainHooks::default(),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let err = train(&cfg, &quiet(&nd_out)).unwrap_err();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("training.precision") && msg.contains("bf16"),

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use burn::backend::NdArray;
-use common::{tiny_cfg, B};
+use common::{tiny_cfg, train, B};
 use transfusion_data::datasets::synthetic::ShapesSource;
 use transfusion_data::datasets::{ImageData, Sample, SampleSource};
 use transfusion_data::latent_cache::cache_latents;
@@ -14,10 +14,11 @@ use transfusion_data::shapes::ShapesGenerator;
 use transfusion_infer::autoencoder::{load_vae, Autoencoder, VaeImageEncoder};
 use transfusion_infer::checkpoint::{load_meta, AutoencoderRef};
 use transfusion_model::vae::VaeConfig;
+use transfusion_train::metrics::Line;
 use transfusion_train::vae::{
     run_vae_training, VaeMetricsLine, VaeRunOptions, VaeTrainConfig, VAE_TRAIN_FILE,
 };
-use transfusion_train::{run_training, RunOptions, TrainHooks};
+use transfusion_train::RunOptions;
 
 /// A very small VAE (8 base channels, 2x, 4 latent channels) on 16px shapes: the CPU
 /// backend's convolution backward is slow, so the test network is tiny.
@@ -48,10 +49,8 @@ fn quiet(out: &Path) -> VaeRunOptions {
 fn train_losses(lines: &[VaeMetricsLine]) -> Vec<(u64, f64)> {
     lines
         .iter()
-        .filter_map(|l| match l {
-            VaeMetricsLine::Train(m) => Some((m.step, m.losses.loss)),
-            _ => None,
-        })
+        .filter_map(Line::train)
+        .map(|m| (m.step, m.losses.loss))
         .collect()
 }
 
@@ -66,23 +65,16 @@ fn vae_training_lowers_loss_raises_psnr_and_writes_its_files() {
     let first: f64 = losses[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
     let last: f64 = losses[losses.len() - 5..].iter().map(|l| l.1).sum::<f64>() / 5.0;
     assert!(last < 0.7 * first, "loss {first} -> {last}");
-    let evals: Vec<_> = s
-        .metrics
-        .iter()
-        .filter_map(|l| match l {
-            VaeMetricsLine::Eval(e) => Some(e.clone()),
-            _ => None,
-        })
-        .collect();
+    let evals: Vec<_> = s.metrics.iter().filter_map(Line::eval).cloned().collect();
     assert_eq!(
         evals.iter().map(|e| e.step).collect::<Vec<_>>(),
         vec![10, 20, 30, 40]
     );
     assert!(
-        evals[3].psnr > evals[0].psnr + 1.0,
+        evals[3].figures.psnr > evals[0].figures.psnr + 1.0,
         "PSNR {} -> {}",
-        evals[0].psnr,
-        evals[3].psnr
+        evals[0].figures.psnr,
+        evals[3].figures.psnr
     );
     for f in ["metrics.jsonl", "loss.png", "recon.png", VAE_TRAIN_FILE] {
         assert!(out.join(f).is_file(), "{f} missing");
@@ -100,8 +92,8 @@ fn vae_training_lowers_loss_raises_psnr_and_writes_its_files() {
     // The checkpoint loads as a VAE; its scale/shift come from the last evaluation.
     let vae = load_vae::<NdArray>(&out, &Default::default()).unwrap();
     let e = &evals[3];
-    assert!((vae.config.scaling_factor - 1.0 / e.latent_std).abs() < 1e-9);
-    assert!((vae.config.shift_factor - e.latent_mean).abs() < 1e-9);
+    assert!((vae.config.scaling_factor - 1.0 / e.figures.latent_std).abs() < 1e-9);
+    assert!((vae.config.shift_factor - e.figures.latent_mean).abs() < 1e-9);
 }
 
 #[test]
@@ -133,10 +125,10 @@ fn vae_resume_continues_exactly() {
     }
     let (ea, eb) = (a.last_eval.unwrap(), b2.last_eval.unwrap());
     assert!(
-        (ea.psnr - eb.psnr).abs() < 1e-3,
+        (ea.figures.psnr - eb.figures.psnr).abs() < 1e-3,
         "{} vs {}",
-        ea.psnr,
-        eb.psnr
+        ea.figures.psnr,
+        eb.figures.psnr
     );
 }
 
@@ -199,8 +191,7 @@ fn cached_latents_are_the_vae_encoding_and_a_run_on_them_records_the_vae() {
     let run = dir.path().join("run");
     let mut opts = RunOptions::new(&run);
     opts.progress = false;
-    let s =
-        run_training::<B>(&cfg, &opts, &mut TrainHooks::default(), &Default::default()).unwrap();
+    let s = train(&cfg, &opts).unwrap();
     let meta = load_meta(&s.last_checkpoint.unwrap()).unwrap();
     assert_eq!(meta.autoencoder, AutoencoderRef::Vae { path: vae_dir });
 }

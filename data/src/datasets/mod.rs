@@ -116,6 +116,18 @@ pub struct FoundFiles {
     pub skipped: Vec<PathBuf>,
 }
 
+impl FoundFiles {
+    /// Itself when it holds a file, else an error naming `root`: `"no {what} found"` and
+    /// the files of other types it passed over.
+    pub fn require_some(self, root: &Path, what: &str) -> Result<Self, DataError> {
+        if self.files.is_empty() {
+            let note = skipped_note(&self.skipped);
+            return Err(DataError::invalid(root, format!("no {what} found{note}")));
+        }
+        Ok(self)
+    }
+}
+
 /// `""` when `skipped` is empty, else `" (skipped N files of other types: a, b, ...)"`,
 /// naming the first few (see [`FoundFiles::skipped`]).
 pub fn skipped_note(skipped: &[PathBuf]) -> String {

@@ -60,16 +60,7 @@ pub struct TextSource {
 impl TextSource {
     /// Scans `root` (a file or a directory).
     pub fn open(root: &Path, split: TextSplit, strict: bool) -> Result<Self, DataError> {
-        let found = collect_files(root, &TEXT_EXTS)?;
-        if found.files.is_empty() {
-            return Err(DataError::invalid(
-                root,
-                format!(
-                    "no .txt or .jsonl files found{}",
-                    skipped_note(&found.skipped)
-                ),
-            ));
-        }
+        let found = collect_files(root, &TEXT_EXTS)?.require_some(root, ".txt or .jsonl files")?;
         let FoundFiles { files, skipped } = found;
         let mut records = Vec::new();
         for (fi, path) in files.iter().enumerate() {

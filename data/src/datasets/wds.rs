@@ -14,9 +14,7 @@ use std::sync::Arc;
 
 use super::brace::expand_braces;
 use super::skip::reason_of;
-use super::{
-    collect_files, is_safe_relative, skipped_note, ImageData, RecordIter, Sample, SampleSource,
-};
+use super::{collect_files, is_safe_relative, ImageData, RecordIter, Sample, SampleSource};
 use super::{SkipPolicy, SkipReport};
 use crate::error::DataError;
 use crate::rng::Rng64;
@@ -49,17 +47,10 @@ impl WdsSource {
     /// in their order within a shard).
     pub fn open(pattern: &str, shuffle: bool, seed: u64, strict: bool) -> Result<Self, DataError> {
         let shards: Vec<PathBuf> = if Path::new(pattern).is_dir() {
-            let found = collect_files(Path::new(pattern), &["tar"])?;
-            if found.files.is_empty() {
-                return Err(DataError::invalid(
-                    pattern,
-                    format!(
-                        "directory holds no .tar shards{}",
-                        skipped_note(&found.skipped)
-                    ),
-                ));
-            }
-            found.files
+            let dir = Path::new(pattern);
+            collect_files(dir, &["tar"])?
+                .require_some(dir, ".tar shards")?
+                .files
         } else {
             expand_braces(pattern)?
                 .into_iter()

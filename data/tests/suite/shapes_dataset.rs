@@ -45,38 +45,23 @@ fn sorted(mut v: Vec<ShapeAttributes>) -> Vec<ShapeAttributes> {
 
 #[test]
 fn captions_follow_the_grammar() {
-    let a = attrs(
-        Shape::Circle,
-        Color::Red,
-        Column::Left,
-        Row::Top,
-        Size::Large,
-    );
-    assert_eq!(caption(&[a]), "a large red circle at the top left");
-    let b = attrs(
-        Shape::Square,
-        Color::Green,
-        Column::Center,
-        Row::Middle,
-        Size::Small,
-    );
-    assert_eq!(caption(&[b]), "a small green square in the center");
-    let c = attrs(
-        Shape::Triangle,
-        Color::Cyan,
-        Column::Left,
-        Row::Middle,
-        Size::Small,
-    );
-    assert_eq!(caption(&[c]), "a small cyan triangle at the middle left");
-    let d = attrs(
-        Shape::Square,
-        Color::Blue,
-        Column::Center,
-        Row::Top,
-        Size::Large,
-    );
-    assert_eq!(caption(&[d]), "a large blue square at the top center");
+    use {Color::*, Column::*, Row::*, Shape::*, Size::*};
+    let a = attrs(Circle, Red, Left, Top, Large);
+    let b = attrs(Square, Green, Center, Middle, Small);
+    for (one, want) in [
+        (a, "a large red circle at the top left"),
+        (b, "a small green square in the center"),
+        (
+            attrs(Triangle, Cyan, Left, Middle, Small),
+            "a small cyan triangle at the middle left",
+        ),
+        (
+            attrs(Square, Blue, Center, Top, Large),
+            "a large blue square at the top center",
+        ),
+    ] {
+        assert_eq!(caption(&[one]), want);
+    }
     assert_eq!(
         caption(&[a, b]),
         "a large red circle at the top left and a small green square in the center"

@@ -32,7 +32,8 @@ use std::any::{Any, TypeId};
 use std::mem::MaybeUninit;
 
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::ops::{Backward, OpsKind};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
@@ -107,6 +108,20 @@ fn record<O: Backward<Flex, N>, const N: usize>(
     {
         OpsKind::Tracked(prep) => prep.finish(state, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// Adds each of `grads_out` to the gradient of the matching parent of an op, where the
+/// parent is tracked.
+fn register_parents<S, const N: usize>(
+    grads: &mut Gradients,
+    ops: &Ops<S, N>,
+    grads_out: [FlexTensor; N],
+) {
+    for (parent, grad) in ops.parents.iter().zip(grads_out) {
+        if let Some(node) = parent {
+            grads.register::<Flex>(node.id, grad);
+        }
     }
 }
 

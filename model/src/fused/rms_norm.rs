@@ -20,8 +20,8 @@ use std::mem::MaybeUninit;
 
 use super::math::{multiversion, sum_of};
 use super::{
-    contiguous, dense, filled, flex_from, path, primitive, record, tensor, AutodiffFlexTensor,
-    Path, CHUNK,
+    contiguous, dense, filled, flex_from, path, primitive, record, register_parents, tensor,
+    AutodiffFlexTensor, Path, CHUNK,
 };
 
 /// `norm.forward(x)`: RMSNorm over the last dimension with `norm`'s gain and epsilon.
@@ -185,14 +185,10 @@ impl Backward<Flex, 2> for RmsNormBackward {
     type State = Saved;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, gamma, inverse_roots) = ops.state;
+        let (x, gamma, inverse_roots) = &ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (dx, d_gamma) = norm_backward(&dy, &x, &gamma, &inverse_roots);
-        for (parent, grad) in ops.parents.into_iter().zip([dx, d_gamma]) {
-            if let Some(node) = parent {
-                grads.register::<Flex>(node.id, grad);
-            }
-        }
+        let (dx, d_gamma) = norm_backward(&dy, x, gamma, inverse_roots);
+        register_parents(grads, &ops, [dx, d_gamma]);
     }
 }
 

@@ -16,8 +16,8 @@ use std::mem::MaybeUninit;
 
 use super::math::{multiversion, sigmoid};
 use super::{
-    contiguous, dense, filled, filled_pair, flex_from, path, primitive, record, tensor,
-    AutodiffFlexTensor, Path,
+    contiguous, dense, filled, filled_pair, flex_from, path, primitive, record, register_parents,
+    tensor, AutodiffFlexTensor, Path,
 };
 
 /// `silu(gate) * up`, the gated product of a SwiGLU block.
@@ -140,14 +140,10 @@ impl Backward<Flex, 2> for SwiGluBackward {
     type State = (FlexTensor, FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (g, u, s) = ops.state;
+        let (g, u, s) = &ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (dg, du) = swiglu_backward(&dy, &g, &u, &s);
-        for (parent, grad) in ops.parents.into_iter().zip([dg, du]) {
-            if let Some(node) = parent {
-                grads.register::<Flex>(node.id, grad);
-            }
-        }
+        let (dg, du) = swiglu_backward(&dy, g, u, s);
+        register_parents(grads, &ops, [dg, du]);
     }
 }
 

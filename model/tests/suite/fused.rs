@@ -5,8 +5,14 @@ use burn::module::Param;
 use burn::nn::RmsNorm;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution};
 use transfusion_model::fused::{attention as training_attention, linear, rms_norm, swiglu};
+
+/// `x` on autodiff backend `A` in `dtype`, tracked for gradients.
+fn tracked<A: AutodiffBackend, const D: usize>(x: &Tensor<Flex, D>, dtype: DType) -> Tensor<A, D> {
+    Tensor::from_data(x.to_data().convert_dtype(dtype), &Default::default()).require_grad()
+}
 
 fn inputs<B: Backend>(dev: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
     // wide enough for several parallel chunks; gates well into both sigmoid branches
@@ -18,14 +24,11 @@ fn inputs<B: Backend>(dev: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
 
 /// `[output, d gate, d up]` of `sum(w * swiglu(gate, up))` on autodiff backend `A`, as
 /// f64 data.
-fn swiglu_grads<A: burn::tensor::backend::AutodiffBackend>(
+fn swiglu_grads<A: AutodiffBackend>(
     inputs: &[Tensor<Flex, 3>; 3],
     dtype: DType,
 ) -> [TensorData; 3] {
-    let dev = Default::default();
-    let t = |x: &Tensor<Flex, 3>| {
-        Tensor::<A, 3>::from_data(x.to_data().convert_dtype(dtype), &dev).require_grad()
-    };
+    let t = |x: &Tensor<Flex, 3>| tracked::<A, 3>(x, dtype);
     let [g, u, w] = inputs.each_ref().map(t);
     let y = swiglu(g.clone(), u.clone());
     let out = y.clone().inner();
@@ -84,15 +87,12 @@ fn attention_inputs(dev: &Device<Flex>) -> [Tensor<Flex, 4>; 4] {
 /// `[output, dq, dk, dv, dbias]` of `sum(w * attention(q, k, v, bias))` on autodiff
 /// backend `A`, as f64 data; bias gradients on visible keys only (masked ones: any value
 /// times 0).
-fn attention_grads<A: burn::tensor::backend::AutodiffBackend>(
+fn attention_grads<A: AutodiffBackend>(
     inputs: &[Tensor<Flex, 4>; 4],
     w: &Tensor<Flex, 4>,
-    dtype: burn::tensor::DType,
+    dtype: DType,
 ) -> [TensorData; 5] {
-    let dev = Default::default();
-    let t = |x: &Tensor<Flex, 4>| {
-        Tensor::<A, 4>::from_data(x.to_data().convert_dtype(dtype), &dev).require_grad()
-    };
+    let t = |x: &Tensor<Flex, 4>| tracked::<A, 4>(x, dtype);
     let [q, k, v, bias] = inputs.each_ref().map(t);
     let visible = bias.clone().inner().equal_elem(0.0).float();
     let y = training_attention(q.clone(), k.clone(), v.clone(), bias.clone());
@@ -169,19 +169,12 @@ fn fused_attention_gradients_match_the_composition() {
 
 /// `[output, dx, dw, dbias]` of `sum(g * linear(x, w, bias))` on autodiff backend `A`, as
 /// f64 data, with `x` read through a transposed view (`x` given as `[d_in, rows]`).
-fn linear_grads<A: burn::tensor::backend::AutodiffBackend>(
+fn linear_grads<A: AutodiffBackend>(
     [x_t, w, bias, g]: &[Tensor<Flex, 2>; 4],
     dtype: DType,
 ) -> [TensorData; 4] {
-    let dev = Default::default();
-    let t = |x: &Tensor<Flex, 2>| {
-        Tensor::<A, 2>::from_data(x.to_data().convert_dtype(dtype), &dev).require_grad()
-    };
-    let b = Tensor::<A, 1>::from_data(
-        bias.clone().reshape([-1]).to_data().convert_dtype(dtype),
-        &dev,
-    )
-    .require_grad();
+    let t = |x: &Tensor<Flex, 2>| tracked::<A, 2>(x, dtype);
+    let b = tracked::<A, 1>(&bias.clone().reshape([-1]), dtype);
     let (x_t, w) = (t(x_t), t(w));
     let y = linear(x_t.clone().transpose(), w.clone(), Some(b.clone()));
     let out = y.clone().inner().into_data();
@@ -229,19 +222,12 @@ fn fused_linear_gradients_match_the_composition() {
 
 /// `[output, dx, d gamma]` of `sum(g * rms_norm(x))` on autodiff backend `A`, as f64 data,
 /// with rows of `x` of very different scales.
-fn rms_norm_grads<A: burn::tensor::backend::AutodiffBackend>(
+fn rms_norm_grads<A: AutodiffBackend>(
     [x, gamma, g]: &[Tensor<Flex, 3>; 3],
     dtype: DType,
 ) -> [TensorData; 3] {
-    let dev = Default::default();
-    let t = |x: &Tensor<Flex, 3>| {
-        Tensor::<A, 3>::from_data(x.to_data().convert_dtype(dtype), &dev).require_grad()
-    };
-    let gain = Tensor::<A, 1>::from_data(
-        gamma.clone().reshape([-1]).to_data().convert_dtype(dtype),
-        &dev,
-    )
-    .require_grad();
+    let t = |x: &Tensor<Flex, 3>| tracked::<A, 3>(x, dtype);
+    let gain = tracked::<A, 1>(&gamma.clone().reshape([-1]), dtype);
     let norm = RmsNorm {
         gamma: Param::from_tensor(gain),
         epsilon: 1e-5,

@@ -5,6 +5,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
+use transfusion_model::config::ConfigError;
 use transfusion_model::kv_cache::CacheMode;
 use transfusion_model::mask::SpanMeta;
 use transfusion_model::{ImageIoConfig, KvCache, TransfusionBatch, TransfusionConfig, UNetConfig};
@@ -63,49 +64,38 @@ fn paper_presets_land_within_ten_percent_of_their_nominal_size() {
     }
 }
 
+/// The error of validating the test config after `change`.
+fn rejected(change: impl FnOnce(&mut TransfusionConfig)) -> ConfigError {
+    tweak(change).validate().unwrap_err()
+}
+
 #[test]
 fn invalid_configs_name_the_key() {
-    let e = tweak(|c| c.n_heads = 3).validate().unwrap_err();
-    assert_eq!(e.key, "n_heads");
-    let e = tweak(|c| c.patch_size = 3).validate().unwrap_err();
-    assert_eq!(e.key, "patch_size");
-    let e = tweak(|c| c.n_kv_heads = 3).validate().unwrap_err();
-    assert_eq!(e.key, "n_kv_heads");
-    let e = tweak(|c| {
+    assert_eq!(rejected(|c| c.n_heads = 3).key, "n_heads");
+    assert_eq!(rejected(|c| c.patch_size = 3).key, "patch_size");
+    assert_eq!(rejected(|c| c.n_kv_heads = 3).key, "n_kv_heads");
+    let odd_quarter = rejected(|c| {
         c.d_model = 66;
         c.n_heads = 1;
         c.n_kv_heads = 1;
-    })
-    .validate()
-    .unwrap_err();
-    assert_eq!(e.key, "patch_position_embedding");
-    let e = {
-        let mut c = unet_config();
-        c.patch_size = 1;
-        c
-    }
-    .validate()
-    .unwrap_err();
-    assert_eq!(e.key, "image_io.channels");
+    });
+    assert_eq!(odd_quarter.key, "patch_position_embedding");
+    let mut unet = unet_config();
+    unet.patch_size = 1;
+    assert_eq!(unet.validate().unwrap_err().key, "image_io.channels");
     // Values that would panic (RMSNorm of eps <= 0) or abort on allocation are refused.
     for eps in [0.0, -1e-5, f64::NAN] {
-        assert_eq!(
-            tweak(|c| c.norm_eps = eps).validate().unwrap_err().key,
-            "norm_eps"
-        );
+        assert_eq!(rejected(|c| c.norm_eps = eps).key, "norm_eps");
     }
-    let e = tweak(|c| c.n_layers = 1_000_000).validate().unwrap_err();
-    assert_eq!(e.key, "n_layers");
+    assert_eq!(rejected(|c| c.n_layers = 1_000_000).key, "n_layers");
     // Within every per-key bound, but 4096 layers of width 16384 is 12T parameters.
-    let e = tweak(|c| {
+    let e = rejected(|c| {
         c.n_layers = 4096;
         c.d_model = 16384;
         c.n_heads = 128;
         c.n_kv_heads = 128;
         c.d_hidden = 65536;
-    })
-    .validate()
-    .unwrap_err();
+    });
     assert_eq!(e.key, "n_layers");
     assert!(e.message.contains("GiB"), "{}", e.message);
 }

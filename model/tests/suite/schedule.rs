@@ -229,27 +229,39 @@ fn spaced_timesteps_match_diffusers_linspace_spacing() {
     }
 }
 
+/// One step case of the diffusers fixture: the cosine schedule respaced to its step count,
+/// its step index (whose timestep is checked against the fixture's), its `x_0` clip and a
+/// label for messages.
+struct StepCase {
+    s: NoiseSchedule,
+    i: usize,
+    clip: Option<f64>,
+    what: String,
+}
+
+fn step_case(case: &Value, sampler: &str) -> StepCase {
+    let field = |key: &str| case[key].as_u64().unwrap() as usize;
+    let (steps, i, t) = (field("steps"), field("i"), field("t"));
+    let clip = case["clip"].as_bool().unwrap().then_some(1.0);
+    let what = format!("{sampler} {steps} steps, i {i} (t {t}), clip {clip:?}");
+    let full = NoiseSchedule::cosine(1000);
+    let s = if steps == 1000 {
+        full
+    } else {
+        full.respaced(steps)
+    };
+    assert_eq!(s.timestep_map[i], t, "{what}: timestep");
+    StepCase { s, i, clip, what }
+}
+
 #[test]
 fn ddpm_steps_match_diffusers() {
     let f = diffusers();
     let dev = Default::default();
     let [x_t, eps, noise] = step_inputs(&f, &dev);
-    let full = NoiseSchedule::cosine(1000);
     let mut worst = 0.0f64;
     for case in f["ddpm"].as_array().unwrap() {
-        let steps = case["steps"].as_u64().unwrap() as usize;
-        let (i, t) = (
-            case["i"].as_u64().unwrap() as usize,
-            case["t"].as_u64().unwrap() as usize,
-        );
-        let clip = case["clip"].as_bool().unwrap().then_some(1.0);
-        let what = format!("ddpm {steps} steps, i {i} (t {t}), clip {clip:?}");
-        let s = if steps == 1000 {
-            full.clone()
-        } else {
-            full.respaced(steps)
-        };
-        assert_eq!(s.timestep_map[i], t, "{what}: timestep");
+        let StepCase { s, i, clip, what } = step_case(case, "ddpm");
         // Posterior variance: f64 on both sides (diffusers clamps it to >= 1e-20 at t = 0).
         let var = case["variance"].as_f64().unwrap();
         assert!(
@@ -281,19 +293,10 @@ fn ddim_steps_match_diffusers() {
     let f = diffusers();
     let dev = Default::default();
     let [x_t, eps, _] = step_inputs(&f, &dev);
-    let full = NoiseSchedule::cosine(1000);
     let mut worst = 0.0f64;
     for case in f["ddim"].as_array().unwrap() {
-        let steps = case["steps"].as_u64().unwrap() as usize;
-        let (i, t) = (
-            case["i"].as_u64().unwrap() as usize,
-            case["t"].as_u64().unwrap() as usize,
-        );
+        let StepCase { s, i, clip, what } = step_case(case, "ddim");
         let t_prev = case["t_prev"].as_i64().unwrap();
-        let clip = case["clip"].as_bool().unwrap().then_some(1.0);
-        let what = format!("ddim {steps} steps, i {i} (t {t} -> {t_prev}), clip {clip:?}");
-        let s = full.respaced(steps);
-        assert_eq!(s.timestep_map[i], t, "{what}: timestep");
         if i > 0 {
             assert_eq!(
                 s.timestep_map[i - 1] as i64,

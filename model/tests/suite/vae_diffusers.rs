@@ -29,97 +29,98 @@ enum Attn {
     LegacyConv,
 }
 
-/// The diffusers keys and shapes of `AutoencoderKL(block_out_channels=CH,
-/// layers_per_block=LAYERS, latent_channels=LATENT)`, written out by hand (independent
-/// of the loader's mapping table).
-fn diffusers_tensors(attn_kind: Attn) -> Vec<(String, Vec<usize>)> {
-    let mut t: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut conv = |t: &mut Vec<_>, name: &str, i: usize, o: usize, k: usize| {
-        t.push((format!("{name}.weight"), vec![o, i, k, k]));
-        t.push((format!("{name}.bias"), vec![o]));
-    };
-    let norm = |t: &mut Vec<(String, Vec<usize>)>, name: &str, c: usize| {
-        t.push((format!("{name}.weight"), vec![c]));
-        t.push((format!("{name}.bias"), vec![c]));
-    };
-    let resnet = |t: &mut Vec<_>,
-                  conv: &mut dyn FnMut(&mut Vec<_>, &str, usize, usize, usize),
-                  p: &str,
-                  i: usize,
-                  o: usize| {
-        norm(t, &format!("{p}.norm1"), i);
-        conv(t, &format!("{p}.conv1"), i, o, 3);
-        norm(t, &format!("{p}.norm2"), o);
-        conv(t, &format!("{p}.conv2"), o, o, 3);
-        if i != o {
-            conv(t, &format!("{p}.conv_shortcut"), i, o, 1);
-        }
-    };
-    let mid = |t: &mut Vec<_>,
-               conv: &mut dyn FnMut(&mut Vec<_>, &str, usize, usize, usize),
-               p: &str,
-               c: usize| {
-        resnet(t, conv, &format!("{p}.mid_block.resnets.0"), c, c);
-        let a = format!("{p}.mid_block.attentions.0");
-        norm(t, &format!("{a}.group_norm"), c);
-        let names = match attn_kind {
-            Attn::Linear => ["to_q", "to_k", "to_v", "to_out.0"],
-            Attn::LegacyConv => ["query", "key", "value", "proj_attn"],
-        };
-        for n in names {
-            let shape = match attn_kind {
-                Attn::Linear => vec![c, c],
-                Attn::LegacyConv => vec![c, c, 1, 1],
-            };
-            t.push((format!("{a}.{n}.weight"), shape));
-            t.push((format!("{a}.{n}.bias"), vec![c]));
-        }
-        resnet(t, conv, &format!("{p}.mid_block.resnets.1"), c, c);
-    };
-    let top = CH[CH.len() - 1];
+/// Diffusers tensor names and shapes.
+type Keys = Vec<(String, Vec<usize>)>;
 
-    conv(&mut t, "encoder.conv_in", 3, CH[0], 3);
-    let mut prev = CH[0];
-    for (i, &c) in CH.iter().enumerate() {
-        for j in 0..LAYERS {
-            let p = format!("encoder.down_blocks.{i}.resnets.{j}");
-            resnet(&mut t, &mut conv, &p, if j == 0 { prev } else { c }, c);
+fn conv(t: &mut Keys, name: &str, i: usize, o: usize, k: usize) {
+    t.push((format!("{name}.weight"), vec![o, i, k, k]));
+    t.push((format!("{name}.bias"), vec![o]));
+}
+
+fn norm(t: &mut Keys, name: &str, c: usize) {
+    t.push((format!("{name}.weight"), vec![c]));
+    t.push((format!("{name}.bias"), vec![c]));
+}
+
+fn resnet(t: &mut Keys, p: &str, i: usize, o: usize) {
+    norm(t, &format!("{p}.norm1"), i);
+    conv(t, &format!("{p}.conv1"), i, o, 3);
+    norm(t, &format!("{p}.norm2"), o);
+    conv(t, &format!("{p}.conv2"), o, o, 3);
+    if i != o {
+        conv(t, &format!("{p}.conv_shortcut"), i, o, 1);
+    }
+}
+
+fn mid(t: &mut Keys, attn_kind: Attn, p: &str, c: usize) {
+    resnet(t, &format!("{p}.mid_block.resnets.0"), c, c);
+    let a = format!("{p}.mid_block.attentions.0");
+    norm(t, &format!("{a}.group_norm"), c);
+    let (names, shape) = match attn_kind {
+        Attn::Linear => (["to_q", "to_k", "to_v", "to_out.0"], vec![c, c]),
+        Attn::LegacyConv => (["query", "key", "value", "proj_attn"], vec![c, c, 1, 1]),
+    };
+    for n in names {
+        t.push((format!("{a}.{n}.weight"), shape.clone()));
+        t.push((format!("{a}.{n}.bias"), vec![c]));
+    }
+    resnet(t, &format!("{p}.mid_block.resnets.1"), c, c);
+}
+
+/// The resolution levels `{blocks}.{i}` of one side, from `prev` channels: `resnets` ResNet
+/// blocks each, and a 3x3 `{resampler}.0.conv` after every level but the last.
+fn levels(
+    t: &mut Keys,
+    blocks: &str,
+    resampler: &str,
+    channels: &[usize],
+    resnets: usize,
+    prev: usize,
+) {
+    let mut prev = prev;
+    for (i, &c) in channels.iter().enumerate() {
+        for j in 0..resnets {
+            let p = format!("{blocks}.{i}.resnets.{j}");
+            resnet(t, &p, if j == 0 { prev } else { c }, c);
         }
-        if i + 1 < CH.len() {
-            conv(
-                &mut t,
-                &format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
-                c,
-                c,
-                3,
-            );
+        if i + 1 < channels.len() {
+            conv(t, &format!("{blocks}.{i}.{resampler}.0.conv"), c, c, 3);
         }
         prev = c;
     }
-    mid(&mut t, &mut conv, "encoder", top);
+}
+
+/// The diffusers keys and shapes of `AutoencoderKL(block_out_channels=CH,
+/// layers_per_block=LAYERS, latent_channels=LATENT)`, written out by hand (independent
+/// of the loader's mapping table).
+fn diffusers_tensors(attn_kind: Attn) -> Keys {
+    let mut t = Keys::new();
+    let top = CH[CH.len() - 1];
+    conv(&mut t, "encoder.conv_in", 3, CH[0], 3);
+    levels(
+        &mut t,
+        "encoder.down_blocks",
+        "downsamplers",
+        &CH,
+        LAYERS,
+        CH[0],
+    );
+    mid(&mut t, attn_kind, "encoder", top);
     norm(&mut t, "encoder.conv_norm_out", top);
     conv(&mut t, "encoder.conv_out", top, 2 * LATENT, 3);
     conv(&mut t, "quant_conv", 2 * LATENT, 2 * LATENT, 1);
     conv(&mut t, "post_quant_conv", LATENT, LATENT, 1);
     conv(&mut t, "decoder.conv_in", LATENT, top, 3);
-    mid(&mut t, &mut conv, "decoder", top);
-    let mut prev = top;
-    for (i, &c) in CH.iter().rev().enumerate() {
-        for j in 0..=LAYERS {
-            let p = format!("decoder.up_blocks.{i}.resnets.{j}");
-            resnet(&mut t, &mut conv, &p, if j == 0 { prev } else { c }, c);
-        }
-        if i + 1 < CH.len() {
-            conv(
-                &mut t,
-                &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
-                c,
-                c,
-                3,
-            );
-        }
-        prev = c;
-    }
+    mid(&mut t, attn_kind, "decoder", top);
+    let reversed: Vec<usize> = CH.iter().rev().copied().collect();
+    levels(
+        &mut t,
+        "decoder.up_blocks",
+        "upsamplers",
+        &reversed,
+        LAYERS + 1,
+        top,
+    );
     norm(&mut t, "decoder.conv_norm_out", CH[0]);
     conv(&mut t, "decoder.conv_out", CH[0], 3, 3);
     t

@@ -74,12 +74,12 @@ impl BackendTask for VaeRun {
             println!(
                 "{} ({} images): PSNR {:.2} dB, recon {:.4}, kl {:.3}, latent mean {:.3} std {:.3}",
                 e.split.label(),
-                e.images,
-                e.psnr,
-                e.recon,
-                e.kl,
-                e.latent_mean,
-                e.latent_std
+                e.figures.images,
+                e.figures.psnr,
+                e.figures.recon,
+                e.figures.kl,
+                e.figures.latent_mean,
+                e.figures.latent_std
             );
         }
         if let Some(c) = &s.last_checkpoint {

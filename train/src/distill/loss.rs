@@ -7,8 +7,8 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::IndexingUpdateOp;
 use transfusion_model::consistency::{
-    adaptive_weighted_loss_sum, consistency_tangent, grid_neighbours, normalize_tangent,
-    per_sample, AdaptiveWeight,
+    adaptive_weighted_loss, consistency_tangent, grid_neighbours, normalize_tangent, per_sample,
+    AdaptiveWeight,
 };
 use transfusion_model::trigflow::phi_at;
 use transfusion_model::{Transfusion, TransfusionBatch};
@@ -107,7 +107,8 @@ pub fn distill_loss<B: AutodiffBackend>(
             let target = Tensor::<B, 4>::from_inner(f_minus + tangent);
             let log_weight = student.weight.forward(Tensor::from_inner(t_g));
             debug_assert_eq!(log_weight.dims(), [g]);
-            adaptive_weighted_loss_sum(f_theta, target, log_weight)
+            // Summed over the images: the engine divides by the step's image count.
+            adaptive_weighted_loss(f_theta, target, log_weight).mul_scalar(g as f64)
         }
         _ => Tensor::zeros([1], &autodiff_device),
     };

@@ -11,7 +11,7 @@ use transfusion_model::Prediction;
 use crate::checkpoint::{read_config, CONFIG_FILE};
 use crate::config::{ExperimentConfig, ModelSection};
 use crate::error::{Result, TrainError};
-use crate::metrics::{Record, StepLine};
+use crate::metrics::{Figures, StepLine};
 
 /// Default of [`DistillSettings::consistency_weight`].
 pub const DEFAULT_CONSISTENCY_WEIGHT: f64 = 0.02;
@@ -140,18 +140,9 @@ pub struct DistillLosses {
 /// One logged distillation step.
 pub type DistillStepMetrics = StepLine<DistillLosses>;
 
-impl Record for DistillStepMetrics {
-    fn step(&self) -> u64 {
-        self.step
-    }
+impl Figures for DistillLosses {
     fn summary(&self) -> String {
-        format!(
-            "lm {:.3} scd {:.3} r {:.2} | {:.1} img/s | lr {:.2e}",
-            self.losses.lm,
-            self.losses.consistency,
-            self.losses.tangent_warmup,
-            self.images_per_s,
-            self.lr
-        )
+        let (lm, scd, r) = (self.lm, self.consistency, self.tangent_warmup);
+        format!("lm {lm:.3} scd {scd:.3} r {r:.2}")
     }
 }

@@ -10,7 +10,7 @@ use transfusion_model::{Transfusion, TransfusionConfig};
 use crate::config::ExperimentConfig;
 use crate::data::{build_pipeline, Split};
 use crate::error::Result;
-use crate::metrics::{EvalMetrics, EvalSplit};
+use crate::metrics::{EvalLine, EvalMetrics, EvalSplit, TransfusionEval};
 
 /// [`evaluate`] on the held-out split `cfg` describes (its eval batches and timesteps),
 /// for the model of config `m` after `step` steps.
@@ -86,14 +86,16 @@ pub fn evaluate<B: Backend>(
         0.0
     };
     let lm_part = if count > 0.0 { lm_nll } else { 0.0 };
-    Ok(EvalMetrics {
+    Ok(EvalLine {
         step,
         split,
-        lm_nll,
-        perplexity: lm_nll.exp(),
-        lm_targets: count,
-        diffusion,
-        images,
-        loss: lm_part + lambda * mean_diff,
+        figures: TransfusionEval {
+            lm_nll,
+            perplexity: lm_nll.exp(),
+            lm_targets: count,
+            diffusion,
+            images,
+            loss: lm_part + lambda * mean_diff,
+        },
     })
 }

@@ -436,7 +436,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
     }
 
     fn eval_loss(&self, eval: &EvalMetrics) -> Option<f64> {
-        Some(eval.loss)
+        Some(eval.figures.loss)
     }
 
     fn plot(&self, lines: &[Line<StepMetrics, EvalMetrics>], path: &Path) -> Result<()> {

@@ -11,7 +11,7 @@ use transfusion_model::vae::{vae_loss, AutoencoderKl};
 
 use super::config::VaeTrainConfig;
 use crate::error::Result;
-use crate::metrics::{EvalSplit, Line, Record, StepLine};
+use crate::metrics::{EvalLine, EvalSplit, Figures, Line, StepLine};
 use crate::plot::{plot_series, smooth, Series};
 
 /// The losses of a VAE step.
@@ -28,14 +28,9 @@ pub struct VaeLosses {
 /// One logged VAE training step.
 pub type VaeStepMetrics = StepLine<VaeLosses>;
 
-/// One evaluation on the evaluation images (posterior mode, no sampling).
+/// The figures of one evaluation on the evaluation images (posterior mode, no sampling).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VaeEvalMetrics {
-    /// Step evaluated.
-    pub step: u64,
-    /// Held-out images, or the training sources' when no held-out source is configured.
-    #[serde(default)]
-    pub split: EvalSplit,
+pub struct VaeEval {
     /// Reconstruction PSNR in dB (images on the `[0, 1]` scale).
     pub psnr: f64,
     /// Reconstruction loss of the config's kind.
@@ -51,34 +46,23 @@ pub struct VaeEvalMetrics {
     pub images: usize,
 }
 
+/// One VAE evaluation (see [`EvalLine::split`] for what it ran on).
+pub type VaeEvalMetrics = EvalLine<VaeEval>;
+
 /// A line of a VAE run's `metrics.jsonl`.
 pub type VaeMetricsLine = Line<VaeStepMetrics, VaeEvalMetrics>;
 
-impl Record for VaeStepMetrics {
-    fn step(&self) -> u64 {
-        self.step
-    }
+impl Figures for VaeLosses {
     fn summary(&self) -> String {
-        format!(
-            "recon {:.4} kl {:.3} | {:.1} img/s | lr {:.2e}",
-            self.losses.recon, self.losses.kl, self.images_per_s, self.lr
-        )
+        format!("recon {:.4} kl {:.3}", self.recon, self.kl)
     }
 }
 
-impl Record for VaeEvalMetrics {
-    fn step(&self) -> u64 {
-        self.step
-    }
+impl Figures for VaeEval {
     fn summary(&self) -> String {
-        format!(
-            "{}: PSNR {:.2} dB, recon {:.4}, latent mean {:.3} std {:.3}",
-            self.split.label(),
-            self.psnr,
-            self.recon,
-            self.latent_mean,
-            self.latent_std
-        )
+        let (psnr, recon) = (self.psnr, self.recon);
+        let (mean, std) = (self.latent_mean, self.latent_std);
+        format!("PSNR {psnr:.2} dB, recon {recon:.4}, latent mean {mean:.3} std {std:.3}")
     }
 }
 
@@ -124,19 +108,21 @@ pub fn evaluate_vae<B: Backend>(
     let var = (zsq / zn.max(1.0) - mean * mean).max(0.0);
     recon_images.truncate(grid);
     (
-        VaeEvalMetrics {
+        EvalLine {
             step,
             split: EvalSplit::of(&cfg.held_out, &cfg.data),
-            psnr: if mse > 0.0 {
-                -10.0 * mse.log10()
-            } else {
-                f64::INFINITY
+            figures: VaeEval {
+                psnr: if mse > 0.0 {
+                    -10.0 * mse.log10()
+                } else {
+                    f64::INFINITY
+                },
+                recon: recon / n as f64,
+                kl: kl / n as f64,
+                latent_mean: mean,
+                latent_std: var.sqrt(),
+                images: n,
             },
-            recon: recon / n as f64,
-            kl: kl / n as f64,
-            latent_mean: mean,
-            latent_std: var.sqrt(),
-            images: n,
         },
         recon_images,
     )
@@ -160,7 +146,7 @@ pub fn plot_vae(lines: &[VaeMetricsLine], path: &Path) -> Result<()> {
                 loss.push((m.step, m.losses.loss));
                 recon.push((m.step, m.losses.recon));
             }
-            VaeMetricsLine::Eval(e) => erecon.push((e.step, e.recon)),
+            VaeMetricsLine::Eval(e) => erecon.push((e.step, e.figures.recon)),
             _ => {}
         }
     }

@@ -275,15 +275,15 @@ impl<B: AutodiffBackend> TrainTask<B> for VaeTask {
         let dir = self.out.join("recon");
         save_png(&grid, &dir.join(format!("step-{step:08}.png")))?;
         save_png(&grid, &self.out.join("recon.png"))?;
-        if e.latent_std > 1e-8 && e.latent_std.is_finite() {
-            self.vae_config.scaling_factor = 1.0 / e.latent_std;
-            self.vae_config.shift_factor = e.latent_mean;
+        if e.figures.latent_std > 1e-8 && e.figures.latent_std.is_finite() {
+            self.vae_config.scaling_factor = 1.0 / e.figures.latent_std;
+            self.vae_config.shift_factor = e.figures.latent_mean;
         }
         Ok(e)
     }
 
     fn eval_loss(&self, eval: &VaeEvalMetrics) -> Option<f64> {
-        Some(eval.recon)
+        Some(eval.figures.recon)
     }
 
     fn plot(&self, lines: &[Line<VaeStepMetrics, VaeEvalMetrics>], path: &Path) -> Result<()> {

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use transfusion_model::config::ImageIoConfig;
 use transfusion_model::TransfusionConfig;
 use transfusion_train::config::ExperimentConfig;
-use transfusion_train::RunOptions;
+use transfusion_train::{run_training, RunOptions, RunSummary, TrainHooks};
 
 pub type B = Autodiff<NdArray>;
 
@@ -67,6 +67,11 @@ pub fn quiet(out: &std::path::Path) -> RunOptions {
     let mut o = RunOptions::new(out);
     o.progress = false;
     o
+}
+
+/// A Transfusion run of `cfg` with `opts` on the default device, without hooks.
+pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> transfusion_train::Result<RunSummary> {
+    run_training::<B>(cfg, opts, &mut TrainHooks::default(), &Default::default())
 }
 
 /// Every gradient as a flat f32 vector, in parameter order.

@@ -19,9 +19,8 @@ use transfusion_train::distill::{
     ConsistencyStudent, DistillDataState, DistillLossInputs, DistillSettings, ADAPTIVE_WEIGHT_FILE,
 };
 use transfusion_train::engine::EngineHooks;
-use transfusion_train::{run_training, TrainHooks};
 
-use super::common::{quiet, tensors, tiny_cfg, tiny_model, tokenizer_path, B};
+use super::common::{quiet, tensors, tiny_cfg, tiny_model, tokenizer_path, train, B};
 
 type I = NdArray;
 
@@ -31,13 +30,7 @@ fn teacher(dir: &Path) -> PathBuf {
     let mut m = tiny_model();
     m.prediction = Some(Prediction::V);
     cfg.model.config = Some(m);
-    run_training::<B>(
-        &cfg,
-        &quiet(dir),
-        &mut TrainHooks::default(),
-        &Default::default(),
-    )
-    .unwrap();
+    train(&cfg, &quiet(dir)).unwrap();
     latest_checkpoint(&dir.join("checkpoints")).unwrap()
 }
 
@@ -211,13 +204,7 @@ fn at_the_start_the_consistency_loss_is_the_initial_weight_unless_guided_or_warm
 #[test]
 fn an_eps_teacher_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    run_training::<B>(
-        &tiny_cfg(1),
-        &quiet(dir.path()),
-        &mut TrainHooks::default(),
-        &Default::default(),
-    )
-    .unwrap();
+    train(&tiny_cfg(1), &quiet(dir.path())).unwrap();
     let ckpt = latest_checkpoint(&dir.path().join("checkpoints")).unwrap();
     let err = distill_config(&ckpt, vec![], 2).unwrap_err().to_string();
     assert!(err.contains("v-prediction"), "{err}");

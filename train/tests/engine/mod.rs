@@ -15,41 +15,25 @@ use transfusion_train::engine::{
     ema_decay_at, run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, StepFigures,
     TaskLoss, TrainTask, Work, RAW_WEIGHTS_FILE,
 };
-use transfusion_train::metrics::{Line, Record};
+use transfusion_train::metrics::{EvalLine, EvalSplit, Figures, Line, StepLine};
 use transfusion_train::TrainError;
 
 use super::common::B;
 
+/// The toy's one figure: its loss, of a step or of an evaluation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct ToyStep {
-    step: u64,
+struct ToyLoss {
     loss: f64,
-    lr: f64,
 }
 
-impl Record for ToyStep {
-    fn step(&self) -> u64 {
-        self.step
-    }
+impl Figures for ToyLoss {
     fn summary(&self) -> String {
         format!("loss {:.4}", self.loss)
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct ToyEval {
-    step: u64,
-    loss: f64,
-}
-
-impl Record for ToyEval {
-    fn step(&self) -> u64 {
-        self.step
-    }
-    fn summary(&self) -> String {
-        format!("eval {:.4}", self.loss)
-    }
-}
+type ToyStep = StepLine<ToyLoss>;
+type ToyEval = EvalLine<ToyLoss>;
 
 const FILES: &[&str] = &["toy.json", "optimizer.mpk", "training_state.json"];
 
@@ -188,11 +172,7 @@ impl TrainTask<B> for Toy {
         }
     }
     fn step_record(&self, f: &StepFigures) -> ToyStep {
-        ToyStep {
-            step: f.step,
-            loss: f.losses[0],
-            lr: f.lr,
-        }
+        f.with_losses(ToyLoss { loss: f.losses[0] })
     }
     fn evaluate(
         &mut self,
@@ -201,10 +181,14 @@ impl TrainTask<B> for Toy {
     ) -> transfusion_train::Result<ToyEval> {
         let loss = self.scripted_evals[self.evals_done % self.scripted_evals.len()];
         self.evals_done += 1;
-        Ok(ToyEval { step, loss })
+        Ok(EvalLine {
+            step,
+            split: EvalSplit::HeldOut,
+            figures: ToyLoss { loss },
+        })
     }
     fn eval_loss(&self, eval: &ToyEval) -> Option<f64> {
-        Some(eval.loss)
+        Some(eval.figures.loss)
     }
     fn plot(
         &self,
@@ -331,10 +315,8 @@ fn engine_evaluates_checkpoints_and_keeps_the_best_on_its_cadence() {
     let evals: Vec<(u64, f64)> = s
         .metrics
         .iter()
-        .filter_map(|l| match l {
-            Line::Eval(e) => Some((e.step, e.loss)),
-            _ => None,
-        })
+        .filter_map(Line::eval)
+        .map(|e| (e.step, e.figures.loss))
         .collect();
     assert_eq!(evals, vec![(2, 3.0), (4, 1.0), (6, 2.0), (8, 4.0)]);
     let root = out.path().join("checkpoints");
@@ -363,10 +345,8 @@ fn engine_evaluates_checkpoints_and_keeps_the_best_on_its_cadence() {
     let train: Vec<f64> = s
         .metrics
         .iter()
-        .filter_map(|l| match l {
-            Line::Train(m) => Some(m.loss),
-            _ => None,
-        })
+        .filter_map(Line::train)
+        .map(|m| m.losses.loss)
         .collect();
     assert_eq!(train.len(), 8);
     assert!(train[7] < train[0] / 2.0, "{train:?}");

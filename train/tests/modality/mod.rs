@@ -14,9 +14,8 @@ use transfusion_train::checkpoint::latest_checkpoint;
 use transfusion_train::engine::RAW_WEIGHTS_FILE;
 use transfusion_train::llm_import::{import_llm, ImportOptions};
 use transfusion_train::transfusion::seeded_init;
-use transfusion_train::{run_training, TrainHooks};
 
-use crate::common::{quiet, tensors, tiny_cfg, tiny_model, tiny_pipeline, B};
+use crate::common::{quiet, tensors, tiny_cfg, tiny_model, tiny_pipeline, train, B};
 
 type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
 
@@ -99,11 +98,11 @@ fn training_an_imported_model_with_frozen_text_keeps_its_text_exactly() {
     let run = dir.path().join("run");
     let mut o = quiet(&run);
     o.stop_at_step = Some(2);
-    let first = run_training::<B>(&cfg, &o, &mut TrainHooks::default(), &device).unwrap();
+    let first = train(&cfg, &o).unwrap();
     assert_eq!(first.steps, 2);
     let mut o = quiet(&run);
     o.resume = true;
-    let second = run_training::<B>(&cfg, &o, &mut TrainHooks::default(), &device).unwrap();
+    let second = train(&cfg, &o).unwrap();
     assert_eq!((second.started_at, second.steps), (2, 3));
 
     let before = tensors(&ckpt.join(WEIGHTS_FILE));

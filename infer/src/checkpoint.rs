@@ -242,7 +242,11 @@ pub fn load_model<B: Backend>(
             format!("checkpoint: missing {WEIGHTS_FILE}"),
         ));
     }
-    let model = load_weights(meta.model.init::<B>(device), &weights, "the model config")?;
+    let model = load_weights(
+        meta.model.init_unloaded::<B>(device),
+        &weights,
+        "the model config",
+    )?;
     Ok((model, meta, tokenizer))
 }
 

@@ -34,24 +34,31 @@ pub struct DecoderBlockConfig {
 impl DecoderBlockConfig {
     /// Builds the layer.
     pub fn init<B: Backend>(&self, device: &B::Device) -> DecoderBlock<B> {
+        let text = self.layer_weights(device);
+        let image = self.untied.then(|| text.copy());
+        DecoderBlock::from_weights(text, image)
+    }
+
+    /// The layer as a skeleton to load weights into: untied image weights are fresh
+    /// parameters, not a copy of the text weights, so no parameter is drawn (Burn draws
+    /// them at first use; loading replaces them unread).
+    pub fn init_unloaded<B: Backend>(&self, device: &B::Device) -> DecoderBlock<B> {
+        let image = self.untied.then(|| self.layer_weights(device));
+        DecoderBlock::from_weights(self.layer_weights(device), image)
+    }
+
+    /// One modality's weights, not drawn yet.
+    fn layer_weights<B: Backend>(&self, device: &B::Device) -> LayerWeights<B> {
         let norm = || {
             RmsNormConfig::new(self.d_model)
                 .with_epsilon(self.norm_eps)
                 .init(device)
         };
-        let text = LayerWeights {
+        LayerWeights {
             attn_norm: norm(),
             attn: AttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads).init(device),
             mlp_norm: norm(),
             mlp: SwiGluMlpConfig::new(self.d_model, self.d_hidden).init(device),
-        };
-        let image = self.untied.then(|| text.copy());
-        DecoderBlock {
-            attn_norm: text.attn_norm,
-            attn: text.attn,
-            mlp_norm: text.mlp_norm,
-            mlp: text.mlp,
-            image,
         }
     }
 }
@@ -103,6 +110,17 @@ pub struct DecoderBlock<B: Backend> {
 }
 
 impl<B: Backend> DecoderBlock<B> {
+    /// The layer of `text` weights, with `image` weights when untied.
+    fn from_weights(text: LayerWeights<B>, image: Option<LayerWeights<B>>) -> Self {
+        Self {
+            attn_norm: text.attn_norm,
+            attn: text.attn,
+            mlp_norm: text.mlp_norm,
+            mlp: text.mlp,
+            image,
+        }
+    }
+
     /// # Shapes
     /// - `x`: `[b, s, d]`, `ctx.mask`: `[b, s, past + s]`; output `[b, s, d]`
     ///

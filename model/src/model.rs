@@ -25,6 +25,23 @@ impl TransfusionConfig {
     /// Builds the network. Call [`TransfusionConfig::validate`] first for a readable
     /// error; an invalid config panics here.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Transfusion<B> {
+        self.build(device, DecoderBlockConfig::init)
+    }
+
+    /// The network as a skeleton to load weights into: no parameter is drawn (untied image
+    /// weights are not copied from the text weights, see
+    /// [`DecoderBlockConfig::init_unloaded`]). Until loaded, its untied image weights
+    /// differ from [`TransfusionConfig::init`]'s.
+    pub fn init_unloaded<B: Backend>(&self, device: &B::Device) -> Transfusion<B> {
+        self.build(device, DecoderBlockConfig::init_unloaded)
+    }
+
+    /// The network, each decoder layer built by `block`.
+    fn build<B: Backend>(
+        &self,
+        device: &B::Device,
+        block: fn(&DecoderBlockConfig, &B::Device) -> DecoderBlock<B>,
+    ) -> Transfusion<B> {
         if let Err(e) = self.validate() {
             panic!("{e}");
         }
@@ -38,10 +55,11 @@ impl TransfusionConfig {
                 .init(device),
             blocks: (0..self.n_layers)
                 .map(|_| {
-                    DecoderBlockConfig::new(d, self.n_heads, self.n_kv_heads, self.d_hidden)
-                        .with_norm_eps(self.norm_eps)
-                        .with_untied(self.untied())
-                        .init(device)
+                    let layer =
+                        DecoderBlockConfig::new(d, self.n_heads, self.n_kv_heads, self.d_hidden)
+                            .with_norm_eps(self.norm_eps)
+                            .with_untied(self.untied());
+                    block(&layer, device)
                 })
                 .collect(),
             norm: RmsNormConfig::new(d)

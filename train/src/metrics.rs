@@ -176,6 +176,12 @@ pub struct TransfusionLosses {
     pub diffusion: f64,
 }
 
+impl Figures for TransfusionLosses {
+    fn summary(&self) -> String {
+        format!("lm {:.3} diff {:.4}", self.lm, self.diffusion)
+    }
+}
+
 /// One logged Transfusion training step.
 pub type StepMetrics = StepLine<TransfusionLosses>;
 
@@ -229,6 +235,13 @@ pub struct TransfusionEval {
     pub loss: f64,
 }
 
+impl Figures for TransfusionEval {
+    fn summary(&self) -> String {
+        let (perplexity, diffusion) = (self.perplexity, self.diffusion_summary());
+        format!("perplexity {perplexity:.3}, diffusion {diffusion}")
+    }
+}
+
 /// One Transfusion evaluation (see [`EvalLine::split`] for what it ran on).
 pub type EvalMetrics = EvalLine<TransfusionEval>;
 
@@ -245,19 +258,6 @@ impl TransfusionEval {
 
 /// A line of a Transfusion run's metrics file.
 pub type MetricsLine = Line<StepMetrics, EvalMetrics>;
-
-impl Figures for TransfusionLosses {
-    fn summary(&self) -> String {
-        format!("lm {:.3} diff {:.4}", self.lm, self.diffusion)
-    }
-}
-
-impl Figures for TransfusionEval {
-    fn summary(&self) -> String {
-        let (perplexity, diffusion) = (self.perplexity, self.diffusion_summary());
-        format!("perplexity {perplexity:.3}, diffusion {diffusion}")
-    }
-}
 
 /// The metrics file's name in a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";

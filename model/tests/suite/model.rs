@@ -158,26 +158,15 @@ fn gradients_reach_embedding_head_and_both_image_layers() {
     let loss = model.forward_loss(mixed_batch::<AB>(&cfg, &dev));
     let grads = loss.total.backward();
     let lin = model.image.linear.as_ref().unwrap();
-    assert!(
-        grad_norm(model.tok_emb.weight.grad(&grads)) > 0.0,
-        "embedding"
-    );
-    assert!(
-        grad_norm(model.lm_head.weight.grad(&grads)) > 0.0,
-        "LM head"
-    );
-    assert!(
-        grad_norm(lin.proj_in.weight.grad(&grads)) > 0.0,
-        "patch encoder"
-    );
-    assert!(
-        grad_norm(lin.proj_out.weight.grad(&grads)) > 0.0,
-        "patch decoder"
-    );
-    assert!(
-        grad_norm(model.image.timestep.fc1.weight.grad(&grads)) > 0.0,
-        "timestep MLP"
-    );
+    for (weight, name) in [
+        (&model.tok_emb.weight, "embedding"),
+        (&model.lm_head.weight, "LM head"),
+        (&lin.proj_in.weight, "patch encoder"),
+        (&lin.proj_out.weight, "patch decoder"),
+        (&model.image.timestep.fc1.weight, "timestep MLP"),
+    ] {
+        assert!(grad_norm(weight.grad(&grads)) > 0.0, "{name}");
+    }
 }
 
 #[test]
@@ -513,4 +502,37 @@ fn untied_copies_do_not_draw_from_a_seeded_initialisation_in_progress() {
     });
     builder.join().unwrap();
     assert_eq!(alone, beside);
+}
+
+/// Parameters of `model` whose values have been drawn (Burn draws lazily, at first use).
+fn drawn_params(model: &transfusion_model::Transfusion<B>) -> usize {
+    struct Count(usize);
+    impl burn::module::ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0 += usize::from(param.is_initialized());
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
+}
+
+/// A skeleton to load weights into draws no parameter, untied image weights included
+/// (a full initialisation draws the text weights of every layer to copy them).
+#[test]
+fn an_unloaded_untied_model_draws_no_parameter() {
+    let dev = Default::default();
+    let cfg = tweak(|c| c.modality_weights = Some(transfusion_model::ModalityWeights::Untied));
+    let layers = cfg.n_layers;
+    let skeleton = cfg.init_unloaded::<B>(&dev);
+    assert_eq!(
+        skeleton.modality_weights(),
+        transfusion_model::ModalityWeights::Untied
+    );
+    assert_eq!(drawn_params(&skeleton), 0);
+    // Each layer's text weights (two norms, four projections, three MLP matrices) and
+    // their copies: drawn to copy them.
+    assert_eq!(drawn_params(&cfg.init::<B>(&dev)), layers * 2 * 9);
+    // Shared weights: nothing is drawn either way.
+    assert_eq!(drawn_params(&test_config().init_unloaded::<B>(&dev)), 0);
 }

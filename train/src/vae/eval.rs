@@ -25,6 +25,12 @@ pub struct VaeLosses {
     pub kl: f64,
 }
 
+impl Figures for VaeLosses {
+    fn summary(&self) -> String {
+        format!("recon {:.4} kl {:.3}", self.recon, self.kl)
+    }
+}
+
 /// One logged VAE training step.
 pub type VaeStepMetrics = StepLine<VaeLosses>;
 
@@ -46,18 +52,6 @@ pub struct VaeEval {
     pub images: usize,
 }
 
-/// One VAE evaluation (see [`EvalLine::split`] for what it ran on).
-pub type VaeEvalMetrics = EvalLine<VaeEval>;
-
-/// A line of a VAE run's `metrics.jsonl`.
-pub type VaeMetricsLine = Line<VaeStepMetrics, VaeEvalMetrics>;
-
-impl Figures for VaeLosses {
-    fn summary(&self) -> String {
-        format!("recon {:.4} kl {:.3}", self.recon, self.kl)
-    }
-}
-
 impl Figures for VaeEval {
     fn summary(&self) -> String {
         let (psnr, recon) = (self.psnr, self.recon);
@@ -65,6 +59,12 @@ impl Figures for VaeEval {
         format!("PSNR {psnr:.2} dB, recon {recon:.4}, latent mean {mean:.3} std {std:.3}")
     }
 }
+
+/// One VAE evaluation (see [`EvalLine::split`] for what it ran on).
+pub type VaeEvalMetrics = EvalLine<VaeEval>;
+
+/// A line of a VAE run's `metrics.jsonl`.
+pub type VaeMetricsLine = Line<VaeStepMetrics, VaeEvalMetrics>;
 
 /// Evaluates `model` on `images` in batches: PSNR, losses, latent statistics; the
 /// reconstructions of the first `grid` images are returned too.

@@ -370,6 +370,7 @@ impl<B: Backend> Pipeline<B> {
         let c = self.meta.model.latent_channels;
         let h = self.meta.model.latent_size;
         let mut x = noise.normal::<B>([n, c, h, h], &self.device);
+        let steps = rows.image_steps(&self.model);
         let plan = sampler.plan();
         let total = plan.len();
         for (done, (i, t)) in plan.into_iter().enumerate() {
@@ -378,7 +379,7 @@ impl<B: Backend> Pipeline<B> {
             } else {
                 x.clone()
             };
-            let eps = guidance.combine(rows.image_eps(&self.model, x_in, t, self.tr()));
+            let eps = guidance.combine(steps.eps(&self.model, x_in, t, self.tr()));
             x = sampler.step(x, eps, i, &mut noise);
             on_step(done + 1, total);
         }

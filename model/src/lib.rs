@@ -23,6 +23,7 @@ pub mod mlp;
 pub mod modality;
 pub mod model;
 pub mod params;
+pub mod pass;
 pub mod patch;
 pub mod patch_position;
 pub mod precision;

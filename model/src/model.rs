@@ -6,19 +6,16 @@ use burn::nn::{
 };
 use burn::prelude::*;
 
-use crate::attention::{AttentionMask, LayerContext};
 use crate::batch::TransfusionBatch;
 use crate::block::{DecoderBlock, DecoderBlockConfig};
-use crate::config::{ModalityWeights, TransfusionConfig};
-use crate::head_layout::HeadLayout;
+use crate::config::TransfusionConfig;
 use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
-use crate::kv_cache::{CacheMode, KvCache};
+use crate::kv_cache::CacheMode;
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
-use crate::mask::{transfusion_mask_heads, SpanMeta};
+use crate::mask::SpanMeta;
 use crate::patch::num_patches;
 use crate::precision::Precision;
 use crate::prediction::Prediction;
-use crate::rope::rope_tables;
 use crate::schedule::NoiseSchedule;
 
 impl TransfusionConfig {
@@ -179,64 +176,6 @@ impl<B: Backend> Transfusion<B> {
             0,
         );
         all.select(0, source_index).reshape([b, s, d])
-    }
-
-    /// Runs the decoder over new positions, attending to `cache` (if any) and themselves.
-    ///
-    /// With [`CacheMode::Append`] the new keys and values are added to the cache; with
-    /// [`CacheMode::ReadOnly`] the cache is left unchanged.
-    ///
-    /// # Shapes
-    /// - `x`: `[b, s, d]`, `positions`: `[b, s]` (RoPE ids), `meta`: `[b, s]` tensors
-    /// - output: the final-normed hidden states `[b, s, d]`
-    pub fn forward_embeddings(
-        &self,
-        x: Tensor<B, 3>,
-        positions: Tensor<B, 2, Int>,
-        meta: SpanMeta<B>,
-        mut cache: Option<&mut KvCache<B>>,
-        mode: CacheMode,
-    ) -> Tensor<B, 3> {
-        let attn = &self.blocks[0].attn;
-        let (h, h_kv) = (attn.n_heads, attn.n_kv_heads);
-        let rope_q = rope_tables(positions.clone(), self.head_dim, self.rope_theta, h);
-        let rope_k =
-            (h_kv != h).then(|| rope_tables(positions, self.head_dim, self.rope_theta, h_kv));
-        let keys = match cache.as_ref().and_then(|c| c.meta.clone()) {
-            Some(past) => past.cat(meta.clone()),
-            None => meta.clone(),
-        };
-        let mask = AttentionMask::for_device(transfusion_mask_heads(&meta, &keys, h), &x.device());
-        // [b, s]: the patch positions, for untied modality weights
-        let image_positions = (self.modality_weights() == ModalityWeights::Untied)
-            .then(|| meta.span.clone().greater_elem(0));
-        let [b, s, _] = x.dims();
-        let head_layout = HeadLayout::for_pass(b, s, h, h_kv, &x.device());
-        let mut x = x;
-        for (l, block) in self.blocks.iter().enumerate() {
-            let past = cache.as_ref().and_then(|c| c.layers[l].clone());
-            let ctx = LayerContext {
-                rope_q: &rope_q,
-                rope_k: rope_k.as_ref().unwrap_or(&rope_q),
-                mask: &mask,
-                head_layout: &head_layout,
-                past: past.as_ref(),
-                precision: self.precision,
-                image_positions: image_positions.clone(),
-            };
-            let (out, kv) = block.forward(x, &ctx);
-            x = out;
-            if let (Some(c), CacheMode::Append) = (cache.as_mut(), mode) {
-                c.layers[l] = Some(match past {
-                    Some(p) => p.append(kv),
-                    None => kv,
-                });
-            }
-        }
-        if let (Some(c), CacheMode::Append) = (cache, mode) {
-            c.append_meta(meta);
-        }
-        crate::fused::rms_norm(&self.norm, x)
     }
 
     /// Logits of the next token.

@@ -5,6 +5,7 @@
 use burn::prelude::*;
 use transfusion_model::kv_cache::{CacheMode, KvCache};
 use transfusion_model::mask::SpanMeta;
+use transfusion_model::pass::PassPlan;
 use transfusion_model::Transfusion;
 
 use super::padding::{ints, logical_meta, LeftPadded};
@@ -52,27 +53,29 @@ impl<B: Backend> Rows<B> {
         self.append(model, x, positions, meta, ForwardKind::Tokens, trace)
     }
 
+    /// The plan of a read-only pass over `n` image tokens after each row (every diffusion
+    /// step of the next image runs it).
+    pub(super) fn step_plan(&self, model: &Transfusion<B>, n: usize) -> PassPlan<B> {
+        let (positions, meta) = self.image_meta(n);
+        model.plan_pass(positions, meta, self.cache.as_ref())
+    }
+
     /// One diffusion step's hidden states `[b, n, d]` of the noisy patches `[b, n, d]`
-    /// after each row, in one read-only pass over the `n` image tokens.
+    /// after each row, in one read-only pass over the `n` image tokens planned by
+    /// [`Rows::step_plan`].
     pub(super) fn cached_step(
         &self,
         model: &Transfusion<B>,
         patches: Tensor<B, 3>,
+        plan: &PassPlan<B>,
         trace: Option<&Trace>,
     ) -> Tensor<B, 3> {
         let input = patches.dims();
-        let (positions, meta) = self.image_meta(input[1]);
         let cache = self.cache.as_ref().expect("cached rows have a cache");
         // A read-only pass never writes to the cache; a cheap clone (reference
         // counted tensors) satisfies the `&mut` of the model's signature.
         let mut view = cache.clone();
-        let h = model.forward_embeddings(
-            patches,
-            positions,
-            meta,
-            Some(&mut view),
-            CacheMode::ReadOnly,
-        );
+        let h = model.forward_planned(patches, plan, Some(&mut view), CacheMode::ReadOnly);
         debug_assert_eq!(view.len(), cache.len(), "read-only pass grew the cache");
         record(
             trace,

@@ -4,8 +4,9 @@
 //! mode (text, image, caption, interleaved) is a sequence of three operations on it:
 //! - [`Rows::push_tokens`]: append one text token per row, get the hidden state of that
 //!   position (for the next-token logits);
-//! - [`Rows::image_eps`]: run the `n` patches of a noisy image `x_t` at the end of every
-//!   row and get the noise prediction, *without* keeping them (a diffusion step);
+//! - [`Rows::image_steps`], then [`ImageSteps::eps`] per step: run the `n` patches of a
+//!   noisy image `x_t` at the end of every row and get the noise prediction, *without*
+//!   keeping them (a diffusion step);
 //! - [`Rows::push_image`]: append a clean image (encoded at `t = 0`) to every row.
 //!
 //! Two policies give the same results (up to float rounding), which the tests check:
@@ -34,6 +35,7 @@ mod recompute;
 use std::sync::Mutex;
 
 use burn::prelude::*;
+use transfusion_model::pass::PassPlan;
 use transfusion_model::KvCache;
 use transfusion_model::Transfusion;
 
@@ -190,33 +192,15 @@ impl<B: Backend> Rows<B> {
         last_column(hidden)
     }
 
-    /// One diffusion step: the noise prediction for the noisy images `x_t` (one per row)
-    /// at model timestep `t`, placed after each row's content. Nothing is kept: with a
-    /// cache, the pass is `CacheMode::ReadOnly` and runs only the `n` image tokens.
-    ///
-    /// # Shapes
-    /// `x_t`: `[b, c, H, W]` -> `[b, c, H, W]`
-    pub fn image_eps(
-        &self,
-        model: &Transfusion<B>,
-        x_t: Tensor<B, 4>,
-        t: usize,
-        trace: Option<&Trace>,
-    ) -> Tensor<B, 4> {
-        let b = self.len();
-        assert_eq!(x_t.dims()[0], b, "image_eps needs one image per row");
-        let tt = Tensor::<B, 1, Int>::from_ints(vec![t as i64; b].as_slice(), &self.device);
-        let (patches, ctx) = model.embed_image(x_t.clone(), tt.clone().float());
-        let n = patches.dims()[1];
-        let h = match self.policy {
-            CachePolicy::Cached => self.cached_step(model, patches, trace),
-            CachePolicy::Recompute => {
-                let h = self.full_forward(model, Some(patches), ForwardKind::DiffusionStep, trace);
-                let l = h.dims()[1];
-                h.narrow(1, l - n, n)
-            }
+    /// The diffusion steps of an image after every row's content, as the rows stand now.
+    /// Nothing is kept: with a cache, each step is a `CacheMode::ReadOnly` pass over only
+    /// the `n` image tokens, planned once (RoPE tables, attention mask) for every step.
+    pub fn image_steps(&self, model: &Transfusion<B>) -> ImageSteps<'_, B> {
+        let plan = match self.policy {
+            CachePolicy::Cached => Some(self.step_plan(model, model.patches_per_image())),
+            CachePolicy::Recompute => None,
         };
-        model.predict_noise(h, &ctx, x_t, tt)
+        ImageSteps { rows: self, plan }
     }
 
     /// Appends a clean image (one per row, encoded at `t = 0`) to every row.
@@ -294,4 +278,43 @@ impl<B: Backend> Rows<B> {
 fn last_column<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 2> {
     let [b, s, d] = h.dims();
     h.narrow(1, s - 1, 1).reshape([b, d])
+}
+
+/// The diffusion steps of one image after every row of a [`Rows`] (see
+/// [`Rows::image_steps`]); the rows cannot change while it lives.
+pub struct ImageSteps<'a, B: Backend> {
+    rows: &'a Rows<B>,
+    /// The planned pass over the image's positions (cached rows).
+    plan: Option<PassPlan<B>>,
+}
+
+impl<B: Backend> ImageSteps<'_, B> {
+    /// The noise prediction for the noisy images `x_t` (one per row) at model timestep
+    /// `t`, placed after each row's content.
+    ///
+    /// # Shapes
+    /// `x_t`: `[b, c, H, W]` -> `[b, c, H, W]`
+    pub fn eps(
+        &self,
+        model: &Transfusion<B>,
+        x_t: Tensor<B, 4>,
+        t: usize,
+        trace: Option<&Trace>,
+    ) -> Tensor<B, 4> {
+        let rows = self.rows;
+        let b = rows.len();
+        assert_eq!(x_t.dims()[0], b, "a diffusion step needs one image per row");
+        let tt = Tensor::<B, 1, Int>::from_ints(vec![t as i64; b].as_slice(), &rows.device);
+        let (patches, ctx) = model.embed_image(x_t.clone(), tt.clone().float());
+        let n = patches.dims()[1];
+        let h = match &self.plan {
+            Some(plan) => rows.cached_step(model, patches, plan, trace),
+            None => {
+                let h = rows.full_forward(model, Some(patches), ForwardKind::DiffusionStep, trace);
+                let l = h.dims()[1];
+                h.narrow(1, l - n, n)
+            }
+        };
+        model.predict_noise(h, &ctx, x_t, tt)
+    }
 }

@@ -232,11 +232,16 @@ fn cfg_scale_one_equals_no_cfg_and_guided_rows_match_rows_run_alone() {
     );
     for policy in [CachePolicy::Cached, CachePolicy::Recompute] {
         let (both, _) = Rows::start(model, &[cond.clone(), uncond.clone()], policy, s.pad, None);
-        let eps2 = both.image_eps(model, Tensor::cat(vec![x.clone(), x.clone()], 0), 500, None);
+        let eps2 = both.image_steps(model).eps(
+            model,
+            Tensor::cat(vec![x.clone(), x.clone()], 0),
+            500,
+            None,
+        );
         let (c, _) = Rows::start(model, &[cond.clone()], policy, s.pad, None);
         let (u, _) = Rows::start(model, &[uncond.clone()], policy, s.pad, None);
-        let eps_c = to_vec(c.image_eps(model, x.clone(), 500, None));
-        let eps_u = to_vec(u.image_eps(model, x.clone(), 500, None));
+        let eps_c = to_vec(c.image_steps(model).eps(model, x.clone(), 500, None));
+        let eps_u = to_vec(u.image_steps(model).eps(model, x.clone(), 500, None));
         let pair = to_vec(eps2.clone());
         let half = pair.len() / 2;
         assert!(max_diff(&pair[..half], &eps_c) < 1e-5, "{policy:?}");
@@ -244,6 +249,35 @@ fn cfg_scale_one_equals_no_cfg_and_guided_rows_match_rows_run_alone() {
         // eps_u + 1 * (eps_c - eps_u) == eps_c
         let mixed = Guidance { scale: 1.0 + 1e-9 }.combine(eps2);
         assert!(max_diff(&to_vec(mixed), &eps_c) < 1e-5);
+    }
+}
+
+/// A sampler's steps share one planned pass over the image positions
+/// ([`Rows::image_steps`]): every step equals a step planned afresh, bit for bit, on
+/// left-padded rows, under both cache policies.
+#[test]
+fn diffusion_steps_sharing_one_plan_equal_steps_planned_afresh() {
+    let dir = checkpoint();
+    let pipe = pipeline(dir.path());
+    let s = pipe.meta.special_tokens;
+    let model = &pipe.model;
+    let mut cond = vec![s.bos];
+    cond.extend(pipe.tokenizer.encode("a red circle"));
+    cond.push(s.boi);
+    let prompts = [cond, vec![s.bos, s.boi]];
+    let x = Tensor::<B, 4>::random(
+        [2, 3, 8, 8],
+        burn::tensor::Distribution::Normal(0., 1.),
+        &Default::default(),
+    );
+    for policy in [CachePolicy::Cached, CachePolicy::Recompute] {
+        let (rows, _) = Rows::start(model, &prompts, policy, s.pad, None);
+        let steps = rows.image_steps(model);
+        for t in [999, 500, 10] {
+            let shared = to_vec(steps.eps(model, x.clone(), t, None));
+            let fresh = to_vec(rows.image_steps(model).eps(model, x.clone(), t, None));
+            assert_eq!(shared, fresh, "{policy:?}, t = {t}");
+        }
     }
 }
 
@@ -494,7 +528,7 @@ fn the_training_layout_and_the_inference_rows_compute_the_same_thing() {
     prompt.extend(&caption);
     prompt.push(s.boi);
     let (rows, _) = Rows::start(model, &[prompt.clone()], CachePolicy::Cached, s.pad, None);
-    let eps = rows.image_eps(model, x_t, t as usize, None);
+    let eps = rows.image_steps(model).eps(model, x_t, t as usize, None);
     let mse: f32 = (eps - noise).powi_scalar(2).mean().into_scalar();
     let want: f32 = train.diffusion_per_image.into_scalar();
     assert!(

@@ -34,13 +34,6 @@ pub struct PassPlan<B: Backend> {
     past: usize,
 }
 
-impl<B: Backend> PassPlan<B> {
-    /// Cached positions the plan follows.
-    pub fn past(&self) -> usize {
-        self.past
-    }
-}
-
 impl<B: Backend> Transfusion<B> {
     /// Plans a pass over new positions after `cache` (if any).
     ///

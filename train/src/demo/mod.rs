@@ -32,7 +32,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 use transfusion_data::files::{write_file, write_json};
 use transfusion_data::image::{image_grid, save_png};
-use transfusion_data::shapes::{render, ShapesGenerator};
+use transfusion_data::shapes::{cleanliness, render, Cleanliness, ShapesGenerator};
 use transfusion_data::source::parse_source_spec;
 use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::sampler::SamplerKind;
@@ -338,7 +338,8 @@ pub fn run_demo<B: AutodiffBackend>(
         generated.extend(pipeline.image(&s.caption, &image_opts)?);
     }
     let t2i = score_generated_images(&expected, &generated);
-    let clean = score_cleanliness(&generated);
+    let each_clean: Vec<_> = generated.iter().map(cleanliness).collect();
+    let clean = score_cleanliness(&each_clean);
 
     // Image to text: all held-out images captioned in one batch, greedy.
     let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
@@ -351,7 +352,7 @@ pub fn run_demo<B: AutodiffBackend>(
     let references: Vec<_> = samples.iter().map(|s| s.caption.clone()).collect();
     let (i2t, exact) = score_captions(&expected, &references, &captions);
 
-    write_outputs(&opts.out, &samples, &generated, &captions)?;
+    write_outputs(&opts.out, &samples, &generated, &each_clean, &captions)?;
     let report = DemoReport {
         device: label.to_string(),
         steps,
@@ -396,6 +397,7 @@ fn write_outputs(
     out: &Path,
     samples: &[transfusion_data::shapes::ShapeSample],
     generated: &[image::RgbImage],
+    clean: &[Cleanliness],
     captions: &[String],
 ) -> Result<()> {
     let size = samples.first().map_or(32, |s| s.image.width());
@@ -420,12 +422,11 @@ fn write_outputs(
                 .chain(std::iter::repeat_n(blank.clone(), pad)),
         );
     }
-    for (i, (s, g)) in samples.iter().zip(generated).enumerate() {
+    for (i, ((s, g), c)) in samples.iter().zip(generated).zip(clean).enumerate() {
         let seen = transfusion_data::shapes::analyze(g);
         let seen = seen
             .first()
             .map_or("nothing".to_string(), |a| a.to_string());
-        let c = transfusion_data::shapes::cleanliness(g);
         let (bg, groups) = (100.0 * c.background, c.components);
         let _ = writeln!(md, "| {i} | {} | {seen} | {bg:.1}% | {groups} |", s.caption);
     }

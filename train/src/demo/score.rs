@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use transfusion_data::shapes::{
-    analyze, cleanliness, parse_caption, score, AttributeScore, ShapeAttributes,
+    analyze, parse_caption, score, AttributeScore, Cleanliness, ShapeAttributes,
 };
 
 /// Accuracy of one attribute-scored task, in `[0, 1]`.
@@ -65,12 +65,11 @@ pub struct CleanlinessSummary {
     pub one_component: f64,
 }
 
-/// Measures the cleanliness of generated images.
-pub fn score_cleanliness(images: &[image::RgbImage]) -> CleanlinessSummary {
-    let n = images.len().max(1) as f64;
-    let each: Vec<_> = images.iter().map(cleanliness).collect();
+/// Summarises the cleanliness of each generated image (`transfusion_data::shapes::cleanliness`).
+pub fn score_cleanliness(each: &[Cleanliness]) -> CleanlinessSummary {
+    let n = each.len().max(1) as f64;
     CleanlinessSummary {
-        count: images.len(),
+        count: each.len(),
         background: each.iter().map(|c| c.background).sum::<f64>() / n,
         one_component: each.iter().filter(|c| c.one_component()).count() as f64 / n,
     }

@@ -254,9 +254,10 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
                 if t.abs_diff(total) * 20 > total {
                     let ms = started.elapsed().as_secs_f64() * 1e3 / done_here as f64;
                     let line = format!("re-planned to {t} steps: {ms:.0} ms per step so far");
-                    match bar.is_hidden() {
-                        true => eprintln!("{line}"),
-                        false => bar.println(line),
+                    if bar.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        bar.println(line);
                     }
                 }
                 total = t;

@@ -379,7 +379,7 @@ impl<B: Backend> Pipeline<B> {
             } else {
                 x.clone()
             };
-            let eps = guidance.combine(steps.eps(&self.model, x_in, t, self.tr()));
+            let eps = guidance.combine(steps.eps(x_in, t, self.tr()));
             x = sampler.step(x, eps, i, &mut noise);
             on_step(done + 1, total);
         }

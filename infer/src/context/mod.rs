@@ -195,12 +195,16 @@ impl<B: Backend> Rows<B> {
     /// The diffusion steps of an image after every row's content, as the rows stand now.
     /// Nothing is kept: with a cache, each step is a `CacheMode::ReadOnly` pass over only
     /// the `n` image tokens, planned once (RoPE tables, attention mask) for every step.
-    pub fn image_steps(&self, model: &Transfusion<B>) -> ImageSteps<'_, B> {
+    pub fn image_steps<'a>(&'a self, model: &'a Transfusion<B>) -> ImageSteps<'a, B> {
         let plan = match self.policy {
             CachePolicy::Cached => Some(self.step_plan(model, model.patches_per_image())),
             CachePolicy::Recompute => None,
         };
-        ImageSteps { rows: self, plan }
+        ImageSteps {
+            rows: self,
+            model,
+            plan,
+        }
     }
 
     /// Appends a clean image (one per row, encoded at `t = 0`) to every row.
@@ -281,9 +285,11 @@ fn last_column<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 2> {
 }
 
 /// The diffusion steps of one image after every row of a [`Rows`] (see
-/// [`Rows::image_steps`]); the rows cannot change while it lives.
+/// [`Rows::image_steps`]); the rows cannot change while it lives, and its steps run the
+/// model it was planned for.
 pub struct ImageSteps<'a, B: Backend> {
     rows: &'a Rows<B>,
+    model: &'a Transfusion<B>,
     /// The planned pass over the image's positions (cached rows).
     plan: Option<PassPlan<B>>,
 }
@@ -294,14 +300,8 @@ impl<B: Backend> ImageSteps<'_, B> {
     ///
     /// # Shapes
     /// `x_t`: `[b, c, H, W]` -> `[b, c, H, W]`
-    pub fn eps(
-        &self,
-        model: &Transfusion<B>,
-        x_t: Tensor<B, 4>,
-        t: usize,
-        trace: Option<&Trace>,
-    ) -> Tensor<B, 4> {
-        let rows = self.rows;
+    pub fn eps(&self, x_t: Tensor<B, 4>, t: usize, trace: Option<&Trace>) -> Tensor<B, 4> {
+        let (rows, model) = (self.rows, self.model);
         let b = rows.len();
         assert_eq!(x_t.dims()[0], b, "a diffusion step needs one image per row");
         let tt = Tensor::<B, 1, Int>::from_ints(vec![t as i64; b].as_slice(), &rows.device);

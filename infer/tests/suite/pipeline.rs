@@ -232,16 +232,13 @@ fn cfg_scale_one_equals_no_cfg_and_guided_rows_match_rows_run_alone() {
     );
     for policy in [CachePolicy::Cached, CachePolicy::Recompute] {
         let (both, _) = Rows::start(model, &[cond.clone(), uncond.clone()], policy, s.pad, None);
-        let eps2 = both.image_steps(model).eps(
-            model,
-            Tensor::cat(vec![x.clone(), x.clone()], 0),
-            500,
-            None,
-        );
+        let eps2 =
+            both.image_steps(model)
+                .eps(Tensor::cat(vec![x.clone(), x.clone()], 0), 500, None);
         let (c, _) = Rows::start(model, &[cond.clone()], policy, s.pad, None);
         let (u, _) = Rows::start(model, &[uncond.clone()], policy, s.pad, None);
-        let eps_c = to_vec(c.image_steps(model).eps(model, x.clone(), 500, None));
-        let eps_u = to_vec(u.image_steps(model).eps(model, x.clone(), 500, None));
+        let eps_c = to_vec(c.image_steps(model).eps(x.clone(), 500, None));
+        let eps_u = to_vec(u.image_steps(model).eps(x.clone(), 500, None));
         let pair = to_vec(eps2.clone());
         let half = pair.len() / 2;
         assert!(max_diff(&pair[..half], &eps_c) < 1e-5, "{policy:?}");
@@ -274,8 +271,8 @@ fn diffusion_steps_sharing_one_plan_equal_steps_planned_afresh() {
         let (rows, _) = Rows::start(model, &prompts, policy, s.pad, None);
         let steps = rows.image_steps(model);
         for t in [999, 500, 10] {
-            let shared = to_vec(steps.eps(model, x.clone(), t, None));
-            let fresh = to_vec(rows.image_steps(model).eps(model, x.clone(), t, None));
+            let shared = to_vec(steps.eps(x.clone(), t, None));
+            let fresh = to_vec(rows.image_steps(model).eps(x.clone(), t, None));
             assert_eq!(shared, fresh, "{policy:?}, t = {t}");
         }
     }
@@ -528,7 +525,7 @@ fn the_training_layout_and_the_inference_rows_compute_the_same_thing() {
     prompt.extend(&caption);
     prompt.push(s.boi);
     let (rows, _) = Rows::start(model, &[prompt.clone()], CachePolicy::Cached, s.pad, None);
-    let eps = rows.image_steps(model).eps(model, x_t, t as usize, None);
+    let eps = rows.image_steps(model).eps(x_t, t as usize, None);
     let mse: f32 = (eps - noise).powi_scalar(2).mean().into_scalar();
     let want: f32 = train.diffusion_per_image.into_scalar();
     assert!(

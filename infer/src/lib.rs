@@ -11,7 +11,8 @@
 //! decoding in `decode.rs`), [`interleave`]
 //! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`],
 //! [`error`] (the crate's error type and the binaries' error report), [`allocator`] (host
-//! allocator settings for the binaries).
+//! allocator settings for the binaries), [`threads`] (the compute pool the binaries run
+//! on).
 
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod interleave;
 pub mod pipeline;
 pub mod sampler;
 pub mod text;
+pub mod threads;
 
 pub use context::{CachePolicy, ForwardKind, ForwardRecord};
 pub use device::{dispatch, BackendTask, DeviceChoice};

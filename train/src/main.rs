@@ -54,7 +54,8 @@ enum Command {
 /// under `RUST_BACKTRACE`), and the exit status is 1.
 fn main() {
     transfusion_infer::allocator::keep_freed_buffers();
-    if let Err(e) = dispatch(Cli::parse().command) {
+    let command = Cli::parse().command;
+    if let Err(e) = transfusion_infer::threads::on_compute_pool(|| dispatch(command)) {
         eprintln!("error: {}", transfusion_infer::error::report(e.as_ref()));
         std::process::exit(1);
     }

@@ -10,4 +10,5 @@ mod bench;
 mod cli;
 mod error_report;
 mod pipeline;
+mod threads;
 mod vae_pipeline;

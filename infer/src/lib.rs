@@ -3,7 +3,9 @@
 //!
 //! Start at [`Pipeline`]: `Pipeline::load(dir, &device)` then `.text(..)`, `.image(..)`,
 //! `.caption(..)`, `.generate(..)`. The `transfusion` binary and the training crate's
-//! previews and demo use this API.
+//! previews and demo use this API. On the CPU backends, call it from a thread of a rayon
+//! pool, as the binaries do ([`threads::on_compute_pool`]): from any other thread each
+//! parallel kernel puts the caller to sleep and wakes it again.
 //!
 //! Files: [`context`] (the batch of sequences over a KV cache or recomputed: the only place
 //! the transformer runs), [`sampler`] (DDPM/DDIM, seeded noise), [`guidance`] (CFG),

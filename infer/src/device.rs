@@ -81,6 +81,32 @@ pub fn compiled_backends() -> Vec<&'static str> {
     v
 }
 
+/// Keeps Mesa's Vulkan device-selection layer quiet on a machine without a graphical
+/// session.
+///
+/// Listing wgpu adapters (`--device auto` does, to look for a GPU) loads Vulkan's implicit
+/// layers; Mesa's device-selection layer then tries a Wayland connection and, where
+/// `XDG_RUNTIME_DIR` is unset or not a directory (servers, containers, CI), prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` twice, which reads
+/// as a failure of this program. There the layer has no session to choose a GPU for, so
+/// it is switched off (`NODEVICE_SELECT=1`, the switch its manifest names); adapters are
+/// still all listed, in the drivers' order. A user's own `NODEVICE_SELECT` or
+/// `MESA_VK_DEVICE_SELECT` is left alone. Call first thing in `main`, before any other
+/// thread starts (it sets an environment variable).
+pub fn quiet_headless_vulkan() {
+    #[cfg(all(feature = "wgpu", target_os = "linux"))]
+    {
+        let session = std::env::var_os("XDG_RUNTIME_DIR")
+            .is_some_and(|dir| std::path::Path::new(&dir).is_dir());
+        let chosen = ["NODEVICE_SELECT", "MESA_VK_DEVICE_SELECT"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+        if !session && !chosen {
+            std::env::set_var("NODEVICE_SELECT", "1");
+        }
+    }
+}
+
 /// The wgpu adapters of this machine that Burn's wgpu backend can run on (hardware and
 /// software, e.g. Mesa's lavapipe): Vulkan, Metal, DX12. OpenGL adapters are left out, as
 /// Burn does not request them (a machine with only an OpenGL/EGL driver has no adapter).

@@ -412,6 +412,7 @@ fn preset_pipeline<B: burn::prelude::Backend>(
 
 fn main() {
     transfusion_infer::allocator::keep_freed_buffers();
+    transfusion_infer::device::quiet_headless_vulkan();
     let cli = Cli::parse();
     let result = on_compute_pool(|| dispatch(cli.device, Task(cli.command, cli.precision)))
         .map_err(anyhow::Error::from)

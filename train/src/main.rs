@@ -54,6 +54,7 @@ enum Command {
 /// under `RUST_BACKTRACE`), and the exit status is 1.
 fn main() {
     transfusion_infer::allocator::keep_freed_buffers();
+    transfusion_infer::device::quiet_headless_vulkan();
     let command = Cli::parse().command;
     if let Err(e) = transfusion_infer::threads::on_compute_pool(|| dispatch(command)) {
         eprintln!("error: {}", transfusion_infer::error::report(e.as_ref()));

@@ -31,6 +31,34 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `--device auto` looks for a GPU among the wgpu adapters; on a machine without a
+/// graphical session that search prints nothing (Mesa's device-selection layer used to
+/// print `error: XDG_RUNTIME_DIR is invalid ...` twice), and the run succeeds.
+#[test]
+fn looking_for_a_gpu_without_a_session_prints_no_error() {
+    let dir = crate::common::checkpoint();
+    let args = [
+        "text",
+        "--checkpoint",
+        s(dir.path()),
+        "--prompt",
+        "a",
+        "--max-tokens",
+        "2",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_transfusion"))
+        .args(["--device", "auto"])
+        .args(args)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .env_remove("MESA_VK_DEVICE_SELECT")
+        .output()
+        .expect("the binary should start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+}
+
 #[test]
 fn text_streams_and_is_reproducible() {
     let dir = crate::common::checkpoint();

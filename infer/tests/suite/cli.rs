@@ -3,10 +3,15 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The binary on `device`, with `args` after the device flag.
+fn binary(device: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_transfusion"));
+    command.args(["--device", device]).args(args);
+    command
+}
+
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_transfusion"))
-        .args(["--device", "cpu"])
-        .args(args)
+    binary("cpu", args)
         .output()
         .expect("the binary should start")
 }
@@ -37,23 +42,24 @@ fn s(p: &Path) -> &str {
 #[test]
 fn looking_for_a_gpu_without_a_session_prints_no_error() {
     let dir = crate::common::checkpoint();
-    let args = [
-        "text",
-        "--checkpoint",
-        s(dir.path()),
-        "--prompt",
-        "a",
-        "--max-tokens",
-        "2",
-    ];
-    let out = Command::new(env!("CARGO_BIN_EXE_transfusion"))
-        .args(["--device", "auto"])
-        .args(args)
-        .env_remove("XDG_RUNTIME_DIR")
-        .env_remove("NODEVICE_SELECT")
-        .env_remove("MESA_VK_DEVICE_SELECT")
-        .output()
-        .expect("the binary should start");
+    let ck = s(dir.path());
+    let out = binary(
+        "auto",
+        &[
+            "text",
+            "--checkpoint",
+            ck,
+            "--prompt",
+            "a",
+            "--max-tokens",
+            "2",
+        ],
+    )
+    .env_remove("XDG_RUNTIME_DIR")
+    .env_remove("NODEVICE_SELECT")
+    .env_remove("MESA_VK_DEVICE_SELECT")
+    .output()
+    .expect("the binary should start");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("error"), "{stderr}");

@@ -14,7 +14,7 @@
 //! (mixed-modal documents), [`bench`] (throughput figures), [`checkpoint`], [`device`],
 //! [`error`] (the crate's error type and the binaries' error report), [`allocator`] (host
 //! allocator settings for the binaries), [`threads`] (the compute pool the binaries run
-//! on).
+//! on, and their start).
 
 #![warn(missing_docs)]
 

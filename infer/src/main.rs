@@ -12,7 +12,7 @@ use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::bench::{op_counts, run_bench, BenchOptions};
 use transfusion_infer::checkpoint::{AutoencoderRef, ModelMeta};
 use transfusion_infer::error::report;
-use transfusion_infer::threads::on_compute_pool;
+use transfusion_infer::threads::run_binary;
 use transfusion_infer::{
     dispatch, write_transcript, BackendTask, DeviceChoice, GenerateOptions, ImageOptions, Pipeline,
     SamplerKind, TextOptions,
@@ -411,10 +411,8 @@ fn preset_pipeline<B: burn::prelude::Backend>(
 }
 
 fn main() {
-    transfusion_infer::allocator::keep_freed_buffers();
-    transfusion_infer::device::quiet_headless_vulkan();
     let cli = Cli::parse();
-    let result = on_compute_pool(|| dispatch(cli.device, Task(cli.command, cli.precision)))
+    let result = run_binary(|| dispatch(cli.device, Task(cli.command, cli.precision)))
         .map_err(anyhow::Error::from)
         .and_then(|r| r);
     if let Err(e) = result {

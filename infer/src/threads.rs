@@ -1,4 +1,4 @@
-//! The threads that run tensor work on the CPU backends.
+//! The threads that run tensor work on the CPU backends, and the start of the binaries' `main`.
 
 /// Runs `work` on a thread of a compute pool of its own and returns what it returns.
 ///
@@ -23,4 +23,15 @@ pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         Ok(pool) => pool.install(work),
         Err(_) => work(),
     }
+}
+
+/// The start of both binaries' `main`: the host allocator's settings
+/// ([`crate::allocator::keep_freed_buffers`]) and the quiet Vulkan probe
+/// ([`crate::device::quiet_headless_vulkan`]), both made while the process has one thread
+/// (the second sets an environment variable), then `work` on the compute pool
+/// ([`on_compute_pool`]).
+pub fn run_binary<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    crate::allocator::keep_freed_buffers();
+    crate::device::quiet_headless_vulkan();
+    on_compute_pool(work)
 }

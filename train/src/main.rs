@@ -53,10 +53,8 @@ enum Command {
 /// Errors are printed as one `error: ...` line with their causes (never a stack trace, even
 /// under `RUST_BACKTRACE`), and the exit status is 1.
 fn main() {
-    transfusion_infer::allocator::keep_freed_buffers();
-    transfusion_infer::device::quiet_headless_vulkan();
     let command = Cli::parse().command;
-    if let Err(e) = transfusion_infer::threads::on_compute_pool(|| dispatch(command)) {
+    if let Err(e) = transfusion_infer::threads::run_binary(|| dispatch(command)) {
         eprintln!("error: {}", transfusion_infer::error::report(e.as_ref()));
         std::process::exit(1);
     }

@@ -8,6 +8,7 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::blockwise::{self, BlockPlan};
 use crate::head_layout::HeadLayout;
 use crate::kv_cache::LayerKv;
 use crate::precision::Precision;
@@ -54,6 +55,10 @@ pub enum AttentionMask<B: Backend> {
     /// attention is a scalar loop: 18% of a `perf` profile of `transfusion bench` running
     /// cached diffusion steps).
     Additive(Tensor<B, 4>),
+    /// No dense mask: the blockwise attention ([`crate::blockwise`]) computes it per block
+    /// of queries from the positions' metadata (long passes, whose dense mask and scores
+    /// would grow with the square of the sequence).
+    Blockwise(BlockPlan<B>),
 }
 
 impl<B: Backend> AttentionMask<B> {
@@ -184,6 +189,7 @@ impl<B: Backend> Attention<B> {
             AttentionMask::Additive(bias) => {
                 crate::fused::attention(q, k, v, precision.to_compute(bias.clone()))
             }
+            AttentionMask::Blockwise(plan) => blockwise::attention(q, k, v, plan),
         };
         let out = precision.to_f32(out);
         // [b, h, s, hd] -> [b, s, h*hd]

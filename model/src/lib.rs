@@ -9,8 +9,10 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod autodiff_inner;
 pub mod batch;
 pub mod block;
+pub mod blockwise;
 pub mod config;
 pub mod consistency;
 pub mod fused;
@@ -28,6 +30,7 @@ pub mod patch;
 pub mod patch_position;
 pub mod precision;
 pub mod prediction;
+pub mod recompute;
 pub mod resnet;
 pub mod rope;
 pub mod schedule;
@@ -44,4 +47,5 @@ pub use model::Transfusion;
 pub use params::ParamCount;
 pub use precision::Precision;
 pub use prediction::Prediction;
+pub use recompute::Recompute;
 pub use schedule::NoiseSchedule;

@@ -16,6 +16,7 @@ use crate::mask::SpanMeta;
 use crate::patch::num_patches;
 use crate::precision::Precision;
 use crate::prediction::Prediction;
+use crate::recompute::Recompute;
 use crate::schedule::NoiseSchedule;
 
 impl TransfusionConfig {
@@ -73,6 +74,7 @@ impl TransfusionConfig {
             timesteps: self.timesteps,
             prediction: self.prediction.unwrap_or_default(),
             precision: Precision::F32,
+            recompute: Recompute::None,
         }
     }
 }
@@ -107,6 +109,10 @@ pub struct Transfusion<B: Backend> {
     /// [`Transfusion::with_precision`]); not part of the weights.
     #[module(skip)]
     pub precision: Precision,
+    /// What the backward pass recomputes instead of keeping (none unless set with
+    /// [`Transfusion::with_recompute`]); not part of the weights.
+    #[module(skip)]
+    pub recompute: Recompute,
 }
 
 impl<B: Backend> Transfusion<B> {
@@ -118,6 +124,12 @@ impl<B: Backend> Transfusion<B> {
     /// The same model computing its decoder products in `precision` (weights stay f32).
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
+        self
+    }
+
+    /// The same model recomputing `recompute` in its backward passes (same gradients).
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
         self
     }
 

@@ -6,11 +6,14 @@
 use burn::prelude::*;
 
 use crate::attention::{AttentionMask, LayerContext};
+use crate::blockwise::{self, BlockPlan};
 use crate::config::ModalityWeights;
 use crate::head_layout::HeadLayout;
-use crate::kv_cache::{CacheMode, KvCache};
+use crate::kv_cache::{CacheMode, KvCache, LayerKv};
 use crate::mask::{transfusion_mask_heads, SpanMeta};
 use crate::model::Transfusion;
+use crate::precision::Precision;
+use crate::recompute::{recomputed_layer, Recompute};
 use crate::rope::{rope_tables, RopeTables};
 
 /// What a decoder pass over `s` new positions per row needs besides their embeddings.
@@ -32,6 +35,25 @@ pub struct PassPlan<B: Backend> {
     meta: SpanMeta<B>,
     /// Cached positions the plan follows.
     past: usize,
+}
+
+impl<B: Backend> PassPlan<B> {
+    /// What each decoder layer of the planned pass needs, after `past` cached keys/values.
+    pub fn layer_context<'a>(
+        &'a self,
+        past: Option<&'a LayerKv<B>>,
+        precision: Precision,
+    ) -> LayerContext<'a, B> {
+        LayerContext {
+            rope_q: &self.rope_q,
+            rope_k: self.rope_k.as_ref().unwrap_or(&self.rope_q),
+            mask: &self.mask,
+            head_layout: &self.head_layout,
+            past,
+            precision,
+            image_positions: self.image_positions.clone(),
+        }
+    }
 }
 
 impl<B: Backend> Transfusion<B> {
@@ -56,7 +78,11 @@ impl<B: Backend> Transfusion<B> {
             Some(past) => past.cat(meta.clone()),
             None => meta.clone(),
         };
-        let mask = AttentionMask::for_device(transfusion_mask_heads(&meta, &keys, h), &device);
+        let mask = if s > 1 && keys.len() >= blockwise::MIN_KEYS {
+            AttentionMask::Blockwise(BlockPlan::new(meta.clone(), keys, h))
+        } else {
+            AttentionMask::for_device(transfusion_mask_heads(&meta, &keys, h), &device)
+        };
         // [b, s]: the patch positions, for untied modality weights
         let image_positions = (self.modality_weights() == ModalityWeights::Untied)
             .then(|| meta.span.clone().greater_elem(0));
@@ -108,18 +134,20 @@ impl<B: Backend> Transfusion<B> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         assert_eq!(cached, plan.past, "a pass planned after another cache");
         let mut x = x;
+        let recompute =
+            self.recompute == Recompute::Layers && cache.is_none() && B::ad_enabled(&x.device());
         for (l, block) in self.blocks.iter().enumerate() {
+            if recompute {
+                match recomputed_layer(block, x, plan, self.precision) {
+                    Ok(out) => {
+                        x = out;
+                        continue;
+                    }
+                    Err(back) => x = back,
+                }
+            }
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
-            let ctx = LayerContext {
-                rope_q: &plan.rope_q,
-                rope_k: plan.rope_k.as_ref().unwrap_or(&plan.rope_q),
-                mask: &plan.mask,
-                head_layout: &plan.head_layout,
-                past: past.as_ref(),
-                precision: self.precision,
-                image_positions: plan.image_positions.clone(),
-            };
-            let (out, kv) = block.forward(x, &ctx);
+            let (out, kv) = block.forward(x, &plan.layer_context(past.as_ref(), self.precision));
             x = out;
             if let (Some(c), CacheMode::Append) = (cache.as_mut(), mode) {
                 c.layers[l] = Some(match past {

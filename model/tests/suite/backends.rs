@@ -31,7 +31,7 @@ fn logits<B: Backend>(model: &Transfusion<B>, dev: &B::Device) -> Tensor<B, 3> {
 /// one the tests skip with a printed reason, unless `TRANSFUSION_REQUIRE_WGPU` is set:
 /// CI installs lavapipe and sets it, so a missing adapter fails there instead of silently
 /// skipping.
-fn wgpu_adapter() -> Option<String> {
+pub(crate) fn wgpu_adapter() -> Option<String> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
     let adapters =
         futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));

@@ -8,6 +8,7 @@ mod common;
 
 mod attention_forms;
 mod backends;
+mod blockwise;
 mod consistency;
 mod fused;
 mod mask;

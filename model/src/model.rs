@@ -16,7 +16,6 @@ use crate::mask::SpanMeta;
 use crate::patch::num_patches;
 use crate::precision::Precision;
 use crate::prediction::Prediction;
-use crate::recompute::Recompute;
 use crate::schedule::NoiseSchedule;
 
 impl TransfusionConfig {
@@ -74,7 +73,7 @@ impl TransfusionConfig {
             timesteps: self.timesteps,
             prediction: self.prediction.unwrap_or_default(),
             precision: Precision::F32,
-            recompute: Recompute::None,
+            blockwise_from: crate::blockwise::MIN_KEYS,
         }
     }
 }
@@ -109,10 +108,11 @@ pub struct Transfusion<B: Backend> {
     /// [`Transfusion::with_precision`]); not part of the weights.
     #[module(skip)]
     pub precision: Precision,
-    /// What the backward pass recomputes instead of keeping (none unless set with
-    /// [`Transfusion::with_recompute`]); not part of the weights.
+    /// Passes over at least this many keys take the blockwise attention, whose memory is
+    /// linear in the sequence ([`crate::blockwise::MIN_KEYS`] unless set with
+    /// [`Transfusion::with_blockwise_from`]); not part of the weights.
     #[module(skip)]
-    pub recompute: Recompute,
+    pub blockwise_from: usize,
 }
 
 impl<B: Backend> Transfusion<B> {
@@ -127,9 +127,10 @@ impl<B: Backend> Transfusion<B> {
         self
     }
 
-    /// The same model recomputing `recompute` in its backward passes (same gradients).
-    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
-        self.recompute = recompute;
+    /// The same model taking the blockwise attention from `keys` keys on
+    /// (`usize::MAX`: never, the dense attention everywhere).
+    pub fn with_blockwise_from(mut self, keys: usize) -> Self {
+        self.blockwise_from = keys;
         self
     }
 

@@ -6,14 +6,13 @@
 use burn::prelude::*;
 
 use crate::attention::{AttentionMask, LayerContext};
-use crate::blockwise::{self, BlockPlan};
+use crate::blockwise::BlockPlan;
 use crate::config::ModalityWeights;
 use crate::head_layout::HeadLayout;
 use crate::kv_cache::{CacheMode, KvCache, LayerKv};
 use crate::mask::{transfusion_mask_heads, SpanMeta};
 use crate::model::Transfusion;
 use crate::precision::Precision;
-use crate::recompute::{recomputed_layer, Recompute};
 use crate::rope::{rope_tables, RopeTables};
 
 /// What a decoder pass over `s` new positions per row needs besides their embeddings.
@@ -78,7 +77,7 @@ impl<B: Backend> Transfusion<B> {
             Some(past) => past.cat(meta.clone()),
             None => meta.clone(),
         };
-        let mask = if s > 1 && keys.len() >= blockwise::MIN_KEYS {
+        let mask = if s > 1 && keys.len() >= self.blockwise_from {
             AttentionMask::Blockwise(BlockPlan::new(meta.clone(), keys, h))
         } else {
             AttentionMask::for_device(transfusion_mask_heads(&meta, &keys, h), &device)
@@ -134,18 +133,7 @@ impl<B: Backend> Transfusion<B> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         assert_eq!(cached, plan.past, "a pass planned after another cache");
         let mut x = x;
-        let recompute =
-            self.recompute == Recompute::Layers && cache.is_none() && B::ad_enabled(&x.device());
         for (l, block) in self.blocks.iter().enumerate() {
-            if recompute {
-                match recomputed_layer(block, x, plan, self.precision) {
-                    Ok(out) => {
-                        x = out;
-                        continue;
-                    }
-                    Err(back) => x = back,
-                }
-            }
             let past = cache.as_ref().and_then(|c| c.layers[l].clone());
             let (out, kv) = block.forward(x, &plan.layer_context(past.as_ref(), self.precision));
             x = out;

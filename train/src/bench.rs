@@ -41,6 +41,9 @@ pub struct BenchConfig {
     pub peak_tflops: Option<f64>,
     /// Type of the decoder's matrix products.
     pub precision: Precision,
+    /// Passes of this many keys or more take the blockwise attention
+    /// (`usize::MAX`: dense everywhere).
+    pub blockwise_from: usize,
 }
 
 /// What the benchmark measured.
@@ -73,6 +76,12 @@ pub struct BenchReport {
     /// Float tensor ops of the forward pass per step (median over the timed steps; see
     /// [`float_ops`]); the backward pass is not counted.
     pub forward_ops: u64,
+}
+
+/// Starts a new peak for [`peak_host_memory`] at the current resident size (Linux: writing
+/// `5` to `/proc/self/clear_refs`); elsewhere the peak stays the process's.
+pub fn reset_peak_host_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Peak resident set size of this process (`VmHWM` in `/proc/self/status`), if readable.
@@ -157,9 +166,12 @@ pub fn run_bench<B: AutodiffBackend>(
     cfg.precision
         .check_backend::<B>(device)
         .map_err(|e| TrainError::Setting(format!("{label}: {e}")))?;
-    let mut model =
-        crate::transfusion::seeded_init::<B>(m, device, 0).with_precision(cfg.precision);
+    let mut model = crate::transfusion::seeded_init::<B>(m, device, 0)
+        .with_precision(cfg.precision)
+        .with_blockwise_from(cfg.blockwise_from);
     let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();
+    // the peak of the steps, not of building the batches
+    reset_peak_host_memory();
     let mut times = vec![];
     let mut ops = vec![];
     let (mut tokens, mut images) = (0u64, 0u64);

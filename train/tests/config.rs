@@ -313,6 +313,7 @@ fn bench_counts_forward_ops_per_layer() {
             warmup: 0,
             peak_tflops: None,
             precision: transfusion_model::Precision::F32,
+            blockwise_from: transfusion_model::blockwise::MIN_KEYS,
         };
         let r = run_bench::<common::B>(&cfg, &tok, &Default::default(), "cpu").unwrap();
         assert!(r.step_ms_median > 0.0 && r.images_per_s > 0.0);

@@ -109,7 +109,10 @@ pub fn backward<B: Backend>(
     for block in plan.blocks.iter() {
         let keys = block.keys.clone();
         if keys.is_empty() {
-            dqs.push(Tensor::zeros(rows(&q, &block.rows).dims(), (&device, DType::F32)));
+            dqs.push(Tensor::zeros(
+                rows(&q, &block.rows).dims(),
+                (&device, DType::F32),
+            ));
             continue;
         }
         let (q_b, d_out_b) = (rows(&q, &block.rows), rows(&d_out, &block.rows));

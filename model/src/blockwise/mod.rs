@@ -25,8 +25,9 @@ use burn::tensor::TensorPrimitive;
 
 use crate::autodiff_inner::{self, cast, InnerVisitor};
 
-/// Queries and keys from this many keys on take the blockwise attention in a pass that
-/// has no cache to read ([`crate::pass`]); shorter ones keep the dense mask, faster there.
+/// Passes over this many keys or more take the blockwise attention by default
+/// ([`crate::Transfusion::with_blockwise_from`]); shorter ones keep the dense mask, faster
+/// there.
 pub const MIN_KEYS: usize = 1024;
 
 /// `softmax(q k^T / sqrt(hd) + mask) v` over the plan's blocks; a query that may see no

@@ -358,3 +358,113 @@ fn causal_blocks_read_only_the_keys_before_them() {
     let ranges: Vec<_> = plan.blocks.iter().map(|b| b.keys.clone()).collect();
     assert_eq!(ranges, vec![0..16, 0..32, 0..48, 0..64]);
 }
+
+/// Every weight's gradient, flattened, in visiting order (`None`: no gradient).
+struct AllGradients<'a, B: burn::tensor::backend::AutodiffBackend> {
+    grads: &'a B::Gradients,
+    out: Vec<Option<Vec<f32>>>,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> burn::module::ModuleVisitor<B>
+    for AllGradients<'_, B>
+{
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let g = param.val().grad(self.grads);
+        self.out
+            .push(g.map(|g| g.into_data().convert::<f32>().to_vec::<f32>().unwrap()));
+    }
+}
+
+/// The loss and every weight's gradient of one training step taking the blockwise
+/// attention from `keys` keys on.
+fn model_step<B: burn::tensor::backend::AutodiffBackend>(
+    cfg: &transfusion_model::TransfusionConfig,
+    batch: transfusion_model::TransfusionBatch<B>,
+    keys: usize,
+    dev: &B::Device,
+) -> (f32, Vec<Option<Vec<f32>>>) {
+    use burn::module::Module;
+    B::seed(dev, 7);
+    let model = cfg.init::<B>(dev).with_blockwise_from(keys);
+    let loss = model.forward_loss(batch).total;
+    let value = loss.clone().into_scalar().elem::<f32>();
+    let grads = loss.backward();
+    let mut all = AllGradients::<B> {
+        grads: &grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut all);
+    (value, all.out)
+}
+
+/// Rows of 1100 positions (two documents of text, an image, text).
+fn long_batch<B: Backend>(
+    cfg: &transfusion_model::TransfusionConfig,
+    dev: &B::Device,
+) -> transfusion_model::TransfusionBatch<B> {
+    use crate::common::Seg::*;
+    let text = |n: usize, at: i64| Text((0..n as i64).map(|i| 4 + (i * 7 + at) % 27).collect());
+    let doc = |at: i64| vec![text(300, at), Image(300 + at), text(200, at + 1)];
+    crate::common::build_batch::<B>(&[vec![doc(0), doc(5)]], 1100, cfg, dev)
+}
+
+/// The whole model's training step through the blockwise attention equals the one
+/// through the dense attention: the same loss and weight gradients.
+fn whole_model_matches_dense<B: burn::tensor::backend::AutodiffBackend>(name: &str) {
+    use crate::common::{mixed_batch, test_config, tweak};
+    let dev = Default::default();
+    let untied =
+        tweak(|c| c.modality_weights = Some(transfusion_model::config::ModalityWeights::Untied));
+    let cases: Vec<(&str, _, fn(&_, &B::Device) -> _, usize)> = vec![
+        (
+            "packed mixed batch, every pass blockwise",
+            test_config(),
+            mixed_batch::<B>,
+            1,
+        ),
+        ("untied modality weights", untied, mixed_batch::<B>, 1),
+        (
+            "1100 positions, default threshold",
+            test_config(),
+            long_batch::<B>,
+            blockwise::MIN_KEYS,
+        ),
+    ];
+    for (label, cfg, batch, keys) in cases {
+        let (loss, dense) = model_step::<B>(&cfg, batch(&cfg, &dev), usize::MAX, &dev);
+        let (loss_b, blocks) = model_step::<B>(&cfg, batch(&cfg, &dev), keys, &dev);
+        assert!(
+            (loss - loss_b).abs() <= 1e-5 * loss.abs(),
+            "{name}, {label}: loss {loss} vs {loss_b}"
+        );
+        let mut compared = 0;
+        for (i, (a, b)) in dense.iter().zip(&blocks).enumerate() {
+            let (Some(a), Some(b)) = (a, b) else {
+                assert_eq!(a.is_some(), b.is_some(), "{name}, {label}: weight {i}");
+                continue;
+            };
+            let scale = a.iter().fold(1e-30f32, |m, x| m.max(x.abs()));
+            let diff = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            // f32 sums in another order over up to 1100 keys
+            assert!(
+                diff <= 1e-4 * scale,
+                "{name}, {label}: weight {i} gradient off by {diff:e} (scale {scale:e})"
+            );
+            compared += 1;
+        }
+        assert!(compared > 10, "{name}, {label}: only {compared} gradients");
+    }
+}
+
+#[test]
+fn whole_model_step_matches_dense_on_flex() {
+    whole_model_matches_dense::<Autodiff<Flex>>("flex");
+}
+
+#[test]
+fn whole_model_step_matches_dense_on_ndarray() {
+    whole_model_matches_dense::<Autodiff<NdArray>>("ndarray");
+}

@@ -23,6 +23,14 @@ pub struct BenchArgs {
     /// Rows per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Decoder layers, replacing the preset's (a shrunk preset for memory and step-time
+    /// measurements of its other shapes).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Dense attention at every length (the attention before the blockwise one, for
+    /// comparisons); by default passes of 1024 keys or more attend block by block.
+    #[arg(long)]
+    pub dense_attention: bool,
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -61,8 +69,13 @@ impl BackendTask for BenchTask {
             return Ok(());
         }
         println!(
-            "{}: {} params, batch {}x{}, {} products",
-            r.device, r.params, self.cfg.batch_size, self.cfg.seq_len, r.precision
+            "{}: {} params, {} layers, batch {}x{}, {} products",
+            r.device,
+            r.params,
+            self.cfg.model.n_layers,
+            self.cfg.batch_size,
+            self.cfg.seq_len,
+            r.precision
         );
         println!(
             "step time: median {:.1} ms, mean {:.1} ms",
@@ -90,7 +103,7 @@ impl BackendTask for BenchTask {
         }
         match r.peak_host_memory {
             Some(b) => println!(
-                "peak host memory (process resident): {:.1} MiB{}",
+                "peak host memory (process resident, during the steps): {:.1} MiB{}",
                 b as f64 / (1024.0 * 1024.0),
                 if r.device.starts_with("cpu") {
                     ""
@@ -111,7 +124,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         transfusion_data::tokenizer::TextTokenizer::from_file(&tok_path)
             .with_context(|| format!("tokenizer {}", tok_path.display()))?,
     );
-    let model =
+    let mut model =
         TransfusionConfig::preset(&a.preset, tokenizer.vocab_size()).with_context(|| {
             format!(
                 "unknown preset `{}` (one of {})",
@@ -119,6 +132,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 TransfusionConfig::PRESETS.join(", ")
             )
         })?;
+    if let Some(layers) = a.layers {
+        anyhow::ensure!(layers >= 1, "--layers must be at least 1");
+        model.n_layers = layers;
+    }
     let need = model.patches_per_image() + 4;
     anyhow::ensure!(
         a.seq_len >= need,
@@ -134,6 +151,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         warmup: a.warmup,
         peak_tflops: a.peak_tflops,
         precision: a.precision,
+        blockwise_from: if a.dense_attention {
+            usize::MAX
+        } else {
+            transfusion_model::blockwise::MIN_KEYS
+        },
     };
     dispatch(
         a.device,

@@ -56,6 +56,7 @@ fn measure_step_time<B: AutodiffBackend>(
         warmup: WARMUP_STEPS,
         peak_tflops: None,
         precision: cfg.training.precision,
+        blockwise_from: transfusion_model::blockwise::MIN_KEYS,
     };
     let report = run_bench::<B>(&bench, tokenizer, device, label)?;
     Ok(Duration::from_secs_f64(report.step_ms_median / 1e3))

@@ -25,6 +25,17 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
+impl DeviceChoice {
+    /// The device `Auto` stands for on this machine (a GPU if one is usable, else the
+    /// CPU); any other choice as it is.
+    pub fn resolve(self) -> Self {
+        match self {
+            Self::Auto => resolve_auto(),
+            other => other,
+        }
+    }
+}
+
 impl FromStr for DeviceChoice {
     type Err = String;
 

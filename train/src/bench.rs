@@ -22,6 +22,7 @@ use transfusion_model::{Precision, TransfusionConfig};
 
 use crate::config::OptimizerSection;
 use crate::error::{Result, TrainError};
+use crate::memory_plan::{self, MemoryPlan, StepShape};
 use crate::optim::{adamw, clip_global_norm};
 
 /// Settings of one benchmark.
@@ -73,6 +74,12 @@ pub struct BenchReport {
     /// optimizer and activations on CPU backends; host memory only on GPU backends (Burn
     /// 0.21 exposes no portable peak device-memory statistic).
     pub peak_host_memory: Option<u64>,
+    /// The process's peak resident memory during the steps above its resident memory
+    /// before the model was built: what the model, optimizer and steps took (CPU
+    /// backends).
+    pub step_memory: Option<u64>,
+    /// The memory plan's estimate of the same ([`crate::memory_plan`]).
+    pub planned_memory: MemoryPlan,
     /// Float tensor ops of the forward pass per step (median over the timed steps; see
     /// [`float_ops`]); the backward pass is not counted.
     pub forward_ops: u64,
@@ -166,12 +173,13 @@ pub fn run_bench<B: AutodiffBackend>(
     cfg.precision
         .check_backend::<B>(device)
         .map_err(|e| TrainError::Setting(format!("{label}: {e}")))?;
+    // the peak of the model, optimizer and steps, not of building the batches
+    reset_peak_host_memory();
+    let before_model = peak_host_memory();
     let mut model = crate::transfusion::seeded_init::<B>(m, device, 0)
         .with_precision(cfg.precision)
         .with_blockwise_from(cfg.blockwise_from);
     let mut optim = adamw(&OptimizerSection::default()).init::<B, _>();
-    // the peak of the steps, not of building the batches
-    reset_peak_host_memory();
     let mut times = vec![];
     let mut ops = vec![];
     let (mut tokens, mut images) = (0u64, 0u64);
@@ -213,6 +221,17 @@ pub fn run_bench<B: AutodiffBackend>(
         model_tflops,
         mfu: cfg.peak_tflops.map(|p| model_tflops / p),
         peak_host_memory: peak_host_memory(),
+        step_memory: peak_host_memory()
+            .zip(before_model)
+            .map(|(peak, before)| peak.saturating_sub(before)),
+        planned_memory: memory_plan::plan(&StepShape {
+            model: m.clone(),
+            batch_size: cfg.batch_size,
+            seq_len: cfg.seq_len,
+            precision: cfg.precision,
+            ema: false,
+            blockwise_from: cfg.blockwise_from,
+        }),
         forward_ops: {
             ops.sort_unstable();
             ops[ops.len() / 2]

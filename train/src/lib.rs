@@ -41,6 +41,7 @@ pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod llm_import;
+pub mod memory_plan;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

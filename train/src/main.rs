@@ -26,6 +26,7 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Measure training throughput: step time, tokens/s, images/s, MFU.
     Bench(bench::BenchArgs),
+    Plan(plan::PlanArgs),
     /// Encode every image of a source once and store the latents (with --vae: a VAE;
     /// otherwise the identity pixel encoder).
     CacheLatents(cache::CacheArgs),
@@ -70,6 +71,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Tokenizer(a) => tokenizer::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::CacheLatents(a) => cache::run(a),
         Command::Vae(a) => vae::run(a),
         Command::Plot(a) => plot::run(a),

@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Tokenizer (its vocabulary sizes the model).
     #[arg(long, default_value = "assets/tokenizer.json")]
     pub tokenizer: PathBuf,
+    /// Print the memory plan's parts beside the measured memory.
+    #[arg(long)]
+    pub memory: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -58,6 +61,7 @@ struct BenchTask {
     cfg: BenchConfig,
     tokenizer: Arc<transfusion_data::tokenizer::TextTokenizer>,
     json: bool,
+    memory: bool,
 }
 
 impl BackendTask for BenchTask {
@@ -113,6 +117,16 @@ impl BackendTask for BenchTask {
             ),
             None => println!("peak memory: not readable on this system"),
         }
+        if let Some(step) = r.step_memory.filter(|_| r.device.starts_with("cpu")) {
+            println!(
+                "step memory (model, optimizer and steps; peak minus before the model): {:.1} MiB, planned {:.1} MiB",
+                step as f64 / (1024.0 * 1024.0),
+                r.planned_memory.peak() / (1024.0 * 1024.0)
+            );
+        }
+        if self.memory {
+            println!("memory plan:\n{}", r.planned_memory);
+        }
         Ok(())
     }
 }
@@ -163,6 +177,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             cfg,
             tokenizer,
             json: a.json,
+            memory: a.memory,
         },
     )?
 }

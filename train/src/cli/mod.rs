@@ -7,6 +7,7 @@ pub mod demo;
 pub mod distill;
 pub mod import_llm;
 pub mod inspect;
+pub mod plan;
 pub mod plot;
 pub mod run;
 pub mod tokenizer;

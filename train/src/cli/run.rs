@@ -7,10 +7,11 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::device::{dispatch, BackendTask};
+use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::Precision;
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::{ConfigOverride, ExperimentConfig};
+use transfusion_train::memory_plan::{available_host_memory, check_fits, step_shape};
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
 use super::ddp;
@@ -167,6 +168,24 @@ pub fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option
     Ok((cfg, dir))
 }
 
+/// Refuses, before anything is written, a run whose step cannot fit the CPU's available
+/// memory when it trains on the CPU (GPU backends in Burn 0.21 report no capacity; there
+/// the config check's bound holds).
+fn check_memory(
+    cfg: &ExperimentConfig,
+    model: &transfusion_model::TransfusionConfig,
+    device: DeviceChoice,
+    replicas: bool,
+) -> anyhow::Result<()> {
+    if replicas || device.resolve() != DeviceChoice::Cpu {
+        return Ok(());
+    }
+    if let Some(available) = available_host_memory() {
+        check_fits(&step_shape(cfg, model), available, "the CPU").map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
 /// Trains (on one device, or data-parallel with `--devices`).
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let (cfg, dir) = build_run_config(&a)?;
@@ -175,7 +194,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let tok = transfusion_train::data::load_tokenizer(&cfg, dir.as_deref())?;
-    cfg.validate(tok.vocab_size())?;
+    let model = cfg.validate(tok.vocab_size())?;
+    check_memory(&cfg, &model, a.run.device, a.ddp.requested())?;
     let mut opts = RunOptions::new(&a.out);
     opts.resume = a.run.resume;
     opts.overwrite = a.run.overwrite;

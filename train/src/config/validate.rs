@@ -113,24 +113,18 @@ impl ExperimentConfig {
                 ),
             );
         }
-        // A lower bound on one micro-batch's activation memory: the hidden states every
-        // layer keeps for the backward pass, and one layer's attention scores.
-        let (b, l) = (t.batch_size as f64, t.seq_len as f64);
-        let per_position = m.n_layers as f64 * (12 * m.d_model + 3 * m.d_hidden) as f64 * 4.0;
-        let hidden = b * l * per_position;
-        let scores = b * m.n_heads as f64 * l * l * 4.0;
-        let gib = (hidden + scores) / (1u64 << 30) as f64;
-        if gib > MAX_ACTIVATION_GIB {
+        // The memory plan of one step, against the most any device could hold (the
+        // device's own memory is checked where the device is known: `run`).
+        let need = crate::memory_plan::plan(&crate::memory_plan::step_shape(self, &m)).peak();
+        let gib = need / (1u64 << 30) as f64;
+        if gib > MAX_STEP_GIB {
             return bad(
-                if scores > hidden {
-                    "training.seq_len"
-                } else {
-                    "training.batch_size"
-                },
+                "training.batch_size",
                 format!(
-                    "batch_size {} x seq_len {} needs at least {gib:.0} GiB of activations per \
-                     micro-batch (more than {MAX_ACTIVATION_GIB} GiB, beyond any one device); use \
-                     grad_accum for larger batches",
+                    "batch_size {} x seq_len {} needs about {gib:.0} GiB per device for one \
+                     step (more than {MAX_STEP_GIB} GiB, beyond any one device; \
+                     `transfusion-train plan` shows the parts); use grad_accum for larger \
+                     batches",
                     t.batch_size, t.seq_len
                 ),
             );
@@ -185,9 +179,9 @@ impl ExperimentConfig {
     }
 }
 
-/// The most activation memory one micro-batch may need (see the estimate in
-/// [`ExperimentConfig::validate`]); beyond it the run could only abort on allocation.
-pub const MAX_ACTIVATION_GIB: f64 = 1024.0;
+/// The most memory one step may need per device (see [`crate::memory_plan`]); beyond it
+/// the run could only abort on allocation, whatever the device.
+pub const MAX_STEP_GIB: f64 = 1024.0;
 
 /// Checks the optimizer and learning-rate schedule sections (shared by every trainer);
 /// `steps` is the run's length, which the warm-up must not exceed.

@@ -323,3 +323,137 @@ fn bench_counts_forward_ops_per_layer() {
     assert!(one > 0 && two > one, "{one} {two} {three}");
     assert_eq!(three - two, two - one, "{one} {two} {three}");
 }
+
+/// `transfusion-train` with `args`, its exit status and output (stdout then stderr).
+fn train_binary(args: &[&str], dir: &std::path::Path) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_transfusion-train"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the binary runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status, text)
+}
+
+/// The memory plan against the peak a real step takes, read from the process that ran
+/// it (its resident peak during the steps minus its resident size before the model):
+/// three shapes, dense and blockwise attention, 1 to 8 rows.
+#[test]
+fn memory_plan_is_within_a_quarter_of_the_measured_peak() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cases: [&[&str]; 3] = [
+        &["--preset", "tiny", "--batch", "8", "--seq-len", "160"],
+        &[
+            "--preset",
+            "paper_160m",
+            "--layers",
+            "2",
+            "--batch",
+            "1",
+            "--seq-len",
+            "1024",
+        ],
+        &[
+            "--preset",
+            "paper_160m",
+            "--layers",
+            "2",
+            "--batch",
+            "1",
+            "--seq-len",
+            "2048",
+            "--dense-attention",
+        ],
+    ];
+    for case in cases {
+        let mut args = vec![
+            "bench", "--device", "cpu", "--steps", "1", "--warmup", "1", "--json",
+        ];
+        args.extend_from_slice(case);
+        let (status, text) = train_binary(&args, &repo);
+        assert!(status.success(), "{case:?}: {text}");
+        let json = &text[text.find('{').expect("a JSON report")..text.rfind('}').unwrap() + 1];
+        let report: serde_json::Value = serde_json::from_str(json).unwrap();
+        let Some(measured) = report["step_memory"].as_f64() else {
+            eprintln!("skipped: this system reports no resident-memory peak");
+            return;
+        };
+        let planned = report["planned_memory"]["weights"].as_f64().unwrap()
+            + [
+                "gradients",
+                "optimizer",
+                "activations",
+                "attention_workspace",
+                "head",
+            ]
+            .iter()
+            .map(|k| report["planned_memory"][k].as_f64().unwrap())
+            .sum::<f64>();
+        let ratio = planned / measured;
+        assert!(
+            (0.75..=1.25).contains(&ratio),
+            "{case:?}: planned {:.0} MiB, measured {:.0} MiB",
+            planned / 1048576.0,
+            measured / 1048576.0
+        );
+    }
+}
+
+/// A run whose step cannot fit the CPU's memory is refused before anything is written,
+/// and the refusal names settings that would fit.
+#[test]
+fn a_run_that_cannot_fit_is_refused_with_the_settings_that_would() {
+    use transfusion_train::memory_plan::{available_host_memory, plan, StepShape};
+    let Some(available) = available_host_memory() else {
+        eprintln!("skipped: available memory not readable");
+        return;
+    };
+    // the smallest power-of-two batch of 4096-position rows of the tiny model that needs
+    // twice the available memory
+    let model = transfusion_model::TransfusionConfig::tiny(512);
+    let shape = |batch_size| StepShape {
+        model: model.clone(),
+        batch_size,
+        seq_len: 4096,
+        precision: transfusion_model::Precision::F32,
+        ema: false,
+        blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+    };
+    let mut batch = 1;
+    while plan(&shape(batch)).peak() < 2.0 * available {
+        batch *= 2;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (status, text) = train_binary(
+        &[
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "shapes:100",
+            "--batch-size",
+            &batch.to_string(),
+            "--seq-len",
+            "4096",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &repo,
+    );
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("GiB available"), "{text}");
+    assert!(
+        text.contains("training.batch_size = "),
+        "names a batch size: {text}"
+    );
+    assert!(
+        text.contains("training.seq_len = "),
+        "names a row length: {text}"
+    );
+    assert!(!out.exists(), "nothing written: {text}");
+}

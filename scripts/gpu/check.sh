@@ -4,8 +4,10 @@
 # outputs, `bench --preset paper_160m` step time and MFU in f32 and bf16, the PyTorch
 # reference of the same config on the same GPU, and the cached diffusion step time.
 #
-# Build here (the cuda feature compiles Burn's CUDA backend; about 20 minutes on 2 cores):
-#   CARGO_TARGET_DIR=target-cuda cargo build --release --bins -p transfusion-train \
+# Build here (the cuda feature compiles Burn's CUDA backend; about 20 minutes on 2 cores),
+# pinning the CUDA version the binaries bind to (cudarc otherwise takes the newest it knows,
+# which a machine with an older driver refuses); 12.8 matches the PyTorch wheels' CUDA 12:
+#   CUDARC_CUDA_VERSION=12080 CARGO_TARGET_DIR=target-cuda cargo build --release --bins -p transfusion-train \
 #     -p transfusion-infer --features transfusion-train/cuda,transfusion-infer/cuda
 #   mkdir -p bin-cuda && cp target-cuda/release/transfusion{,-train} bin-cuda/ && strip bin-cuda/*
 # then carry bin-cuda/ to the GPU machine and run there, from the repository root:
@@ -24,6 +26,17 @@ CKPT=assets/demo-checkpoint
 PROMPT="a large red circle at the top left"
 mkdir -p "$OUT"
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+
+# CubeCL compiles kernels with NVRTC at run time; on a machine whose CUDA comes with the
+# PyTorch wheel, NVRTC and the runtime live in the wheel's nvidia/*/lib folders.
+NV=$("$PY" -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null \
+  || "$PY" -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null)
+if [ -n "$NV" ]; then
+  for lib in "$NV"/*/lib; do LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"; done
+  export LD_LIBRARY_PATH
+  ls "$NV"/cuda_nvrtc/lib/libnvrtc* >/dev/null 2>&1 && echo "NVRTC: $NV/cuda_nvrtc/lib" \
+    || echo "warning: no NVRTC under $NV/cuda_nvrtc/lib"
+fi
 
 section() { printf '\n== %s\n' "$*"; }
 run() { echo "\$ $*"; "$@" 2>&1 | tail -n 30; }
@@ -91,6 +104,17 @@ for p in f32 bf16; do
   run "$BIN/transfusion-train" bench --preset paper_160m --device cuda --seq-len 512 --batch 8 \
     --steps 10 --warmup 5 --precision $p --peak-tflops "$peak"
 done
+
+section "training step, paper_160m at the paper's length: 8 rows x 4096, bf16 (blockwise attention)"
+# Burn 0.21 reports no device peak: sample the GPU's used memory every 100 ms meanwhile.
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/mem.txt" &
+SAMPLER=$!
+run "$BIN/transfusion-train" bench --preset paper_160m --device cuda --seq-len 4096 --batch 8 \
+  --steps 5 --warmup 2 --precision bf16 --peak-tflops "$PEAK_BF16" --memory
+kill $SAMPLER 2>/dev/null
+echo "peak GPU memory used (nvidia-smi samples): $(sort -n "$OUT/mem.txt" | tail -n 1) MiB"
+echo "the memory plan: $("$BIN/transfusion-train" plan --config train/configs/paper_160m.toml \
+  --precision bf16 2>&1 | grep 'peak per device')"
 
 section "training step, paper_160m, 8 rows x 512 (PyTorch reference, eager)"
 for p in f32 bf16; do

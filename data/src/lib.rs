@@ -4,6 +4,7 @@
 //! the latent cache.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod digits;
 pub mod error;

@@ -29,6 +29,7 @@
 //! before any work (CUDA and `flex`: yes; `ndarray`: no).
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod checkpoint;

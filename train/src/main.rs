@@ -1,6 +1,8 @@
 //! `transfusion-train`: train Transfusion models, build tokenizers, inspect data, measure
 //! throughput, cache latents. Each subcommand lives in its own file under `cli/`.
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 
 mod cli;

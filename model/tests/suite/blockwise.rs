@@ -450,9 +450,11 @@ fn whole_model_matches_dense<B: burn::tensor::backend::AutodiffBackend>(name: &s
                 .iter()
                 .zip(b)
                 .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-            // f32 sums in another order over up to 1100 keys
+            // f32 sums in another order over up to 1100 positions and keys: about
+            // 1100 x 2^-24 = 7e-5 of the largest term, which can be ten times the largest
+            // gradient element after cancellation
             assert!(
-                diff <= 1e-4 * scale,
+                diff <= 1e-3 * scale,
                 "{name}, {label}: weight {i} gradient off by {diff:e} (scale {scale:e})"
             );
             compared += 1;

@@ -115,11 +115,23 @@ impl ExperimentConfig {
         }
         // The memory plan of one step, against the most any device could hold (the
         // device's own memory is checked where the device is known: `run`).
-        let need = crate::memory_plan::plan(&crate::memory_plan::step_shape(self, &m)).peak();
-        let gib = need / (1u64 << 30) as f64;
+        let shape = crate::memory_plan::step_shape(self, &m);
+        let gib_of = |s: &crate::memory_plan::StepShape| {
+            crate::memory_plan::plan(s).peak() / (1u64 << 30) as f64
+        };
+        let gib = gib_of(&shape);
         if gib > MAX_STEP_GIB {
+            // the row length is to blame when even one row is too much
+            let one_row = crate::memory_plan::StepShape {
+                batch_size: 1,
+                ..shape.clone()
+            };
             return bad(
-                "training.batch_size",
+                if gib_of(&one_row) > MAX_STEP_GIB {
+                    "training.seq_len"
+                } else {
+                    "training.batch_size"
+                },
                 format!(
                     "batch_size {} x seq_len {} needs about {gib:.0} GiB per device for one \
                      step (more than {MAX_STEP_GIB} GiB, beyond any one device; \

@@ -78,8 +78,10 @@ pub struct BenchReport {
     /// before the model was built: what the model, optimizer and steps took (CPU
     /// backends).
     pub step_memory: Option<u64>,
-    /// The memory plan's estimate of the same ([`crate::memory_plan`]).
+    /// The memory plan's estimate of the same ([`crate::memory_plan`]), by part.
     pub planned_memory: MemoryPlan,
+    /// The plan's peak ([`MemoryPlan::peak`]).
+    pub planned_peak: f64,
     /// Float tensor ops of the forward pass per step (median over the timed steps; see
     /// [`float_ops`]); the backward pass is not counted.
     pub forward_ops: u64,
@@ -209,6 +211,14 @@ pub fn run_bench<B: AutodiffBackend>(
     let params = m.param_count().total();
     let positions = (cfg.batch_size * cfg.seq_len) as f64;
     let model_tflops = 6.0 * params as f64 * positions / median / 1e12;
+    let planned = memory_plan::plan(&StepShape {
+        model: m.clone(),
+        batch_size: cfg.batch_size,
+        seq_len: cfg.seq_len,
+        precision: cfg.precision,
+        ema: false,
+        blockwise_from: cfg.blockwise_from,
+    });
     Ok(BenchReport {
         device: label.to_string(),
         precision: cfg.precision,
@@ -224,14 +234,8 @@ pub fn run_bench<B: AutodiffBackend>(
         step_memory: peak_host_memory()
             .zip(before_model)
             .map(|(peak, before)| peak.saturating_sub(before)),
-        planned_memory: memory_plan::plan(&StepShape {
-            model: m.clone(),
-            batch_size: cfg.batch_size,
-            seq_len: cfg.seq_len,
-            precision: cfg.precision,
-            ema: false,
-            blockwise_from: cfg.blockwise_from,
-        }),
+        planned_peak: planned.peak(),
+        planned_memory: planned,
         forward_ops: {
             ops.sort_unstable();
             ops[ops.len() / 2]

@@ -28,21 +28,22 @@ pub use linear::linear;
 pub use rms_norm::rms_norm;
 pub use swiglu::swiglu;
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::mem::MaybeUninit;
 
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
+use crate::autodiff_inner::cast;
+
 /// The float primitive of `Autodiff<Flex>`.
-type AutodiffFlexTensor =
-    <Autodiff<Flex> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
+type AutodiffFlexTensor = crate::autodiff_inner::AutodiffTensor<Flex>;
 
 /// Elements per parallel work item of the elementwise kernels.
 const CHUNK: usize = 16 * 1024;
@@ -72,15 +73,6 @@ fn path<B: Backend>() -> Option<Path> {
 /// tensors).
 pub fn available<B: Backend>() -> bool {
     path::<B>().is_some()
-}
-
-/// `t` as a `U`; the caller has checked that `T` is `U` (with [`path`]).
-fn cast<T: 'static, U: 'static>(t: T) -> U {
-    let mut slot = Some(t);
-    (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<U>>()
-        .and_then(Option::take)
-        .expect("the caller checked the type")
 }
 
 /// The float primitive of a tensor of backend `B`, as a `U`.

@@ -4,6 +4,8 @@
 
 use burn::prelude::*;
 
+use crate::mask::SpanMeta;
+
 /// One packed batch of mixed-modal sequences, ready for the model.
 ///
 /// Layout conventions (see DESIGN.md, "Data flow"):
@@ -47,6 +49,14 @@ pub struct TransfusionBatch<B: Backend> {
 }
 
 impl<B: Backend> TransfusionBatch<B> {
+    /// What the attention mask is built from: each position's image span and document.
+    ///
+    /// # Shapes
+    /// `[b, s]` tensors
+    pub fn span_meta(&self) -> SpanMeta<B> {
+        SpanMeta::full_rows(self.span_ids.clone(), self.doc_ids.clone())
+    }
+
     /// Batch size `b`.
     pub fn batch_size(&self) -> usize {
         self.tokens.dims()[0]

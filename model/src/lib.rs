@@ -30,6 +30,7 @@ pub mod patch;
 pub mod patch_position;
 pub mod precision;
 pub mod prediction;
+pub mod recompute;
 pub mod resnet;
 pub mod rope;
 pub mod schedule;

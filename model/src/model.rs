@@ -12,7 +12,6 @@ use crate::config::TransfusionConfig;
 use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::CacheMode;
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
-use crate::mask::SpanMeta;
 use crate::patch::num_patches;
 use crate::precision::Precision;
 use crate::prediction::Prediction;
@@ -236,27 +235,63 @@ impl<B: Backend> Transfusion<B> {
         batch: &TransfusionBatch<B>,
         image: Option<(Tensor<B, 4>, Tensor<B, 1>)>,
     ) -> (Tensor<B, 2>, Option<Tensor<B, 4>>) {
-        let [b, s] = batch.tokens.dims();
-        let n_img = batch.num_images();
-        let image = image.map(|(x_t, t)| self.embed_image(x_t, t));
-        let x = self.embed_sequence(
-            batch.tokens.clone(),
-            image.as_ref().map(|(p, _)| p.clone()),
-            batch.source_index.clone(),
+        let (x, ctx) = self.embed_batch(batch, image);
+        let hidden = self.forward_embeddings(
+            x,
+            batch.positions.clone(),
+            batch.span_meta(),
+            None,
+            CacheMode::ReadOnly,
         );
-        let meta = SpanMeta::full_rows(batch.span_ids.clone(), batch.doc_ids.clone());
-        let hidden =
-            self.forward_embeddings(x, batch.positions.clone(), meta, None, CacheMode::ReadOnly);
-        let d = hidden.dims()[2];
+        self.packed_outputs(hidden, ctx.as_ref(), batch)
+    }
+
+    /// The input embeddings of a packed batch whose images are `image` (noisy latents and
+    /// timesteps), and the image adapter's context for the image head.
+    ///
+    /// # Shapes
+    /// - `x_t`: `[N, c, H, W]`, `t`: `[N]`; output `[b, s, d]`
+    pub fn embed_batch(
+        &self,
+        batch: &TransfusionBatch<B>,
+        image: Option<(Tensor<B, 4>, Tensor<B, 1>)>,
+    ) -> (Tensor<B, 3>, Option<ImageContext<B>>) {
+        let (patches, ctx) = match image.map(|(x_t, t)| self.embed_image(x_t, t)) {
+            Some((p, c)) => (Some(p), Some(c)),
+            None => (None, None),
+        };
+        let x = self.embed_sequence(batch.tokens.clone(), patches, batch.source_index.clone());
+        (x, ctx)
+    }
+
+    /// The final norm after the last decoder layer.
+    ///
+    /// # Shapes
+    /// `[b, s, d] -> [b, s, d]`
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        crate::fused::rms_norm(&self.norm, x)
+    }
+
+    /// The flat hidden states and the image head's output (where `ctx` is given) from the
+    /// final-normed hidden states of a packed batch.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[b, s, d]`; output: `[b*s, d]`, `[N, c, H, W]`
+    pub fn packed_outputs(
+        &self,
+        hidden: Tensor<B, 3>,
+        ctx: Option<&ImageContext<B>>,
+        batch: &TransfusionBatch<B>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 4>>) {
+        let [b, s, d] = hidden.dims();
         let flat = hidden.reshape([b * s, d]);
-        let out = image.map(|(patches, ctx)| {
-            let [_, n, _] = patches.dims();
+        let out = ctx.map(|ctx| {
             // [N*n, d] -> [N, n, d]
             let img_hidden = flat
                 .clone()
                 .select(0, batch.patch_positions.clone())
-                .reshape([n_img, n, d]);
-            self.image_head(img_hidden, &ctx)
+                .reshape([batch.num_images(), self.patches_per_image(), d]);
+            self.image_head(img_hidden, ctx)
         });
         (flat, out)
     }
@@ -287,27 +322,45 @@ impl<B: Backend> Transfusion<B> {
         masked_cross_entropy(logits, targets, mask)
     }
 
-    /// The training forward pass: noises the batch's latents, runs the whole packed
-    /// sequence once, and returns `L_LM`, `L_DDPM` and their weighted sum.
-    pub fn forward_loss(&self, batch: TransfusionBatch<B>) -> TransfusionLoss<B> {
-        let device = batch.tokens.device();
-        let image = (batch.num_images() > 0).then(|| {
+    /// The batch's noisy latents `x_t = q_sample(latents, noise, t)` and their timesteps
+    /// as the image input of [`Transfusion::forward_packed`]; `None` without images.
+    ///
+    /// # Shapes
+    /// output: `x_t` `[N, c, H, W]`, `t` `[N]`
+    pub fn noised_images(
+        &self,
+        batch: &TransfusionBatch<B>,
+    ) -> Option<(Tensor<B, 4>, Tensor<B, 1>)> {
+        (batch.num_images() > 0).then(|| {
             let x_t = self.schedule().q_sample(
                 batch.latents.clone(),
                 batch.noise.clone(),
                 batch.timesteps.clone(),
             );
             (x_t, batch.timesteps.clone().float())
-        });
-        let (flat, out) = self.forward_packed(&batch, image);
-        let (lm, lm_targets) = self.lm_loss(flat, &batch);
+        })
+    }
+
+    /// The training loss from the outputs of [`Transfusion::forward_packed`] (`flat` hidden
+    /// states, the image head's output): `L_LM`, `L_DDPM` and their weighted sum.
+    ///
+    /// # Shapes
+    /// - `flat`: `[b*s, d]`, `out`: `[N, c, H, W]`
+    pub fn loss_of_outputs(
+        &self,
+        flat: Tensor<B, 2>,
+        out: Option<Tensor<B, 4>>,
+        batch: &TransfusionBatch<B>,
+    ) -> TransfusionLoss<B> {
+        let device = flat.device();
+        let (lm, lm_targets) = self.lm_loss(flat, batch);
         let (diffusion, per_image) = match out {
             Some(out) => {
                 let target = self.prediction.target(
                     &self.schedule(),
-                    batch.latents,
-                    batch.noise,
-                    batch.timesteps,
+                    batch.latents.clone(),
+                    batch.noise.clone(),
+                    batch.timesteps.clone(),
                 );
                 let per_image = per_image_mse(out, target);
                 (per_image.clone().mean(), per_image)
@@ -321,5 +374,13 @@ impl<B: Backend> Transfusion<B> {
             diffusion_per_image: per_image,
             lm_targets,
         }
+    }
+
+    /// The training forward pass: noises the batch's latents, runs the whole packed
+    /// sequence once, and returns `L_LM`, `L_DDPM` and their weighted sum.
+    pub fn forward_loss(&self, batch: TransfusionBatch<B>) -> TransfusionLoss<B> {
+        let image = self.noised_images(&batch);
+        let (flat, out) = self.forward_packed(&batch, image);
+        self.loss_of_outputs(flat, out, &batch)
     }
 }

@@ -147,6 +147,6 @@ impl<B: Backend> Transfusion<B> {
         if let (Some(c), CacheMode::Append) = (cache, mode) {
             c.append_meta(plan.meta.clone());
         }
-        crate::fused::rms_norm(&self.norm, x)
+        self.final_norm(x)
     }
 }

@@ -21,6 +21,7 @@ use transfusion_infer::bench::float_ops;
 use transfusion_model::{Precision, TransfusionConfig};
 
 use crate::config::OptimizerSection;
+use crate::config::Recompute;
 use crate::error::{Result, TrainError};
 use crate::memory_plan::{self, MemoryPlan, StepShape};
 use crate::optim::{adamw, clip_global_norm};
@@ -45,6 +46,8 @@ pub struct BenchConfig {
     /// Passes of this many keys or more take the blockwise attention
     /// (`usize::MAX`: dense everywhere).
     pub blockwise_from: usize,
+    /// What the backward pass recomputes instead of keeping.
+    pub recompute: Recompute,
 }
 
 /// What the benchmark measured.
@@ -190,8 +193,23 @@ pub fn run_bench<B: AutodiffBackend>(
         let imgs: u64 = rows.iter().map(|r| r.images.len() as u64).sum();
         let batch = pipe.batcher().batch::<B>(rows, device)?;
         let start = Instant::now();
-        let (loss, forward_ops) = float_ops(|| model.forward_loss(batch));
-        let mut grads = GradientsParams::from_grads(loss.total.backward(), &model);
+        let (mut grads, forward_ops) = match cfg.recompute {
+            Recompute::None => {
+                let (loss, ops) = float_ops(|| model.forward_loss(batch));
+                (
+                    GradientsParams::from_grads(loss.total.backward(), &model),
+                    ops,
+                )
+            }
+            // the operations of the forward pass, the heads' backward and the recomputed layers
+            Recompute::Layers => float_ops(|| {
+                let image = model.noised_images(&batch);
+                let (grads, ()) = model.recomputed_gradients(&batch, image, |flat, out| {
+                    (model.loss_of_outputs(flat, out, &batch).total, ())
+                });
+                grads
+            }),
+        };
         clip_global_norm::<B, _>(&model, &mut grads, 1.0);
         model = optim.step(1e-4, model, grads);
         // Wait for the device: read one value of the updated weights.
@@ -218,6 +236,7 @@ pub fn run_bench<B: AutodiffBackend>(
         precision: cfg.precision,
         ema: false,
         blockwise_from: cfg.blockwise_from,
+        recompute: cfg.recompute,
     });
     Ok(BenchReport {
         device: label.to_string(),

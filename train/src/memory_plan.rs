@@ -14,7 +14,7 @@ use std::fmt;
 use transfusion_model::blockwise::plan::BLOCK_ELEMENTS;
 use transfusion_model::{Precision, TransfusionConfig};
 
-use crate::config::ExperimentConfig;
+use crate::config::{ExperimentConfig, Recompute};
 
 /// Bytes in a GiB.
 const GIB: f64 = (1u64 << 30) as f64;
@@ -34,6 +34,8 @@ pub struct StepShape {
     pub ema: bool,
     /// Passes of this many keys or more take the blockwise attention.
     pub blockwise_from: usize,
+    /// What the backward pass recomputes instead of keeping.
+    pub recompute: Recompute,
 }
 
 /// Estimated bytes per device of one training step, by part.
@@ -45,10 +47,13 @@ pub struct MemoryPlan {
     pub gradients: f64,
     /// AdamW's two moments (and the EMA of the weights, when kept).
     pub optimizer: f64,
-    /// What each decoder layer keeps for the backward pass (all layers).
+    /// What the decoder keeps for the backward pass: every layer's activations, or with
+    /// recomputation every layer's input and one layer's activations at a time.
     pub activations: f64,
-    /// Of which, per layer.
+    /// One layer's activations.
     pub activations_per_layer: f64,
+    /// Whether layers are recomputed in the backward pass.
+    pub recompute: bool,
     /// The attention's tensors besides the layer's: the dense mask and the backward
     /// pass's score gradients, or the blockwise attention's per-block workspace.
     pub attention_workspace: f64,
@@ -78,9 +83,14 @@ impl fmt::Display for MemoryPlan {
         writeln!(f, "  optimizer state        {}", g(self.optimizer))?;
         writeln!(
             f,
-            "  activations            {} ({} per layer)",
+            "  activations            {} ({} per layer{})",
             g(self.activations),
-            g(self.activations_per_layer).trim()
+            g(self.activations_per_layer).trim(),
+            if self.recompute {
+                ", one layer at a time: recomputed from each layer's input"
+            } else {
+                ""
+            }
         )?;
         writeln!(
             f,
@@ -106,6 +116,7 @@ pub fn step_shape(cfg: &ExperimentConfig, model: &TransfusionConfig) -> StepShap
         precision: cfg.training.precision,
         ema: cfg.training.ema_decay > 0.0,
         blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+        recompute: cfg.training.recompute,
     }
 }
 
@@ -147,11 +158,20 @@ pub fn plan(shape: &StepShape) -> MemoryPlan {
     // logits, their softmax and gradient as if every position were a text target (an
     // upper bound: only text targets are scored); the embeddings and the final norm
     let head = positions * (3.0 * v + 6.0 * d) * 4.0;
+    let layers = m.n_layers as f64;
+    let recompute = shape.recompute == Recompute::Layers;
+    let activations = if recompute {
+        // each layer's f32 input, and one layer's activations during its backward pass
+        layers * positions * d * 4.0 + activations_per_layer
+    } else {
+        activations_per_layer * layers
+    };
     MemoryPlan {
         weights: params * 4.0,
         gradients: params * 4.0,
         optimizer: params * 4.0 * if shape.ema { 3.0 } else { 2.0 },
-        activations: activations_per_layer * m.n_layers as f64,
+        activations,
+        recompute,
         activations_per_layer,
         attention_workspace: workspace,
         head,
@@ -192,6 +212,15 @@ pub fn check_fits(shape: &StepShape, available: f64, device: &str) -> Result<(),
     }
     if fits(&shorter) {
         ways.push(format!("training.seq_len = {}", shorter.seq_len));
+    }
+    if shape.recompute == Recompute::None {
+        let layers = StepShape {
+            recompute: Recompute::Layers,
+            ..shape.clone()
+        };
+        if fits(&layers) {
+            ways.push("training.recompute = \"layers\"".into());
+        }
     }
     if shape.precision == Precision::F32 {
         let bf16 = StepShape {

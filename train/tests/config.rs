@@ -314,6 +314,7 @@ fn bench_counts_forward_ops_per_layer() {
             peak_tflops: None,
             precision: transfusion_model::Precision::F32,
             blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+            recompute: transfusion_train::config::Recompute::None,
         };
         let r = run_bench::<common::B>(&cfg, &tok, &Default::default(), "cpu").unwrap();
         assert!(r.step_ms_median > 0.0 && r.images_per_s > 0.0);
@@ -390,6 +391,7 @@ fn a_run_that_cannot_fit_is_refused_with_the_settings_that_would() {
         precision: transfusion_model::Precision::F32,
         ema: false,
         blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+        recompute: transfusion_train::config::Recompute::None,
     };
     let mut batch = 1;
     while plan(&shape(batch)).peak() < 2.0 * available {

@@ -16,6 +16,7 @@ mod model;
 mod patch;
 mod precision;
 mod prediction;
+mod recompute;
 mod schedule;
 mod trigflow;
 mod vae_diffusers;

@@ -9,6 +9,7 @@ use clap::Args;
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::{Precision, TransfusionConfig};
 use transfusion_train::bench::{run_bench, BenchConfig};
+use transfusion_train::config::Recompute;
 use transfusion_train::data::resolve_path;
 
 /// Flags of `bench`.
@@ -31,6 +32,10 @@ pub struct BenchArgs {
     /// comparisons); by default passes of 1024 keys or more attend block by block.
     #[arg(long)]
     pub dense_attention: bool,
+    /// Recompute each decoder layer's activations in the backward pass
+    /// (`training.recompute = "layers"`) instead of keeping them.
+    #[arg(long)]
+    pub recompute: bool,
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -169,6 +174,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             usize::MAX
         } else {
             transfusion_model::blockwise::MIN_KEYS
+        },
+        recompute: if a.recompute {
+            Recompute::Layers
+        } else {
+            Recompute::None
         },
     };
     dispatch(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use transfusion_model::Precision;
-use transfusion_train::config::ExperimentConfig;
+use transfusion_train::config::{ExperimentConfig, Recompute};
 use transfusion_train::memory_plan::{available_host_memory, check_fits, plan, step_shape};
 
 /// Flags of `plan`.
@@ -26,6 +26,10 @@ pub struct PlanArgs {
     /// Type of the decoder's products, replacing training.precision.
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// What the backward pass recomputes (`none` or `layers`), replacing
+    /// training.recompute.
+    #[arg(long)]
+    pub recompute: Option<Recompute>,
 }
 
 /// Prints the plan.
@@ -41,6 +45,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     if let Some(p) = a.precision {
         cfg.training.precision = p;
     }
+    if let Some(r) = a.recompute {
+        cfg.training.recompute = r;
+    }
     let dir = a.config.parent().map(|p| p.to_path_buf());
     let tok = transfusion_train::data::load_tokenizer(&cfg, dir.as_deref())?;
     let model = cfg.model_config(tok.vocab_size())?;
@@ -48,13 +55,15 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let p = plan(&shape);
     let t = &cfg.training;
     println!(
-        "{}: {:.0}M parameters, {} layers; micro-batch {} x {} positions, {} products, EMA {}",
+        "{}: {:.0}M parameters, {} layers; micro-batch {} x {} positions, {} products, \
+         recompute {}, EMA {}",
         a.config.display(),
         model.param_count().total() as f64 / 1e6,
         model.n_layers,
         t.batch_size,
         t.seq_len,
         t.precision,
+        t.recompute,
         if shape.ema { "on" } else { "off" }
     );
     println!("memory per device:\n{p}");

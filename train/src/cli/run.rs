@@ -10,7 +10,7 @@ use transfusion_data::source::SourceSpec;
 use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::Precision;
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
-use transfusion_train::config::{ConfigOverride, ExperimentConfig};
+use transfusion_train::config::{ConfigOverride, ExperimentConfig, Recompute};
 use transfusion_train::memory_plan::{available_host_memory, check_fits, step_shape};
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
@@ -47,6 +47,11 @@ pub struct RunArgs {
     /// training.precision; weights and optimizer state stay f32).
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping
+    /// them (training.recompute = "layers"): the same gradients, far less activation
+    /// memory, about one more forward pass of compute.
+    #[arg(long)]
+    pub recompute: bool,
     /// Model preset (tiny, paper_160m, paper_370m, paper_760m, paper_1_4b, paper_7b);
     /// overrides model.preset.
     #[arg(long)]
@@ -153,6 +158,9 @@ pub fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option
     }
     if let Some(p) = a.precision {
         cfg.training.precision = p;
+    }
+    if a.recompute {
+        cfg.training.recompute = Recompute::Layers;
     }
     if let Some(t) = &a.tokenizer {
         cfg.data.tokenizer = t.clone();

@@ -258,6 +258,45 @@ pub struct TrainingSection {
     /// so that `lambda` keeps its balance. 0 (default): uniform over `t`. Usual: 5.
     #[serde(default)]
     pub min_snr_gamma: f64,
+    /// What the backward pass recomputes instead of keeping: `"none"` (default) or
+    /// `"layers"` (each decoder layer's activations, re-run from its input; the same
+    /// gradients for about one more forward pass of compute).
+    #[serde(default)]
+    pub recompute: Recompute,
+}
+
+/// What the backward pass recomputes instead of keeping from the forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every activation.
+    #[default]
+    None,
+    /// Keep each decoder layer's input only and re-run the layer in the backward pass
+    /// ([`transfusion_model::Transfusion::recomputed_gradients`]).
+    Layers,
+}
+
+impl std::fmt::Display for Recompute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Recompute::None => "none",
+            Recompute::Layers => "layers",
+        })
+    }
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Recompute::None),
+            "layers" => Ok(Recompute::Layers),
+            other => Err(format!(
+                "unknown recompute `{other}` (expected none or layers)"
+            )),
+        }
+    }
 }
 
 fn one() -> usize {
@@ -390,6 +429,7 @@ impl ExperimentConfig {
                 ema_decay: 0.0,
                 freeze_text: false,
                 min_snr_gamma: 0.0,
+                recompute: Recompute::None,
             },
             checkpoint: CheckpointSection {
                 every: (steps / 4).max(1),

@@ -57,6 +57,7 @@ fn measure_step_time<B: AutodiffBackend>(
         peak_tflops: None,
         precision: cfg.training.precision,
         blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+        recompute: cfg.training.recompute,
     };
     let report = run_bench::<B>(&bench, tokenizer, device, label)?;
     Ok(Duration::from_secs_f64(report.step_ms_median / 1e3))

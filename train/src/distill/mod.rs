@@ -122,6 +122,13 @@ impl<B: AutodiffBackend> DistillTask<B> {
                 settings.sampling_steps
             )));
         }
+        if cfg.training.recompute != crate::config::Recompute::None {
+            return Err(TrainError::Setting(
+                "training.recompute: distillation keeps its activations (its steps are a few \
+                 images each); recompute applies to Transfusion training"
+                    .into(),
+            ));
+        }
         let tokenizer = Arc::new(load_tokenizer(cfg, None)?);
         let m = cfg.validate(tokenizer.vocab_size())?;
         let (teacher, mut meta, _) = load_model::<B::InnerBackend>(&settings.teacher, device)

@@ -26,5 +26,8 @@ pub use ema::{ema_decay_at, Ema, RAW_WEIGHTS_FILE};
 pub use init::seeded_module;
 pub use prepare::{prepare, Prepared};
 pub use run::{run_task, step_progress_bar, train_loop, EngineHooks, RunOptions, RunOutcome};
-pub use step::{accumulate, optimizer_step, Accumulated, LocalStep, SingleDevice, StepSync};
+pub use step::{
+    accumulate, accumulate_with, optimizer_step, Accumulated, LocalStep, LossSums, MicroStep,
+    Objective, SingleDevice, StepSync,
+};
 pub use task::{EngineSettings, StepFigures, TaskLoss, TrainTask, Work};

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::budget::{fitted_total, REFIT_EVERY};
 use super::lead::Lead;
 use super::prepare::{prepare, Prepared};
-use super::step::{accumulate, optimizer_step, LocalStep, SingleDevice, StepSync};
+use super::step::{accumulate_with, optimizer_step, LocalStep, SingleDevice, StepSync};
 use super::task::{StepFigures, TrainTask};
 use crate::checkpoint::{load_optimizer, AdamWOptimizer};
 use crate::error::{Result, TrainError};
@@ -221,7 +221,9 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
         }
         let units = sync.sum_units(units)?;
         let poison = hooks.poison_step.as_mut().is_some_and(|f| f(step));
-        let acc = accumulate(&model, batches, units, poison, |m, b| task.loss(m, b, step));
+        let acc = accumulate_with(&model, batches, units, poison, |m, b, objective| {
+            task.gradients(m, b, step, objective)
+        });
         local.sums = acc.sums;
         local.finite = acc.finite;
         let (next, global, grad_norm) = optimizer_step(

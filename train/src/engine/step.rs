@@ -25,13 +25,72 @@ pub struct Accumulated {
     pub finite: bool,
 }
 
-/// Gradients of this replica's share of one optimizer step over `batches`
-/// (micro-batches). `units` are the step's unit counts over every micro-batch of every
-/// replica: each micro-batch contributes `sum_k weight_k * sums_k / units_k` and the
-/// gradients are summed (Burn's `GradientsAccumulator`), so the replicas' gradients add up
-/// (see [`StepSync::sync`]) to the gradient of the mean over all text targets and all
-/// images of the global batch (see [`TaskLoss`]). `poison` multiplies the losses by NaN
+/// How one micro-batch's loss sums become its share of the step's objective:
+/// `sum_k weight_k * sums_k / units_k`, where `units` are the step's unit counts over every
+/// micro-batch of every replica (see [`TaskLoss`]). `poison` multiplies the losses by NaN
 /// (fault injection for tests).
+#[derive(Clone, Copy, Debug)]
+pub struct Objective {
+    /// The step's unit counts of the two loss parts, over every micro-batch and replica.
+    pub units: [u64; 2],
+    /// Multiply the losses by NaN.
+    pub poison: bool,
+}
+
+/// One micro-batch's loss sums, as numbers.
+#[derive(Clone, Copy, Debug)]
+pub struct LossSums {
+    /// Each part summed over the micro-batch's units.
+    pub sums: [f64; 2],
+    /// The weight of each part's mean in the objective.
+    pub weights: [f64; 2],
+}
+
+/// One micro-batch's gradients of its share of the step's objective, and its losses.
+pub struct MicroStep {
+    /// The gradients.
+    pub grads: GradientsParams,
+    /// The losses they are the gradients of.
+    pub losses: LossSums,
+}
+
+impl Objective {
+    /// The micro-batch's share `[1]` of the step's objective (graph kept) and its loss sums.
+    pub fn share<B: Backend>(&self, loss: TaskLoss<B>) -> (Tensor<B, 1>, LossSums) {
+        let TaskLoss {
+            sums: [mut a, mut b],
+            weights,
+        } = loss;
+        if self.poison {
+            a = a.mul_scalar(f32::NAN);
+            b = b.mul_scalar(f32::NAN);
+        }
+        let vals: Vec<f32> = Tensor::cat(vec![a.clone().detach(), b.clone().detach()], 0)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("float data");
+        let share = a.mul_scalar(weights[0] / self.units[0].max(1) as f64)
+            + b.mul_scalar(weights[1] / self.units[1].max(1) as f64);
+        let sums = [vals[0] as f64, vals[1] as f64];
+        (share, LossSums { sums, weights })
+    }
+
+    /// The gradients of `loss`'s share, by one backward pass through its graph.
+    pub fn backward<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        model: &M,
+        loss: TaskLoss<B>,
+    ) -> MicroStep {
+        let (share, losses) = self.share(loss);
+        let grads = GradientsParams::from_grads(share.backward(), model);
+        MicroStep { grads, losses }
+    }
+}
+
+/// Gradients of this replica's share of one optimizer step over `batches`
+/// (micro-batches), each by one backward pass through `loss`'s graph (see
+/// [`accumulate_with`]).
 pub fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>, I>(
     model: &M,
     batches: Vec<I>,
@@ -39,6 +98,28 @@ pub fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>, I>(
     poison: bool,
     loss: impl Fn(&M, I) -> TaskLoss<B>,
 ) -> Accumulated {
+    accumulate_with(model, batches, units, poison, |m, b, objective| {
+        objective.backward(m, loss(m, b))
+    })
+}
+
+/// Gradients of this replica's share of one optimizer step over `batches`
+/// (micro-batches), each micro-batch's from `gradients` (a backward pass through the
+/// graph, or layer by layer with recomputation). `units` are the step's unit counts over
+/// every micro-batch of every replica: each micro-batch contributes
+/// `sum_k weight_k * sums_k / units_k` ([`Objective`]) and the gradients are summed
+/// (Burn's `GradientsAccumulator`), so the replicas' gradients add up (see
+/// [`StepSync::sync`]) to the gradient of the mean over all text targets and all images of
+/// the global batch (see [`TaskLoss`]). `poison` multiplies the losses by NaN (fault
+/// injection for tests).
+pub fn accumulate_with<B: AutodiffBackend, M: AutodiffModule<B>, I>(
+    model: &M,
+    batches: Vec<I>,
+    units: [u64; 2],
+    poison: bool,
+    gradients: impl Fn(&M, I, &Objective) -> MicroStep,
+) -> Accumulated {
+    let objective = Objective { units, poison };
     let mut sums = [0.0f64; 2];
     let mut weights = [1.0f64; 2];
     let mut finite = true;
@@ -46,28 +127,12 @@ pub fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>, I>(
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut single: Option<GradientsParams> = None;
     for batch in batches {
-        let TaskLoss {
-            sums: [mut a, mut b],
-            weights: w,
-        } = loss(model, batch);
-        if poison {
-            a = a.mul_scalar(f32::NAN);
-            b = b.mul_scalar(f32::NAN);
-        }
-        weights = w;
-        let vals: Vec<f32> = Tensor::cat(vec![a.clone().detach(), b.clone().detach()], 0)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("float data");
-        for (s, v) in sums.iter_mut().zip(&vals) {
-            *s += *v as f64;
+        let MicroStep { grads, losses } = gradients(model, batch, &objective);
+        weights = losses.weights;
+        for (s, v) in sums.iter_mut().zip(losses.sums) {
+            *s += v;
             finite &= v.is_finite();
         }
-        // [1]: this micro-batch's share of the step's objective
-        let objective = a.mul_scalar(w[0] / units[0].max(1) as f64)
-            + b.mul_scalar(w[1] / units[1].max(1) as f64);
-        let grads = GradientsParams::from_grads(objective.backward(), model);
         if many {
             accumulator.accumulate(model, grads);
         } else {

@@ -8,6 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::step::{MicroStep, Objective};
 use crate::config::{OptimizerSection, ScheduleSection};
 use crate::error::Result;
 use crate::metrics::{Line, Record, StepLine};
@@ -124,6 +125,18 @@ pub trait TrainTask<B: AutodiffBackend> {
         -> Result<Option<(Self::Batch, Work)>>;
     /// The loss of one micro-batch at optimizer step `step` (0-based).
     fn loss(&self, model: &Self::Model, batch: Self::Batch, step: u64) -> TaskLoss<B>;
+    /// The gradients of one micro-batch's share of the step's `objective` at optimizer step
+    /// `step`: by default one backward pass through [`TrainTask::loss`]'s graph; a task may
+    /// compute them otherwise (layer by layer, recomputing activations).
+    fn gradients(
+        &self,
+        model: &Self::Model,
+        batch: Self::Batch,
+        step: u64,
+        objective: &Objective,
+    ) -> MicroStep {
+        objective.backward(model, self.loss(model, batch, step))
+    }
     /// The record of one logged step.
     fn step_record(&self, f: &StepFigures) -> Self::Step;
     /// Evaluates the current weights (no autodiff graph) after `step` steps; may write

@@ -20,16 +20,18 @@ use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_infer::checkpoint::{load_model, save_model, ModelMeta};
-use transfusion_model::{NoiseSchedule, Transfusion, TransfusionBatch, TransfusionConfig};
+use transfusion_model::{
+    NoiseSchedule, Transfusion, TransfusionBatch, TransfusionConfig, TransfusionLoss,
+};
 
 pub use eval::{evaluate, evaluate_held_out};
 
 use crate::checkpoint::{CONFIG_FILE, REQUIRED_FILES};
-use crate::config::ExperimentConfig;
+use crate::config::{ExperimentConfig, Recompute};
 use crate::data::{autoencoder_for, build_pipeline, load_tokenizer, Split};
 use crate::engine::{
-    accumulate, run_task, seeded_module, EngineHooks, EngineSettings, LocalStep, RunOptions,
-    RunOutcome, StepFigures, TaskLoss, TrainTask, Work,
+    accumulate, run_task, seeded_module, EngineHooks, EngineSettings, LocalStep, MicroStep,
+    Objective, RunOptions, RunOutcome, StepFigures, TaskLoss, TrainTask, Work,
 };
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, Line, StepMetrics, TransfusionLosses};
@@ -123,8 +125,36 @@ pub fn weighted_transfusion_loss<B: AutodiffBackend>(
     batch: TransfusionBatch<B>,
     image_weights: Option<&[f64]>,
 ) -> TaskLoss<B> {
+    let loss = model.forward_loss(batch.clone());
+    task_loss_of(model, loss, &batch, image_weights)
+}
+
+/// [`weighted_transfusion_loss`] with each decoder layer's activations recomputed in the
+/// backward pass ([`Transfusion::recomputed_gradients`]): the same gradients of the
+/// micro-batch's share of `objective`.
+pub fn recomputed_micro_step<B: AutodiffBackend>(
+    model: &Transfusion<B>,
+    batch: TransfusionBatch<B>,
+    image_weights: Option<&[f64]>,
+    objective: &Objective,
+) -> MicroStep {
+    let image = model.noised_images(&batch);
+    let (grads, losses) = model.recomputed_gradients(&batch, image, |flat, out| {
+        let loss = model.loss_of_outputs(flat, out, &batch);
+        objective.share(task_loss_of(model, loss, &batch, image_weights))
+    });
+    MicroStep { grads, losses }
+}
+
+/// The [`TaskLoss`] of one batch's [`TransfusionLoss`]: the parts' sums, the images'
+/// weighted by `image_weights` of their timesteps.
+fn task_loss_of<B: AutodiffBackend>(
+    model: &Transfusion<B>,
+    loss: TransfusionLoss<B>,
+    batch: &TransfusionBatch<B>,
+    image_weights: Option<&[f64]>,
+) -> TaskLoss<B> {
     let timesteps = batch.timesteps.clone();
-    let loss = model.forward_loss(batch);
     // The mean times its count (a constant of the batch) is the sum.
     let lm_sum = loss.lm * loss.lm_targets;
     // [n_img]
@@ -409,6 +439,21 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
 
     fn loss(&self, model: &Transfusion<B>, batch: TransfusionBatch<B>, _step: u64) -> TaskLoss<B> {
         weighted_transfusion_loss(model, batch, self.image_weights.as_deref())
+    }
+
+    fn gradients(
+        &self,
+        model: &Transfusion<B>,
+        batch: TransfusionBatch<B>,
+        step: u64,
+        objective: &Objective,
+    ) -> MicroStep {
+        match self.cfg.training.recompute {
+            Recompute::None => objective.backward(model, self.loss(model, batch, step)),
+            Recompute::Layers => {
+                recomputed_micro_step(model, batch, self.image_weights.as_deref(), objective)
+            }
+        }
     }
 
     fn step_record(&self, f: &StepFigures) -> StepMetrics {

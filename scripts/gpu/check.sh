@@ -105,16 +105,19 @@ for p in f32 bf16; do
     --steps 10 --warmup 5 --precision $p --peak-tflops "$peak"
 done
 
-section "training step, paper_160m at the paper's length: 8 rows x 4096, bf16 (blockwise attention)"
-# Burn 0.21 reports no device peak: sample the GPU's used memory every 100 ms meanwhile.
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/mem.txt" &
-SAMPLER=$!
-run "$BIN/transfusion-train" bench --preset paper_160m --device cuda --seq-len 4096 --batch 8 \
-  --steps 5 --warmup 2 --precision bf16 --peak-tflops "$PEAK_BF16" --memory
-kill $SAMPLER 2>/dev/null
-echo "peak GPU memory used (nvidia-smi samples): $(sort -n "$OUT/mem.txt" | tail -n 1) MiB"
-echo "the memory plan: $("$BIN/transfusion-train" plan --config train/configs/paper_160m.toml \
-  --precision bf16 2>&1 | grep 'peak per device')"
+for recompute in layers none; do
+  section "training step, paper_160m at the paper's length: 8 rows x 4096, bf16, recompute $recompute"
+  flag=""; [ $recompute = layers ] && flag="--recompute"
+  # Burn 0.21 reports no device peak: sample the GPU's used memory every 100 ms meanwhile.
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/mem-$recompute.txt" &
+  SAMPLER=$!
+  run "$BIN/transfusion-train" bench --preset paper_160m --device cuda --seq-len 4096 --batch 8 \
+    --steps 5 --warmup 2 --precision bf16 --peak-tflops "$PEAK_BF16" --memory $flag
+  kill $SAMPLER 2>/dev/null
+  echo "peak GPU memory used (nvidia-smi samples): $(sort -n "$OUT/mem-$recompute.txt" | tail -n 1) MiB"
+  echo "the memory plan: $("$BIN/transfusion-train" plan --config train/configs/paper_160m.toml \
+    --precision bf16 --recompute $recompute 2>&1 | grep 'peak per device')"
+done
 
 section "training step, paper_160m, 8 rows x 512 (PyTorch reference, eager)"
 for p in f32 bf16; do

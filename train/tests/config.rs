@@ -347,6 +347,7 @@ fn memory_plan_is_within_a_quarter_of_the_measured_peak() {
         "--preset tiny --batch 8 --seq-len 160",
         "--preset paper_160m --layers 2 --batch 1 --seq-len 1024",
         "--preset paper_160m --layers 2 --batch 1 --seq-len 2048 --dense-attention",
+        "--preset paper_160m --layers 4 --batch 2 --seq-len 1024 --recompute",
     ];
     for case in cases {
         let mut args = vec![
@@ -392,6 +393,7 @@ fn a_run_that_cannot_fit_is_refused_with_the_settings_that_would() {
         ema: false,
         blockwise_from: transfusion_model::blockwise::MIN_KEYS,
         recompute: transfusion_train::config::Recompute::None,
+        fused_attention: true,
     };
     let mut batch = 1;
     while plan(&shape(batch)).peak() < 2.0 * available {
@@ -427,6 +429,16 @@ fn a_run_that_cannot_fit_is_refused_with_the_settings_that_would() {
     assert!(
         text.contains("training.seq_len = "),
         "names a row length: {text}"
+    );
+    // recomputation is named exactly when it alone makes the step fit
+    let recomputed = StepShape {
+        recompute: transfusion_train::config::Recompute::Layers,
+        ..shape(batch)
+    };
+    assert_eq!(
+        text.contains("training.recompute = \"layers\""),
+        plan(&recomputed).peak() <= available,
+        "{text}"
     );
     assert!(!out.exists(), "nothing written: {text}");
 }

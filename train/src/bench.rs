@@ -237,6 +237,8 @@ pub fn run_bench<B: AutodiffBackend>(
         ema: false,
         blockwise_from: cfg.blockwise_from,
         recompute: cfg.recompute,
+        fused_attention: transfusion_model::fused::available::<B>()
+            && cfg.precision == Precision::F32,
     });
     Ok(BenchReport {
         device: label.to_string(),

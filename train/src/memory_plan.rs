@@ -4,10 +4,9 @@
 //!
 //! The parts follow what the model records (see `transfusion_model::blockwise` for the
 //! attention); the per-position constants were fitted to the process's peak on the CPU
-//! over eight shapes (`bench --memory`: the tiny and `paper_160m` presets, dense and
-//! blockwise attention, 160 to 4096 positions): seven within 11%, and the tiny model's
-//! blockwise 4 x 2048 step overestimated by 28% (the plan errs high); the test
-//! `memory_plan_is_within_a_quarter_of_the_measured_peak` checks three of them.
+//! (`bench --memory`: the tiny and `paper_160m` presets, dense and blockwise attention,
+//! with and without layer recomputation, 160 to 4096 positions); the test
+//! `memory_plan_is_within_a_quarter_of_the_measured_peak` checks four of them.
 
 use std::fmt;
 
@@ -36,6 +35,10 @@ pub struct StepShape {
     pub blockwise_from: usize,
     /// What the backward pass recomputes instead of keeping.
     pub recompute: Recompute,
+    /// Passes shorter than `blockwise_from` take `flex`'s fused attention, which keeps each
+    /// row's log-sum-exp rather than the probabilities (the CPU in f32); otherwise the
+    /// composed attention keeps the `[b, h, s, s]` probabilities per layer.
+    pub fused_attention: bool,
 }
 
 /// Estimated bytes per device of one training step, by part.
@@ -117,6 +120,7 @@ pub fn step_shape(cfg: &ExperimentConfig, model: &TransfusionConfig) -> StepShap
         ema: cfg.training.ema_decay > 0.0,
         blockwise_from: transfusion_model::blockwise::MIN_KEYS,
         recompute: cfg.training.recompute,
+        fused_attention: false,
     }
 }
 
@@ -147,6 +151,11 @@ pub fn plan(shape: &StepShape) -> MemoryPlan {
             .clamp(16.0, 512.0)
             .min(s);
         (positions * h * 4.0, 2.0 * rows * s * b * h * 4.0)
+    } else if shape.fused_attention {
+        // the row log-sum-exp per head; the additive mask (f32) and its boolean form once
+        // per pass, and in the backward pass the recomputed probabilities and the score
+        // gradients (measured: 2 and 6 layers at 2048 positions)
+        (positions * h * 4.0, 3.25 * scores)
     } else {
         // the probabilities kept per layer; the additive mask (f32) and its boolean form,
         // once per pass

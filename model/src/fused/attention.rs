@@ -3,9 +3,12 @@
 //!
 //! The composition records eleven operations; its backward pass computes the exponentials
 //! again, divides by the row sums twice and broadcasts them back over the `[.., lk]`
-//! scores. Here the forward pass keeps the probabilities `P`, and the backward pass is
-//! four products and one pass over `P`: `dV = P^T dO`, `dP = dO V^T`,
-//! `dS = P (dP - rowsum(dO O))`, `dq = dS k / sqrt(hd)`, `dk = dS^T q / sqrt(hd)`.
+//! scores. Here the forward pass keeps what the blockwise attention keeps
+//! ([`crate::blockwise`]): the output and each row's log-sum-exp `L`, no `[.., s, lk]`
+//! tensor per layer. The backward pass recomputes `P = exp(S - L)` from one product and
+//! one pass over the scores, then four products and one more pass: `dV = P^T dO`,
+//! `dP = dO V^T`, `dS = P (dP - rowsum(dO O))`, `dq = dS k / sqrt(hd)`,
+//! `dk = dS^T q / sqrt(hd)`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -74,14 +77,15 @@ fn composed<B: Backend>(
     weights.matmul(v) / sum
 }
 
-/// `(O, P)`: the output `[b, h, s, hd]` and the probabilities `[b, h, s, lk]`.
+/// `(O, L)`: the output `[b, h, s, hd]` and each row's log-sum-exp `[b * h * s]` of the
+/// scaled, biased scores.
 fn attention_forward(
     q: &FlexTensor,
     k: &FlexTensor,
     v: &FlexTensor,
     bias: &FlexTensor,
     scale: f32,
-) -> (FlexTensor, FlexTensor) {
+) -> (FlexTensor, Vec<f32>) {
     // [b, h, s, lk]: scale q k^T, in the buffer that becomes P
     let (mut p, shape) = matmul_values(q, &k.transpose(2, 3), scale);
     let lk = shape[3];
@@ -89,20 +93,43 @@ fn attention_forward(
     let bias = dense(&bias);
     assert_eq!(bias.len(), p.len(), "attention: a bias for every score");
     let rows_per_task = (CHUNK / lk.max(1)).max(1);
+    let mut lse = vec![0.0f32; p.len() / lk.max(1)];
     p.par_chunks_mut(rows_per_task * lk)
         .zip(bias.par_chunks(rows_per_task * lk))
-        .for_each(|(rows, bias)| softmax_rows(rows, bias, lk));
+        .zip(lse.par_chunks_mut(rows_per_task))
+        .for_each(|((rows, bias), lse)| softmax_rows(rows, bias, lse, lk));
     let p = flex_from(p, shape);
     let out = matmul(&p, v, 1.0);
-    (out, p)
+    (out, lse)
+}
+
+/// `P = exp(q k^T scale + bias - L)`, `[b, h, s, lk]`: the probabilities of the forward
+/// pass from its row log-sum-exps.
+fn probabilities(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    bias: &FlexTensor,
+    lse: &[f32],
+    scale: f32,
+) -> FlexTensor {
+    let (mut p, shape) = matmul_values(q, &k.transpose(2, 3), scale);
+    let lk = shape[3];
+    let [bias] = contiguous([bias]);
+    let bias = dense(&bias);
+    let rows_per_task = (CHUNK / lk.max(1)).max(1);
+    p.par_chunks_mut(rows_per_task * lk)
+        .zip(bias.par_chunks(rows_per_task * lk))
+        .zip(lse.par_chunks(rows_per_task))
+        .for_each(|((rows, bias), lse)| probability_rows(rows, bias, lse, lk));
+    flex_from(p, shape)
 }
 
 multiversion! {
     /// Each row of `lk` scores in `rows`, plus the same row of `bias`, replaced by its
-    /// softmax; the shift before the exponential is the row maximum (clamped to at least
-    /// `-1e4`).
-    fn softmax_rows(rows: &mut [f32], bias: &[f32], lk: usize) {
-        for (row, bias) in rows.chunks_mut(lk).zip(bias.chunks(lk)) {
+    /// softmax, and its log-sum-exp written to `lse`; the shift before the exponential is
+    /// the row maximum (clamped to at least `-1e4`).
+    fn softmax_rows(rows: &mut [f32], bias: &[f32], lse: &mut [f32], lk: usize) {
+        for ((row, bias), lse) in rows.chunks_mut(lk).zip(bias.chunks(lk)).zip(lse) {
             for (x, &b) in row.iter_mut().zip(bias) {
                 *x += b;
             }
@@ -110,9 +137,23 @@ multiversion! {
             for x in row.iter_mut() {
                 *x = exp_nonpositive(*x - shift);
             }
-            let inv = 1.0 / sum_of(row).max(1.0e-30);
+            let sum = sum_of(row).max(1.0e-30);
+            let inv = 1.0 / sum;
             for x in row.iter_mut() {
                 *x *= inv;
+            }
+            *lse = shift + sum.ln();
+        }
+    }
+}
+
+multiversion! {
+    /// Each row of `lk` scores in `rows`, plus the same row of `bias`, replaced by
+    /// `exp(score - lse)` of its row's log-sum-exp (at most 1: a probability).
+    fn probability_rows(rows: &mut [f32], bias: &[f32], lse: &[f32], lk: usize) {
+        for ((row, bias), &lse) in rows.chunks_mut(lk).zip(bias.chunks(lk)).zip(lse) {
+            for (x, &b) in row.iter_mut().zip(bias) {
+                *x = exp_nonpositive((*x + b - lse).min(0.0));
             }
         }
     }
@@ -169,13 +210,15 @@ fn score_gradient(
 #[derive(Debug)]
 struct AttentionBackward;
 
-/// What the backward pass needs.
+/// What the backward pass needs: the inputs (the bias is the pass's mask, shared by every
+/// layer), the output and the row log-sum-exps.
 #[derive(Clone, Debug)]
 struct Saved {
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
-    p: FlexTensor,
+    bias: FlexTensor,
+    lse: Vec<f32>,
     out: FlexTensor,
     scale: f32,
 }
@@ -188,12 +231,16 @@ impl Backward<Flex, 4> for AttentionBackward {
             q,
             k,
             v,
-            p,
+            bias,
+            lse,
             out,
             scale,
         } = ops.state;
         let d_out = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [q_node, k_node, v_node, bias_node] = ops.parents;
+        // [b, h, s, lk]
+        let p = probabilities(&q, &k, &bias, &lse, scale);
+        drop((bias, lse));
         if let Some(node) = v_node {
             // [b, h, lk, hd]
             grads.register::<Flex>(node.id, matmul(&p.transpose(2, 3), &d_out, 1.0));
@@ -225,7 +272,7 @@ fn attention_autodiff(
     bias: AutodiffFlexTensor,
     scale: f32,
 ) -> AutodiffFlexTensor {
-    let (out, p) = attention_forward(
+    let (out, lse) = attention_forward(
         &q.primitive,
         &k.primitive,
         &v.primitive,
@@ -236,7 +283,8 @@ fn attention_autodiff(
         q: q.primitive.clone(),
         k: k.primitive.clone(),
         v: v.primitive.clone(),
-        p,
+        bias: bias.primitive.clone(),
+        lse,
         out: out.clone(),
         scale,
     };

@@ -11,7 +11,7 @@ use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::Precision;
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::{ConfigOverride, ExperimentConfig, Recompute};
-use transfusion_train::memory_plan::{available_host_memory, check_fits, step_shape};
+use transfusion_train::memory_plan::{available_host_memory, check_fits, step_shape, StepShape};
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
 use super::ddp;
@@ -189,7 +189,12 @@ fn check_memory(
         return Ok(());
     }
     if let Some(available) = available_host_memory() {
-        check_fits(&step_shape(cfg, model), available, "the CPU").map_err(anyhow::Error::msg)?;
+        // the CPU trains on flex: its fused attention keeps no probabilities in f32
+        let shape = StepShape {
+            fused_attention: cfg.training.precision == Precision::F32,
+            ..step_shape(cfg, model)
+        };
+        check_fits(&shape, available, "the CPU").map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

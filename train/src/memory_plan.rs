@@ -196,6 +196,27 @@ pub fn available_host_memory() -> Option<f64> {
     Some(kib * 1024.0)
 }
 
+/// Bytes free on NVIDIA GPU `index` now, as `nvidia-smi` reports them (`None` where it is
+/// missing or fails: Burn 0.21's CUDA backend reports no capacity).
+pub fn available_gpu_memory(index: usize) -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.free",
+            "--format=csv,noheader,nounits",
+            &format!("--id={index}"),
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    parse_mib(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Bytes of the first line of `nvidia-smi`'s unitless MiB output.
+fn parse_mib(text: &str) -> Option<f64> {
+    let mib: f64 = text.lines().next()?.trim().parse().ok()?;
+    Some(mib * 1024.0 * 1024.0)
+}
+
 /// `Err` naming the settings that would make `shape` fit `available` bytes when its
 /// plan's peak does not.
 pub fn check_fits(shape: &StepShape, available: f64, device: &str) -> Result<(), String> {
@@ -263,4 +284,17 @@ pub fn check_fits(shape: &StepShape, available: f64, device: &str) -> Result<(),
         available / GIB,
         plan(shape)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mib;
+
+    #[test]
+    fn nvidia_smi_free_memory_is_read_in_mib() {
+        assert_eq!(parse_mib("81037\n"), Some(81037.0 * 1048576.0));
+        assert_eq!(parse_mib("  512 \n1024\n"), Some(512.0 * 1048576.0));
+        assert_eq!(parse_mib("[N/A]\n"), None);
+        assert_eq!(parse_mib(""), None);
+    }
 }

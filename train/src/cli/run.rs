@@ -11,7 +11,9 @@ use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::Precision;
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::{ConfigOverride, ExperimentConfig, Recompute};
-use transfusion_train::memory_plan::{available_host_memory, check_fits, step_shape, StepShape};
+use transfusion_train::memory_plan::{
+    available_gpu_memory, available_host_memory, check_fits, step_shape, StepShape,
+};
 use transfusion_train::{run_training, RunOptions, TrainHooks};
 
 use super::ddp;
@@ -176,25 +178,30 @@ pub fn build_run_config(a: &RunArgs) -> anyhow::Result<(ExperimentConfig, Option
     Ok((cfg, dir))
 }
 
-/// Refuses, before anything is written, a run whose step cannot fit the CPU's available
-/// memory when it trains on the CPU (GPU backends in Burn 0.21 report no capacity; there
-/// the config check's bound holds).
+/// Refuses, before anything is written, a run whose step cannot fit the memory of the
+/// device it trains on: the CPU's available memory, or an NVIDIA GPU's free memory as
+/// `nvidia-smi` reports it (Burn 0.21's GPU backends report no capacity; where nothing
+/// reports one, the config check's bound holds).
 fn check_memory(
     cfg: &ExperimentConfig,
     model: &transfusion_model::TransfusionConfig,
     device: DeviceChoice,
     replicas: bool,
 ) -> anyhow::Result<()> {
-    if replicas || device.resolve() != DeviceChoice::Cpu {
-        return Ok(());
-    }
-    if let Some(available) = available_host_memory() {
-        // the CPU trains on flex: its fused attention keeps no probabilities in f32
-        let shape = StepShape {
-            fused_attention: cfg.training.precision == Precision::F32,
-            ..step_shape(cfg, model)
-        };
-        check_fits(&shape, available, "the CPU").map_err(anyhow::Error::msg)?;
+    let shape = step_shape(cfg, model);
+    let (available, name) = match device.resolve() {
+        _ if replicas => return Ok(()),
+        DeviceChoice::Cpu => (available_host_memory(), "the CPU".to_string()),
+        DeviceChoice::Cuda(i) => (available_gpu_memory(i), format!("CUDA device {i}")),
+        _ => return Ok(()),
+    };
+    // the CPU trains on flex: its fused attention keeps no probabilities in f32
+    let shape = StepShape {
+        fused_attention: name == "the CPU" && cfg.training.precision == Precision::F32,
+        ..shape
+    };
+    if let Some(available) = available {
+        check_fits(&shape, available, &name).map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

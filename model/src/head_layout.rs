@@ -13,9 +13,14 @@
 //!   backward pass is one row scatter. (The block copies' backward pass would write `h`
 //!   zero-filled full-size gradients, one per head.)
 
+use std::any::TypeId;
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::{Flex, NdArray};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use crate::autodiff_inner::{self, InnerVisitor};
 use crate::fused;
 use crate::rope::{apply_rope, RopeTables};
 
@@ -38,7 +43,7 @@ impl<B: Backend> HeadLayout<B> {
     pub fn for_pass(b: usize, s: usize, h: usize, h_kv: usize, device: &B::Device) -> Self {
         if fused::available::<B>() {
             Self::Fused
-        } else if !block_copies_pay::<B>(device) {
+        } else if !block_copies_pay::<B>() {
             Self::Views
         } else if B::ad_enabled(device) {
             Self::RowGather(HeadRows::new(b, s, h, h_kv, device))
@@ -132,13 +137,21 @@ fn index_tensor<B: Backend>(rows: Vec<i64>, device: &B::Device) -> Tensor<B, 1, 
     Tensor::from_data(TensorData::new(rows, [n]), device)
 }
 
-/// Whether `device`'s backend is one of the CPU backends, which read transposed views
-/// element by element and so move heads by row copies instead.
-pub fn block_copies_pay<B: Backend>(device: &B::Device) -> bool {
-    // `flex`, `ndarray`, or either under autodiff (`autodiff<flex>`)
-    let name = B::name(device);
-    let name = name.strip_prefix("autodiff<").unwrap_or(&name);
-    ["flex", "ndarray"].iter().any(|cpu| name.starts_with(cpu))
+/// Whether `B` is one of the CPU backends (`Flex`, `NdArray`, or either inside
+/// `Autodiff`), which read transposed views element by element and so move heads by row
+/// copies instead. The test is of types, not of names.
+pub fn block_copies_pay<B: Backend>() -> bool {
+    fn cpu<T: 'static>() -> bool {
+        TypeId::of::<T>() == TypeId::of::<Flex>() || TypeId::of::<T>() == TypeId::of::<NdArray>()
+    }
+    struct InnerIsCpu;
+    impl<B: Backend> InnerVisitor<B> for InnerIsCpu {
+        type Output = bool;
+        fn visit<I: Backend, C: CheckpointStrategy>(self) -> bool {
+            cpu::<I>()
+        }
+    }
+    cpu::<B>() || autodiff_inner::visit::<B, _>(InnerIsCpu).unwrap_or(false)
 }
 
 /// `[b, s, h, hd] -> [b, h, s, hd]` by one block copy per head (contiguous result).

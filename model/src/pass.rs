@@ -77,7 +77,7 @@ impl<B: Backend> Transfusion<B> {
             Some(past) => past.cat(meta.clone()),
             None => meta.clone(),
         };
-        let mask = if s > 1 && keys.len() >= self.blockwise_from {
+        let mask = if crate::blockwise::takes_blockwise(s, keys.len(), self.blockwise_from) {
             AttentionMask::Blockwise(BlockPlan::new(meta.clone(), keys, h))
         } else {
             AttentionMask::for_device(transfusion_mask_heads(&meta, &keys, h), &device)

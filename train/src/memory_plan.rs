@@ -10,7 +10,8 @@
 
 use std::fmt;
 
-use transfusion_model::blockwise::plan::BLOCK_ELEMENTS;
+use transfusion_model::blockwise::plan::rows_per_block;
+use transfusion_model::blockwise::takes_blockwise;
 use transfusion_model::{Precision, TransfusionConfig};
 
 use crate::config::{ExperimentConfig, Recompute};
@@ -143,13 +144,12 @@ pub fn plan(shape: &StepShape) -> MemoryPlan {
         Precision::F32 => 0.0,
         _ => untied * (5.0 * d + f) * 2.0,
     };
-    let blockwise = shape.seq_len >= shape.blockwise_from && shape.seq_len > 1;
+    let blockwise = takes_blockwise(shape.seq_len, shape.seq_len, shape.blockwise_from);
     let scores = b * h * s * s * 4.0;
     let (per_layer_attention, workspace) = if blockwise {
         // the row log-sum-exp per head; one block's scores and probabilities (f32)
-        let rows = (BLOCK_ELEMENTS as f64 / (b * h * s))
-            .clamp(16.0, 512.0)
-            .min(s);
+        let rows =
+            rows_per_block(shape.batch_size, m.n_heads, shape.seq_len).min(shape.seq_len) as f64;
         (positions * h * 4.0, 2.0 * rows * s * b * h * 4.0)
     } else if shape.fused_attention {
         // the row log-sum-exp per head; the additive mask (f32) and its boolean form once

@@ -30,6 +30,12 @@ use crate::autodiff_inner::{self, cast, InnerVisitor};
 /// there.
 pub const MIN_KEYS: usize = 1024;
 
+/// Whether a pass of `new` query positions per row over `keys` keys takes the blockwise
+/// attention when passes from `from` keys on do: decoding (one query) never does.
+pub fn takes_blockwise(new: usize, keys: usize, from: usize) -> bool {
+    new > 1 && keys >= from
+}
+
 /// `softmax(q k^T / sqrt(hd) + mask) v` over the plan's blocks; a query that may see no
 /// key gives zeros.
 ///

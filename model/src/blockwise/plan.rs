@@ -19,6 +19,12 @@ pub const BLOCK_ELEMENTS: usize = 1 << 24;
 /// Fewest and most query rows per block.
 const ROWS: Range<usize> = 16..512;
 
+/// Query rows per block for `b` rows and `heads` heads over `keys` keys: as many as keep
+/// a block's scores within [`BLOCK_ELEMENTS`], between 16 and 512.
+pub fn rows_per_block(b: usize, heads: usize, keys: usize) -> usize {
+    (BLOCK_ELEMENTS / (b * heads * keys).max(1)).clamp(ROWS.start, ROWS.end)
+}
+
 /// One block of queries and the keys they may see.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueryBlock {
@@ -48,8 +54,7 @@ impl<B: Backend> BlockPlan<B> {
     /// `query`: `[b, s]` tensors, `key`: `[b, lk]` tensors
     pub fn new(query: SpanMeta<B>, key: SpanMeta<B>, heads: usize) -> Self {
         let [b, lk] = key.index.dims();
-        let rows = (BLOCK_ELEMENTS / (b * heads * lk).max(1)).clamp(ROWS.start, ROWS.end);
-        Self::with_rows(query, key, rows)
+        Self::with_rows(query, key, rows_per_block(b, heads, lk))
     }
 
     /// The plan with blocks of `rows` query rows (the last one may be shorter).

@@ -9,6 +9,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution};
 use transfusion_model::fused::{attention as training_attention, linear, rms_norm, swiglu};
 
+use crate::fused_reference as reference;
+
 /// `x` on autodiff backend `A` in `dtype`, tracked for gradients.
 fn tracked<A: AutodiffBackend, const D: usize>(x: &Tensor<Flex, D>, dtype: DType) -> Tensor<A, D> {
     Tensor::from_data(x.to_data().convert_dtype(dtype), &Default::default()).require_grad()
@@ -26,11 +28,11 @@ fn inputs<B: Backend>(dev: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
 /// f64 data.
 fn swiglu_grads<A: AutodiffBackend>(
     inputs: &[Tensor<Flex, 3>; 3],
-    dtype: DType,
+    op: fn(Tensor<A, 3>, Tensor<A, 3>) -> Tensor<A, 3>,
 ) -> [TensorData; 3] {
-    let t = |x: &Tensor<Flex, 3>| tracked::<A, 3>(x, dtype);
+    let t = |x: &Tensor<Flex, 3>| tracked::<A, 3>(x, DType::F32);
     let [g, u, w] = inputs.each_ref().map(t);
-    let y = swiglu(g.clone(), u.clone());
+    let y = op(g.clone(), u.clone());
     let out = y.clone().inner();
     let all = (y * w).sum().backward();
     [out, g.grad(&all).unwrap(), u.grad(&all).unwrap()].map(|t| t.into_data().convert::<f64>())
@@ -46,11 +48,9 @@ fn fused_swiglu_matches_the_composition_forward_and_backward() {
     let (gate, up) = inputs::<Flex>(&dev);
     let w = Tensor::<Flex, 3>::random(gate.dims(), Distribution::Normal(0.0, 1.0), &dev);
     let inputs = [gate.clone(), up.clone(), w];
-    let fused = swiglu_grads::<Autodiff<Flex>>(&inputs, DType::F32);
-    let composed = swiglu_grads::<Autodiff<NdArray>>(&inputs, DType::F32);
-    // flex in f64 takes the composition
-    let exact = swiglu_grads::<Autodiff<Flex>>(&inputs, DType::F64);
-    assert_eq!(exact[0].dtype, DType::F64);
+    let fused = swiglu_grads::<Autodiff<Flex>>(&inputs, swiglu);
+    let composed = swiglu_grads::<Autodiff<Flex>>(&inputs, |g, u| silu(g) * u);
+    let exact = reference::swiglu(&inputs);
     assert_within_composition_error(&["output", "d gate", "d up"], &fused, &composed, &exact);
     let plain = swiglu(gate, up).into_data().convert::<f64>();
     assert_eq!(plain, fused[0]);
@@ -68,20 +68,43 @@ fn swiglu_on_other_backends_is_the_composition() {
 /// Random `q, k, v` and an additive causal bias whose last query row of batch 1 sees
 /// nothing, as `flex` tensors.
 fn attention_inputs(dev: &Device<Flex>) -> [Tensor<Flex, 4>; 4] {
-    let [b, h, s, hd] = [2, 3, 9, 8];
-    let r = || Tensor::<Flex, 4>::random([b, h, s, hd], Distribution::Normal(0.0, 1.0), dev);
-    let i = Tensor::<Flex, 1, Int>::arange(0..s as i64, dev);
-    let causal = i.clone().reshape([s, 1]).lower(i.reshape([1, s]));
-    let masked = causal
-        .reshape([1, 1, s, s])
+    attention_case([2, 3, 9, 9, 8], 3, true, dev)
+}
+
+/// Random `q [b, h, s, hd]`, `k, v [b, h, lk, hd]` (each key/value head shared by
+/// `share` query heads, as grouped-query attention repeats them) and an additive causal
+/// bias over the last `s` of `lk` positions; with `blind`, the last query row of the last
+/// batch row sees nothing.
+fn attention_case(
+    [b, h, s, lk, hd]: [usize; 5],
+    share: usize,
+    blind: bool,
+    dev: &Device<Flex>,
+) -> [Tensor<Flex, 4>; 4] {
+    let r = |l: usize, heads: usize| {
+        Tensor::<Flex, 4>::random([b, heads, l, hd], Distribution::Normal(0.0, 1.0), dev)
+    };
+    let kv = |t: Tensor<Flex, 4>| {
+        t.reshape([b, h / share, 1, lk, hd])
+            .repeat_dim(2, share)
+            .reshape([b, h, lk, hd])
+    };
+    let qi = Tensor::<Flex, 1, Int>::arange((lk - s) as i64..lk as i64, dev);
+    let ki = Tensor::<Flex, 1, Int>::arange(0..lk as i64, dev);
+    let mut masked = qi
+        .reshape([s, 1])
+        .lower(ki.reshape([1, lk]))
+        .reshape([1, 1, s, lk])
         .repeat_dim(0, b)
-        .repeat_dim(1, h)
-        .slice_assign(
-            [1..2, 0..h, s - 1..s, 0..s],
-            Tensor::from_data(TensorData::new(vec![true; h * s], [1, h, 1, s]), dev),
+        .repeat_dim(1, h);
+    if blind {
+        masked = masked.slice_assign(
+            [b - 1..b, 0..h, s - 1..s, 0..lk],
+            Tensor::from_data(TensorData::new(vec![true; h * lk], [1, h, 1, lk]), dev),
         );
-    let bias = Tensor::zeros([b, h, s, s], dev).mask_fill(masked, f32::NEG_INFINITY);
-    [r(), r(), r(), bias]
+    }
+    let bias = Tensor::zeros([b, h, s, lk], dev).mask_fill(masked, f32::NEG_INFINITY);
+    [r(s, h), kv(r(lk, h / share)), kv(r(lk, h / share)), bias]
 }
 
 /// `[output, dq, dk, dv, dbias]` of `sum(w * attention(q, k, v, bias))` on autodiff
@@ -90,17 +113,33 @@ fn attention_inputs(dev: &Device<Flex>) -> [Tensor<Flex, 4>; 4] {
 fn attention_grads<A: AutodiffBackend>(
     inputs: &[Tensor<Flex, 4>; 4],
     w: &Tensor<Flex, 4>,
-    dtype: DType,
+    op: fn(Tensor<A, 4>, Tensor<A, 4>, Tensor<A, 4>, Tensor<A, 4>) -> Tensor<A, 4>,
 ) -> [TensorData; 5] {
-    let t = |x: &Tensor<Flex, 4>| tracked::<A, 4>(x, dtype);
+    let t = |x: &Tensor<Flex, 4>| tracked::<A, 4>(x, DType::F32);
     let [q, k, v, bias] = inputs.each_ref().map(t);
     let visible = bias.clone().inner().equal_elem(0.0).float();
-    let y = training_attention(q.clone(), k.clone(), v.clone(), bias.clone());
+    let y = op(q.clone(), k.clone(), v.clone(), bias.clone());
     let out = y.clone().inner();
     let g = (y * t(w)).sum().backward();
     let grad = |x: &Tensor<A, 4>| x.grad(&g).unwrap();
     [out, grad(&q), grad(&k), grad(&v), grad(&bias) * visible]
         .map(|t| t.into_data().convert::<f64>())
+}
+
+/// The attention as plain Burn operations (no fused kernel on any backend).
+fn composed_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+    // [b, h, s, lk]
+    let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3)) + bias;
+    let shift = scores.clone().detach().max_dim(3).clamp_min(-1.0e4);
+    let weights = (scores - shift).exp();
+    let sum = weights.clone().sum_dim(3).clamp_min(1.0e-30);
+    weights.matmul(v) / sum
 }
 
 fn max_abs_diff(a: &TensorData, b: &TensorData) -> f64 {
@@ -143,11 +182,9 @@ fn fused_attention_gradients_match_the_composition() {
     let dev = Default::default();
     let inputs = attention_inputs(&dev);
     let w = Tensor::<Flex, 4>::random(inputs[0].dims(), Distribution::Normal(0.0, 1.0), &dev);
-    let fused = attention_grads::<Autodiff<Flex>>(&inputs, &w, DType::F32);
-    let composed = attention_grads::<Autodiff<NdArray>>(&inputs, &w, DType::F32);
-    // flex in f64 takes the composition
-    let exact = attention_grads::<Autodiff<Flex>>(&inputs, &w, DType::F64);
-    assert_eq!(exact[1].dtype, DType::F64);
+    let fused = attention_grads::<Autodiff<Flex>>(&inputs, &w, training_attention);
+    let composed = attention_grads::<Autodiff<Flex>>(&inputs, &w, composed_attention);
+    let exact = reference::attention(&inputs, &w);
     assert_within_composition_error(
         &["output", "dq", "dk", "dv", "dbias"],
         &fused,
@@ -167,16 +204,60 @@ fn fused_attention_gradients_match_the_composition() {
     assert_eq!(blind(&fused[1]), 0.0);
 }
 
+/// The fused attention against the f64 composition at the shapes the model gives it
+/// besides a training batch: one row and one query over cached keys (decoding), grouped
+/// key/value heads, and scores enough for several parallel tasks of rows.
+#[test]
+fn fused_attention_matches_at_decoding_grouped_and_parallel_shapes() {
+    let dev = Default::default();
+    let cases = [
+        (
+            "batch 1, one query over 7 keys (decoding)",
+            [1, 4, 1, 7, 8],
+            1,
+        ),
+        (
+            "grouped key/value heads (8 query heads, 2 key/value heads)",
+            [2, 8, 5, 5, 8],
+            4,
+        ),
+        ("several parallel tasks (72k scores)", [2, 4, 96, 96, 8], 1),
+    ];
+    for (label, shape, share) in cases {
+        let inputs = attention_case(shape, share, false, &dev);
+        let w = Tensor::<Flex, 4>::random(inputs[0].dims(), Distribution::Normal(0.0, 1.0), &dev);
+        let fused = attention_grads::<Autodiff<Flex>>(&inputs, &w, training_attention);
+        let composed = attention_grads::<Autodiff<Flex>>(&inputs, &w, composed_attention);
+        let exact = reference::attention(&inputs, &w);
+        eprintln!("{label}");
+        assert_within_composition_error(
+            &["output", "dq", "dk", "dv", "dbias"],
+            &fused,
+            &composed,
+            &exact,
+        );
+        // without autodiff: the same forward kernel
+        let [q, k, v, bias] = inputs;
+        let plain = training_attention(q, k, v, bias)
+            .into_data()
+            .convert::<f64>();
+        assert!(
+            max_abs_diff(&plain, &fused[0]) == 0.0,
+            "{label}: inference output"
+        );
+    }
+}
+
 /// `[output, dx, dw, dbias]` of `sum(g * linear(x, w, bias))` on autodiff backend `A`, as
 /// f64 data, with `x` read through a transposed view (`x` given as `[d_in, rows]`).
 fn linear_grads<A: AutodiffBackend>(
     [x_t, w, bias, g]: &[Tensor<Flex, 2>; 4],
-    dtype: DType,
+    op: fn(Tensor<A, 2>, Tensor<A, 2>, Option<Tensor<A, 1>>) -> Tensor<A, 2>,
 ) -> [TensorData; 4] {
-    let t = |x: &Tensor<Flex, 2>| tracked::<A, 2>(x, dtype);
-    let b = tracked::<A, 1>(&bias.clone().reshape([-1]), dtype);
+    let t = |x: &Tensor<Flex, 2>| tracked::<A, 2>(x, DType::F32);
+    let b = tracked::<A, 1>(&bias.clone().reshape([-1]), DType::F32);
     let (x_t, w) = (t(x_t), t(w));
-    let y = linear(x_t.clone().transpose(), w.clone(), Some(b.clone()));
+    let y = op(x_t.clone().transpose(), w.clone(), Some(b.clone()));
     let out = y.clone().inner().into_data();
     let grads = (y * t(g)).sum().backward();
     [
@@ -203,11 +284,11 @@ fn fused_linear_gradients_match_the_composition() {
         r([1, d_out]),
         r([rows, d_out]),
     ];
-    let fused = linear_grads::<Autodiff<Flex>>(&inputs, DType::F32);
-    let composed = linear_grads::<Autodiff<NdArray>>(&inputs, DType::F32);
-    // flex in f64 takes the composition
-    let exact = linear_grads::<Autodiff<Flex>>(&inputs, DType::F64);
-    assert_eq!(exact[1].dtype, DType::F64);
+    let fused = linear_grads::<Autodiff<Flex>>(&inputs, linear);
+    let composed = linear_grads::<Autodiff<Flex>>(&inputs, |x, w, b| {
+        x.matmul(w) + b.expect("a bias").unsqueeze_dim(0)
+    });
+    let exact = reference::linear(&inputs);
     assert_within_composition_error(&["output", "dx", "dw", "dbias"], &fused, &composed, &exact);
     // without autodiff: the same product
     let plain = linear(inputs[0].clone().transpose(), inputs[1].clone(), None);
@@ -224,16 +305,16 @@ fn fused_linear_gradients_match_the_composition() {
 /// with rows of `x` of very different scales.
 fn rms_norm_grads<A: AutodiffBackend>(
     [x, gamma, g]: &[Tensor<Flex, 3>; 3],
-    dtype: DType,
+    op: fn(&RmsNorm<A>, Tensor<A, 3>) -> Tensor<A, 3>,
 ) -> [TensorData; 3] {
-    let t = |x: &Tensor<Flex, 3>| tracked::<A, 3>(x, dtype);
-    let gain = tracked::<A, 1>(&gamma.clone().reshape([-1]), dtype);
+    let t = |x: &Tensor<Flex, 3>| tracked::<A, 3>(x, DType::F32);
+    let gain = tracked::<A, 1>(&gamma.clone().reshape([-1]), DType::F32);
     let norm = RmsNorm {
         gamma: Param::from_tensor(gain),
         epsilon: 1e-5,
     };
     let x = t(x);
-    let y = rms_norm(&norm, x.clone());
+    let y = op(&norm, x.clone());
     let out = y.clone().inner().into_data();
     let grads = (y * t(g)).sum().backward();
     [
@@ -258,11 +339,9 @@ fn fused_rms_norm_matches_the_composition() {
     let gamma = Tensor::<Flex, 3>::random([1, 1, d], Distribution::Normal(1.0, 0.5), &dev);
     let g = Tensor::<Flex, 3>::random([b, s, d], Distribution::Normal(0.0, 1.0), &dev);
     let inputs = [x.clone(), gamma.clone(), g];
-    let fused = rms_norm_grads::<Autodiff<Flex>>(&inputs, DType::F32);
-    let composed = rms_norm_grads::<Autodiff<NdArray>>(&inputs, DType::F32);
-    // flex in f64 takes the composition
-    let exact = rms_norm_grads::<Autodiff<Flex>>(&inputs, DType::F64);
-    assert_eq!(exact[1].dtype, DType::F64);
+    let fused = rms_norm_grads::<Autodiff<Flex>>(&inputs, rms_norm);
+    let composed = rms_norm_grads::<Autodiff<Flex>>(&inputs, |norm, x| norm.forward(x));
+    let exact = reference::rms_norm(&inputs);
     assert_within_composition_error(&["output", "dx", "d gamma"], &fused, &composed, &exact);
     let norm = RmsNorm {
         gamma: Param::from_tensor(gamma.reshape([d])),

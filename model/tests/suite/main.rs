@@ -11,6 +11,7 @@ mod backends;
 mod blockwise;
 mod consistency;
 mod fused;
+mod fused_reference;
 mod mask;
 mod model;
 mod patch;

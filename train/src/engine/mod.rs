@@ -17,6 +17,7 @@ pub mod budget;
 pub mod ema;
 pub mod init;
 mod lead;
+pub mod options;
 pub mod prepare;
 pub mod run;
 pub mod step;
@@ -24,8 +25,9 @@ pub mod task;
 
 pub use ema::{ema_decay_at, Ema, RAW_WEIGHTS_FILE};
 pub use init::seeded_module;
+pub use options::RunOptions;
 pub use prepare::{prepare, Prepared};
-pub use run::{run_task, step_progress_bar, train_loop, EngineHooks, RunOptions, RunOutcome};
+pub use run::{run_task, step_progress_bar, train_loop, EngineHooks, RunOutcome};
 pub use step::{
     accumulate, accumulate_with, optimizer_step, Accumulated, LocalStep, LossSums, MicroStep,
     Objective, SingleDevice, StepSync,

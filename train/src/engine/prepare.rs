@@ -9,7 +9,7 @@ use transfusion_data::files::create_dir;
 use transfusion_infer::checkpoint::load_weights;
 
 use super::ema::{Ema, RAW_WEIGHTS_FILE};
-use super::run::RunOptions;
+use super::options::RunOptions;
 use super::task::TrainTask;
 use crate::checkpoint::{
     latest_checkpoint_with, read_training_state, remove_leftovers, TrainingState,

@@ -395,17 +395,6 @@ fn model_step<B: burn::tensor::backend::AutodiffBackend>(
     (value, all.out)
 }
 
-/// Rows of 1100 positions (two documents of text, an image, text).
-fn long_batch<B: Backend>(
-    cfg: &transfusion_model::TransfusionConfig,
-    dev: &B::Device,
-) -> transfusion_model::TransfusionBatch<B> {
-    use crate::common::Seg::*;
-    let text = |n: usize, at: i64| Text((0..n as i64).map(|i| 4 + (i * 7 + at) % 27).collect());
-    let doc = |at: i64| vec![text(300, at), Image(300 + at), text(200, at + 1)];
-    crate::common::build_batch::<B>(&[vec![doc(0), doc(5)]], 1100, cfg, dev)
-}
-
 /// The whole model's training step through the blockwise attention equals the one
 /// through the dense attention: the same loss and weight gradients.
 fn whole_model_matches_dense<B: burn::tensor::backend::AutodiffBackend>(name: &str) {
@@ -424,7 +413,7 @@ fn whole_model_matches_dense<B: burn::tensor::backend::AutodiffBackend>(name: &s
         (
             "1100 positions, default threshold",
             test_config(),
-            long_batch::<B>,
+            crate::common::long_batch::<B>,
             blockwise::MIN_KEYS,
         ),
     ];

@@ -11,7 +11,7 @@ use transfusion_model::{
     ImageIoConfig, Transfusion, TransfusionBatch, TransfusionConfig, UNetConfig,
 };
 
-use crate::common::{build_batch, mixed_batch, test_config, tweak, Seg};
+use crate::common::{build_batch, long_batch, mixed_batch, test_config, tweak, Seg};
 
 /// Every weight's gradient (`None`: no gradient), in visiting order.
 struct Collect<'a> {
@@ -37,15 +37,6 @@ fn collect<B: AutodiffBackend>(
     };
     model.visit(&mut c);
     c.out
-}
-
-/// Rows of 1100 positions (two documents of text, an image, text): the blockwise
-/// attention at its default threshold.
-fn long_batch<B: Backend>(cfg: &TransfusionConfig, dev: &B::Device) -> TransfusionBatch<B> {
-    use Seg::*;
-    let text = |n: usize, at: i64| Text((0..n as i64).map(|i| 4 + (i * 7 + at) % 27).collect());
-    let doc = |at: i64| vec![text(300, at), Image(300 + at), text(200, at + 1)];
-    build_batch::<B>(&[vec![doc(0), doc(5)]], 1100, cfg, dev)
 }
 
 /// A batch without any image.

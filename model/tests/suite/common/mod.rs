@@ -162,3 +162,12 @@ pub fn max_abs_diff<B: Backend, B2: Backend, const D: usize>(
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Rows of 1100 positions (two documents of text, an image, text): long enough for the
+/// blockwise attention at its default threshold.
+pub fn long_batch<B: Backend>(cfg: &TransfusionConfig, dev: &B::Device) -> TransfusionBatch<B> {
+    use Seg::*;
+    let text = |n: usize, at: i64| Text((0..n as i64).map(|i| 4 + (i * 7 + at) % 27).collect());
+    let doc = |at: i64| vec![text(300, at), Image(300 + at), text(200, at + 1)];
+    build_batch::<B>(&[vec![doc(0), doc(5)]], 1100, cfg, dev)
+}

@@ -92,8 +92,13 @@ impl BackendTask for BenchTask {
         );
         println!(
             "forward pass: {} float tensor ops per step (autodiff graph nodes; integer and \
-             mask ops and the backward pass not counted)",
-            r.forward_ops
+             mask ops and the backward pass not counted{})",
+            r.forward_ops,
+            if self.cfg.recompute == Recompute::Layers {
+                "; with --recompute the count holds the recomputed layers and their seeds too"
+            } else {
+                ""
+            }
         );
         println!(
             "throughput: {:.0} positions/s, {:.0} tokens/s (non-padding), {:.1} images/s",

@@ -188,17 +188,22 @@ fn check_memory(
     device: DeviceChoice,
     replicas: bool,
 ) -> anyhow::Result<()> {
-    let shape = step_shape(cfg, model);
-    let (available, name) = match device.resolve() {
-        _ if replicas => return Ok(()),
-        DeviceChoice::Cpu => (available_host_memory(), "the CPU".to_string()),
-        DeviceChoice::Cuda(i) => (available_gpu_memory(i), format!("CUDA device {i}")),
+    if replicas {
+        return Ok(());
+    }
+    // the CPU trains on flex, whose fused attention keeps no probabilities in f32
+    let (available, name, fused_attention) = match device.resolve() {
+        DeviceChoice::Cpu => (
+            available_host_memory(),
+            "the CPU".to_string(),
+            cfg.training.precision == Precision::F32,
+        ),
+        DeviceChoice::Cuda(i) => (available_gpu_memory(i), format!("CUDA device {i}"), false),
         _ => return Ok(()),
     };
-    // the CPU trains on flex: its fused attention keeps no probabilities in f32
     let shape = StepShape {
-        fused_attention: name == "the CPU" && cfg.training.precision == Precision::F32,
-        ..shape
+        fused_attention,
+        ..step_shape(cfg, model)
     };
     if let Some(available) = available {
         check_fits(&shape, available, &name).map_err(anyhow::Error::msg)?;

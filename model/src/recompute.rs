@@ -91,7 +91,7 @@ impl<B: AutodiffBackend> Transfusion<B> {
         // 3. Embeddings, seeded with the gradients of their outputs.
         let mut seed = (x0 * Tensor::from_inner(grad)).sum();
         if let (Some(ctx), Some(g)) = (ctx, ctx_grads) {
-            seed = seed + context_seed(ctx, g);
+            seed = context_seed(seed, ctx, g);
         }
         let grads = seed.backward();
         total.accumulate(self, GradientsParams::from_grads(grads, self));
@@ -127,11 +127,14 @@ fn context_grads<B: AutodiffBackend>(
     }
 }
 
-/// `sum_k <ctx_k, grad_k>`: its gradient with respect to each context tensor is that
-/// tensor's gradient from the head segment.
-fn context_seed<B: AutodiffBackend>(ctx: ImageContext<B>, g: ContextGrads<B>) -> Tensor<B, 1> {
-    let device = ctx.temb.device();
-    let mut seed = Tensor::<B, 1>::zeros([1], &device);
+/// `seed + sum_k <ctx_k, grad_k>`: its gradient with respect to each context tensor is
+/// that tensor's gradient from the head segment. (No tensor is created here: a new one
+/// would take the device's default dtype, which tests on other backends may have set.)
+fn context_seed<B: AutodiffBackend>(
+    mut seed: Tensor<B, 1>,
+    ctx: ImageContext<B>,
+    g: ContextGrads<B>,
+) -> Tensor<B, 1> {
     if let Some(gt) = g.temb {
         seed = seed + (ctx.temb * Tensor::from_inner(gt)).sum();
     }

@@ -16,7 +16,7 @@ use crate::packing::PackConfig;
 use crate::pipeline::{DataPipeline, PipelineConfig};
 use crate::rng::Rng64;
 use crate::sequence::{SequenceConfig, TokenSource};
-use crate::shapes::ShapesGenerator;
+use crate::synthetic::shapes::ShapesGenerator;
 
 /// One measurement.
 #[derive(Clone, Debug, PartialEq, Serialize)]

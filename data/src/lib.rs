@@ -6,17 +6,13 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod digits;
-pub mod error;
-pub mod image;
-pub mod shapes;
-pub mod tokenizer;
-
 pub mod batcher;
 pub mod bench;
 pub mod datasets;
 pub mod encoder;
+pub mod error;
 pub mod files;
+pub mod image;
 pub mod inspect;
 pub mod latent_cache;
 pub mod mixture;
@@ -26,5 +22,7 @@ pub mod prefetch;
 pub mod rng;
 pub mod sequence;
 pub mod source;
+pub mod synthetic;
+pub mod tokenizer;
 
 pub use error::DataError;

@@ -25,10 +25,10 @@ use crate::datasets::synthetic::{DigitsSource, ShapesSource};
 use crate::datasets::text::{TextSource, TextSplit};
 use crate::datasets::wds::WdsSource;
 use crate::datasets::SampleSource;
-use crate::digits::DigitsGenerator;
 use crate::error::DataError;
 use crate::latent_cache::LatentCacheSource;
-use crate::shapes::ShapesGenerator;
+use crate::synthetic::digits::DigitsGenerator;
+use crate::synthetic::shapes::ShapesGenerator;
 
 /// The format of a data source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

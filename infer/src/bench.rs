@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::error::Result;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use transfusion_runtime::op_count::float_ops;
 
 use crate::context::{CachePolicy, Rows};
 use crate::pipeline::{ImageOptions, Pipeline};
@@ -176,23 +177,7 @@ fn decode_tokens<B: Backend>(pipe: &Pipeline<B>, prompt: &str, n: usize) -> Resu
     Ok(())
 }
 
-/// The next value of the autodiff graph's node counter: every float tensor made on an
-/// autodiff backend (an op's output or a leaf) takes one id from one process-wide counter.
-fn autodiff_node_counter() -> u64 {
-    burn::backend::autodiff::NodeId::new().value
-}
-
-/// `f`'s result and the float tensor ops it ran on autodiff backends: one graph node per
-/// float op output or leaf tensor (matrix products, element-wise ops, reductions, reshapes
-/// and copies alike; integer and boolean ops are not counted). The counter is
-/// process-wide: nothing else may run autodiff ops meanwhile.
-pub fn float_ops<T>(f: impl FnOnce() -> T) -> (T, u64) {
-    let before = autodiff_node_counter();
-    let out = f();
-    (out, autodiff_node_counter() - before - 1)
-}
-
-/// Float tensor ops (see [`float_ops`]) of one KV-cached diffusion step at `opts.cfg` and
+/// Float tensor ops (see [`float_ops`](transfusion_runtime::op_count::float_ops)) of one KV-cached diffusion step at `opts.cfg` and
 /// of one cached text token after the benchmark's prompt, on a pipeline over an autodiff
 /// backend (the same model as the timed one): the difference between two and one step (or
 /// token), so the prompt's prefill and the setup are not counted.

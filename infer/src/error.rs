@@ -1,12 +1,12 @@
-//! The inference crate's error type, and [`report`], which prints any error with its causes
-//! once each (the binaries' last line on failure).
+//! The inference crate's error type: what generation adds to the runtime's errors
+//! ([`RuntimeError`]: devices, checkpoints, autoencoders).
 
-use std::error::Error as StdError;
 use std::path::PathBuf;
 
 use transfusion_data::DataError;
+use transfusion_runtime::RuntimeError;
 
-/// Errors of loading checkpoints and VAEs, choosing devices and generating.
+/// Errors of generating, and of loading what generation needs.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
     /// The requested image size is not what the model's patching represents.
@@ -29,24 +29,16 @@ pub enum InferError {
     /// Metadata and model disagree.
     #[error("checkpoint metadata: {0}")]
     Meta(String),
-    /// A file or directory exists but is not what the reader expected, or is missing a part.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file or directory.
-        path: PathBuf,
-        /// What is wrong with it.
-        message: String,
-    },
     /// Generation or sampling options that cannot work (the message names the option).
     #[error("{0}")]
     Options(String),
-    /// The requested device cannot be used (not compiled in, no adapter, listed twice).
-    #[error("{0}")]
-    Device(String),
+    /// Loading a checkpoint or an autoencoder, or choosing the device.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     /// Reading or writing data files (tokenizer, images, directories).
     #[error(transparent)]
     Data(#[from] DataError),
-    /// An error met while doing `context` (e.g. loading a checkpoint's VAE).
+    /// An error met while doing `context` (e.g. loading a checkpoint's tokenizer).
     #[error("{context}: {source}")]
     Within {
         /// What was being done, and on what.
@@ -60,12 +52,10 @@ pub enum InferError {
 pub type Result<T, E = InferError> = std::result::Result<T, E>;
 
 impl InferError {
-    /// Shorthand for [`InferError::Invalid`].
+    /// A file or directory that exists but is not what the reader expected
+    /// ([`RuntimeError::Invalid`]).
     pub fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self::Runtime(RuntimeError::invalid(path, message))
     }
 
     /// This error as the cause of a failure while doing `context`.
@@ -75,20 +65,4 @@ impl InferError {
             source: Box::new(self),
         }
     }
-}
-
-/// `error` and each cause in its chain that its message does not already say, joined by
-/// `": "`: what a binary prints when it fails.
-pub fn report(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let said = c.to_string();
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        cause = c.source();
-    }
-    text
 }

@@ -27,12 +27,12 @@ use transfusion_data::sequence::TokenSource;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_model::{Precision, Transfusion};
 
-use crate::autoencoder::{load_vae, Autoencoder};
-use crate::checkpoint::{load_model, AutoencoderRef, ModelMeta};
 use crate::context::{CachePolicy, ForwardRecord, Rows, Trace};
 use crate::error::{InferError, Result};
 use crate::guidance::{duplicate, unconditional_prompt, Guidance};
 use crate::sampler::{NoiseSource, Sampler, SamplerKind};
+use transfusion_runtime::autoencoder::{load_vae, Autoencoder};
+use transfusion_runtime::checkpoint::{load_model, AutoencoderRef, ModelMeta};
 
 /// Options of text-to-image generation.
 #[derive(Clone, Debug, PartialEq)]
@@ -123,7 +123,7 @@ pub struct Pipeline<B: Backend> {
 }
 
 impl<B: Backend> Pipeline<B> {
-    /// Loads a checkpoint directory (see [`crate::checkpoint`]) onto `device`, with its
+    /// Loads a checkpoint directory (see [`transfusion_runtime::checkpoint`]) onto `device`, with its
     /// autoencoder (a VAE path in `model.json` is relative to the checkpoint directory).
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let (model, meta, tokenizer) = load_model::<B>(dir, device)?;

@@ -96,7 +96,7 @@ pub struct Sampler {
     /// The respaced schedule (`timestep_map[i]` is the model timestep of step `i`).
     pub schedule: NoiseSchedule,
     /// Predicted `x_0` is clipped to `[-bound, bound]`; `None` leaves it alone
-    /// (see [`crate::autoencoder::Autoencoder::x0_bound`]).
+    /// (see [`transfusion_runtime::autoencoder::Autoencoder::x0_bound`]).
     pub x0_clip: Option<f64>,
 }
 

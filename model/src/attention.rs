@@ -1,16 +1,12 @@
-//! Multi-head (optionally grouped-query) self-attention: through Burn's fused
-//! `module::attention` with a boolean mask when no gradient is recorded, and through
-//! [`crate::fused::attention`] (a kernel with its own backward pass on `flex`, a
-//! composition elsewhere) with an additive mask when one is (see [`AttentionMask`]).
+//! Multi-head (optionally grouped-query) self-attention with rotary position embeddings:
+//! project, move the heads first, attend, move them back, project. Which kernel attends
+//! and how the heads move are [`crate::ops`]' choice, made once per pass.
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::blockwise::{self, BlockPlan};
-use crate::head_layout::HeadLayout;
 use crate::kv_cache::LayerKv;
+use crate::ops::{self, AttentionMask, HeadLayout};
 use crate::precision::Precision;
 use crate::rope::RopeTables;
 
@@ -42,41 +38,6 @@ impl AttentionConfig {
     }
 }
 
-/// The Transfusion mask in the form the attention of one forward pass uses.
-#[derive(Clone, Debug)]
-pub enum AttentionMask<B: Backend> {
-    /// `[b, h, s, lk]`, `true` = masked: for Burn's fused attention (inference off `flex`).
-    /// Its autodiff form is a generic decomposition (a max with indices and its scatter,
-    /// masking and two broadcast divisions in the backward pass), so training uses the
-    /// other form.
-    Bool(Tensor<B, 4, Bool>),
-    /// `[b, h, s, lk]`, `0` where visible and `-inf` where masked: added to the scores of
-    /// [`crate::fused::attention`] (training, and inference on `flex`, whose own fused
-    /// attention is a scalar loop: 18% of a `perf` profile of `transfusion bench` running
-    /// cached diffusion steps).
-    Additive(Tensor<B, 4>),
-    /// No dense mask: the blockwise attention ([`crate::blockwise`]) computes it per block
-    /// of queries from the positions' metadata (long passes, whose dense mask and scores
-    /// would grow with the square of the sequence).
-    Blockwise(BlockPlan<B>),
-}
-
-impl<B: Backend> AttentionMask<B> {
-    /// The form for a forward pass on `device`: additive when the backend records
-    /// gradients or has the fused kernels (`flex`), boolean otherwise.
-    ///
-    /// # Shapes
-    /// `masked`: `[b, h, s, lk]`, `true` = masked
-    pub fn for_device(masked: Tensor<B, 4, Bool>, device: &B::Device) -> Self {
-        if B::ad_enabled(device) || crate::fused::available::<B>() {
-            let zeros = Tensor::zeros(masked.dims(), device);
-            Self::Additive(zeros.mask_fill(masked, f32::NEG_INFINITY))
-        } else {
-            Self::Bool(masked)
-        }
-    }
-}
-
 /// Self-attention layer.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -104,8 +65,8 @@ pub struct LayerContext<'a, B: Backend> {
     pub rope_q: &'a RopeTables<B>,
     /// RoPE tables for the `s` new positions, for the key/value heads.
     pub rope_k: &'a RopeTables<B>,
-    /// Which keys each query may not see, `[b, h, s, past + s]` (dense: built once per
-    /// forward pass), boolean or additive (see [`AttentionMask`]).
+    /// Which keys each query may not see, `[b, h, s, past + s]`, in the form of the pass
+    /// (see [`AttentionMask`]).
     pub mask: &'a AttentionMask<B>,
     /// How the heads move between the projections' layout and the attention's.
     pub head_layout: &'a HeadLayout<B>,
@@ -177,20 +138,7 @@ impl<B: Backend> Attention<B> {
         let k = repeat_kv(all.key, h / self.n_kv_heads);
         let v = repeat_kv(all.value, h / self.n_kv_heads);
         let [q, k, v] = [q, k, v].map(|t| precision.to_compute(t));
-        let out = match ctx.mask {
-            AttentionMask::Bool(mask) => attention(
-                q,
-                k,
-                v,
-                Some(mask.clone()),
-                None,
-                AttentionModuleOptions::default(),
-            ),
-            AttentionMask::Additive(bias) => {
-                crate::fused::attention(q, k, v, precision.to_compute(bias.clone()))
-            }
-            AttentionMask::Blockwise(plan) => blockwise::attention(q, k, v, plan),
-        };
+        let out = ops::attention(q, k, v, ctx.mask, precision);
         let out = precision.to_f32(out);
         // [b, h, s, hd] -> [b, s, h*hd]
         (ctx.head_layout.heads_last(out), new)

@@ -7,9 +7,9 @@ use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
 use crate::attention::{Attention, AttentionConfig, LayerContext};
-use crate::fused::rms_norm;
 use crate::kv_cache::LayerKv;
 use crate::mlp::{SwiGluMlp, SwiGluMlpConfig};
+use crate::ops::rms_norm;
 use crate::params::materialize;
 
 /// Configuration of [`DecoderBlock`].

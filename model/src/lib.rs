@@ -9,21 +9,18 @@
 #![warn(missing_docs)]
 
 pub mod attention;
-pub mod autodiff_inner;
 pub mod batch;
 pub mod block;
-pub mod blockwise;
 pub mod config;
 pub mod consistency;
-pub mod fused;
-pub mod head_layout;
-pub mod image_io;
+pub mod image_adapter;
 pub mod kv_cache;
 pub mod loss;
 pub mod mask;
 pub mod mlp;
 pub mod modality;
 pub mod model;
+pub mod ops;
 pub mod params;
 pub mod pass;
 pub mod patch;

@@ -3,7 +3,7 @@
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
-use crate::fused::swiglu;
+use crate::ops::swiglu;
 use crate::precision::Precision;
 
 /// Configuration of [`SwiGluMlp`].

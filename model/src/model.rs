@@ -9,7 +9,7 @@ use burn::prelude::*;
 use crate::batch::TransfusionBatch;
 use crate::block::{DecoderBlock, DecoderBlockConfig};
 use crate::config::TransfusionConfig;
-use crate::image_io::{init_image_adapter, ImageAdapter, ImageContext};
+use crate::image_adapter::{init_image_adapter, ImageAdapter, ImageContext};
 use crate::kv_cache::CacheMode;
 use crate::loss::{masked_cross_entropy, per_image_mse, TransfusionLoss};
 use crate::patch::num_patches;
@@ -72,7 +72,7 @@ impl TransfusionConfig {
             timesteps: self.timesteps,
             prediction: self.prediction.unwrap_or_default(),
             precision: Precision::F32,
-            blockwise_from: crate::blockwise::MIN_KEYS,
+            blockwise_from: crate::ops::blockwise::MIN_KEYS,
         }
     }
 }
@@ -108,7 +108,7 @@ pub struct Transfusion<B: Backend> {
     #[module(skip)]
     pub precision: Precision,
     /// Passes over at least this many keys take the blockwise attention, whose memory is
-    /// linear in the sequence ([`crate::blockwise::MIN_KEYS`] unless set with
+    /// linear in the sequence ([`crate::ops::blockwise::MIN_KEYS`] unless set with
     /// [`Transfusion::with_blockwise_from`]); not part of the weights.
     #[module(skip)]
     pub blockwise_from: usize,
@@ -269,7 +269,7 @@ impl<B: Backend> Transfusion<B> {
     /// # Shapes
     /// `[b, s, d] -> [b, s, d]`
     pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        crate::fused::rms_norm(&self.norm, x)
+        crate::ops::rms_norm(&self.norm, x)
     }
 
     /// The flat hidden states and the image head's output (where `ctx` is given) from the

@@ -5,13 +5,12 @@
 
 use burn::prelude::*;
 
-use crate::attention::{AttentionMask, LayerContext};
-use crate::blockwise::BlockPlan;
+use crate::attention::LayerContext;
 use crate::config::ModalityWeights;
-use crate::head_layout::HeadLayout;
 use crate::kv_cache::{CacheMode, KvCache, LayerKv};
-use crate::mask::{transfusion_mask_heads, SpanMeta};
+use crate::mask::SpanMeta;
 use crate::model::Transfusion;
+use crate::ops::{AttentionMask, HeadLayout};
 use crate::precision::Precision;
 use crate::rope::{rope_tables, RopeTables};
 
@@ -77,11 +76,7 @@ impl<B: Backend> Transfusion<B> {
             Some(past) => past.cat(meta.clone()),
             None => meta.clone(),
         };
-        let mask = if crate::blockwise::takes_blockwise(s, keys.len(), self.blockwise_from) {
-            AttentionMask::Blockwise(BlockPlan::new(meta.clone(), keys, h))
-        } else {
-            AttentionMask::for_device(transfusion_mask_heads(&meta, &keys, h), &device)
-        };
+        let mask = AttentionMask::for_pass(meta.clone(), keys, h, self.blockwise_from);
         // [b, s]: the patch positions, for untied modality weights
         let image_positions = (self.modality_weights() == ModalityWeights::Untied)
             .then(|| meta.span.clone().greater_elem(0));

@@ -73,17 +73,9 @@ impl Precision {
         let dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let x = x.reshape([rows, dims[D - 1]]);
-        let y = if self.compute_dtype().is_none() {
-            crate::fused::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
-        } else {
-            let weight = self.to_compute(layer.weight.val());
-            let bias = layer.bias.as_ref().map(|b| self.to_compute(b.val()));
-            self.to_f32(burn::tensor::module::linear(
-                self.to_compute(x),
-                weight,
-                bias,
-            ))
-        };
+        let weight = self.to_compute(layer.weight.val());
+        let bias = layer.bias.as_ref().map(|b| self.to_compute(b.val()));
+        let y = self.to_f32(crate::ops::linear(self.to_compute(x), weight, bias));
         let mut out = dims;
         out[D - 1] = y.dims()[1];
         y.reshape(out)

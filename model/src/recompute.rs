@@ -25,7 +25,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::batch::TransfusionBatch;
-use crate::image_io::ImageContext;
+use crate::image_adapter::ImageContext;
 use crate::model::Transfusion;
 
 impl<B: AutodiffBackend> Transfusion<B> {

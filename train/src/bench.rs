@@ -13,12 +13,12 @@ use transfusion_data::packing::PackConfig;
 use transfusion_data::pipeline::{DataPipeline, PipelineConfig};
 use transfusion_data::rng::Rng64;
 use transfusion_data::sequence::{SequenceConfig, TokenSource};
-use transfusion_data::shapes::ShapesGenerator;
 use transfusion_data::source::{open_source, SourceOptions, SourceSpec};
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_data::DataError;
-use transfusion_infer::bench::float_ops;
 use transfusion_model::{Precision, TransfusionConfig};
+use transfusion_runtime::op_count::float_ops;
 
 use crate::config::OptimizerSection;
 use crate::config::Recompute;
@@ -237,7 +237,7 @@ pub fn run_bench<B: AutodiffBackend>(
         ema: false,
         blockwise_from: cfg.blockwise_from,
         recompute: cfg.recompute,
-        fused_attention: transfusion_model::fused::available::<B>()
+        fused_attention: transfusion_model::ops::fused::available::<B>()
             && cfg.precision == Precision::F32,
     });
     Ok(BenchReport {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! OUT/checkpoints/step-00001000/
-//!   model.safetensors  model.json  tokenizer.json   (transfusion_infer::checkpoint: loads
+//!   model.safetensors  model.json  tokenizer.json   (transfusion_runtime::checkpoint: loads
 //!                                                    for inference on any backend)
 //!   raw_weights.safetensors  with an EMA (`training.ema_decay`) only: the trained weights;
 //!                        model.safetensors then holds their moving average
@@ -35,7 +35,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use transfusion_data::files::create_dir;
 use transfusion_data::pipeline::PipelineState;
-use transfusion_infer::checkpoint::{META_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+use transfusion_runtime::checkpoint::{META_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 
 use crate::config::ExperimentConfig;
 use crate::error::{Result, TrainError};

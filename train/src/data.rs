@@ -11,12 +11,12 @@ use transfusion_data::packing::PackConfig;
 use transfusion_data::pipeline::{DataPipeline, PipelineConfig};
 use transfusion_data::rng::derive_seed;
 use transfusion_data::sequence::SequenceConfig;
-use transfusion_data::shapes::ShapesGenerator;
 use transfusion_data::source::{SourceKind, SourceOptions, SourceSpec};
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_data::DataError;
-use transfusion_infer::checkpoint::AutoencoderRef;
 use transfusion_model::TransfusionConfig;
+use transfusion_runtime::checkpoint::AutoencoderRef;
 
 use crate::config::ExperimentConfig;
 use crate::error::{Result, TrainError};

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use transfusion_data::DataError;
 use transfusion_infer::InferError;
+use transfusion_runtime::RuntimeError;
 
 use crate::config::ConfigError;
 
@@ -55,7 +56,10 @@ pub enum TrainError {
     /// Reading, decoding or assembling training data.
     #[error(transparent)]
     Data(#[from] DataError),
-    /// Loading or saving a model, choosing a device, generating previews.
+    /// Loading or saving a model or an autoencoder, choosing a device.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Generating previews and samples.
     #[error(transparent)]
     Infer(#[from] InferError),
     /// An error met while doing `context` (e.g. writing a checkpoint).

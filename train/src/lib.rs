@@ -8,7 +8,7 @@
 //!
 //! The entry points are [`run_training`] and [`vae::run_vae_training`] (generic over
 //! `B: AutodiffBackend`; the binary picks the backend with
-//! `transfusion_infer::device::dispatch`). A run directory holds the run config,
+//! `transfusion_runtime::device::dispatch`). A run directory holds the run config,
 //! `metrics.jsonl`, `loss.png` and `checkpoints/step-N/` (see [`checkpoint`]).
 //! Errors are [`TrainError`] (naming the file, key or setting at fault).
 //!
@@ -42,11 +42,11 @@ pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod llm_import;
+pub mod lr_schedule;
 pub mod memory_plan;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
-pub mod schedule;
 pub mod transfusion;
 pub mod vae;
 

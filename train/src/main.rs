@@ -57,8 +57,8 @@ enum Command {
 /// under `RUST_BACKTRACE`), and the exit status is 1.
 fn main() {
     let command = Cli::parse().command;
-    if let Err(e) = transfusion_infer::threads::run_binary(|| dispatch(command)) {
-        eprintln!("error: {}", transfusion_infer::error::report(e.as_ref()));
+    if let Err(e) = transfusion_runtime::threads::run_binary(|| dispatch(command)) {
+        eprintln!("error: {}", transfusion_runtime::report(e.as_ref()));
         std::process::exit(1);
     }
 }

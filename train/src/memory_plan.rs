@@ -2,7 +2,7 @@
 //! gradients, optimizer state, the activations each layer keeps for the backward pass,
 //! the attention's own tensors, and the LM head's logits.
 //!
-//! The parts follow what the model records (see `transfusion_model::blockwise` for the
+//! The parts follow what the model records (see `transfusion_model::ops::blockwise` for the
 //! attention); the per-position constants were fitted to the process's peak on the CPU
 //! (`bench --memory`: the tiny and `paper_160m` presets, dense and blockwise attention,
 //! with and without layer recomputation, 160 to 4096 positions); the test
@@ -10,8 +10,8 @@
 
 use std::fmt;
 
-use transfusion_model::blockwise::plan::rows_per_block;
-use transfusion_model::blockwise::takes_blockwise;
+use transfusion_model::ops::blockwise::plan::rows_per_block;
+use transfusion_model::ops::blockwise::takes_blockwise;
 use transfusion_model::{Precision, TransfusionConfig};
 
 use crate::config::{ExperimentConfig, Recompute};
@@ -119,7 +119,7 @@ pub fn step_shape(cfg: &ExperimentConfig, model: &TransfusionConfig) -> StepShap
         seq_len: cfg.training.seq_len,
         precision: cfg.training.precision,
         ema: cfg.training.ema_decay > 0.0,
-        blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+        blockwise_from: transfusion_model::ops::blockwise::MIN_KEYS,
         recompute: cfg.training.recompute,
         fused_attention: false,
     }

@@ -3,7 +3,7 @@
 mod common;
 
 use transfusion_train::config::ExperimentConfig;
-use transfusion_train::schedule::lr_at;
+use transfusion_train::lr_schedule::lr_at;
 
 const BASE: &str = r#"
 seed = 1
@@ -313,7 +313,7 @@ fn bench_counts_forward_ops_per_layer() {
             warmup: 0,
             peak_tflops: None,
             precision: transfusion_model::Precision::F32,
-            blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+            blockwise_from: transfusion_model::ops::blockwise::MIN_KEYS,
             recompute: transfusion_train::config::Recompute::None,
         };
         let r = run_bench::<common::B>(&cfg, &tok, &Default::default(), "cpu").unwrap();
@@ -391,7 +391,7 @@ fn a_run_that_cannot_fit_is_refused_with_the_settings_that_would() {
         seq_len: 4096,
         precision: transfusion_model::Precision::F32,
         ema: false,
-        blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+        blockwise_from: transfusion_model::ops::blockwise::MIN_KEYS,
         recompute: transfusion_train::config::Recompute::None,
         fused_attention: true,
     };

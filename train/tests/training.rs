@@ -300,7 +300,7 @@ fn resume_after_a_kill_gives_the_same_weights_and_ignores_partial_writes() {
     assert_eq!(train_steps, (1..=6).collect::<Vec<_>>());
     // The checkpoint loads for inference.
     let (_m, meta, _t) =
-        transfusion_infer::checkpoint::load_model::<burn::backend::NdArray>(&b, &device).unwrap();
+        transfusion_runtime::checkpoint::load_model::<burn::backend::NdArray>(&b, &device).unwrap();
     assert_eq!(meta.step, 6);
 }
 

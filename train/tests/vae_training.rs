@@ -10,10 +10,10 @@ use common::{tiny_cfg, train, B};
 use transfusion_data::datasets::synthetic::ShapesSource;
 use transfusion_data::datasets::{ImageData, Sample, SampleSource};
 use transfusion_data::latent_cache::cache_latents;
-use transfusion_data::shapes::ShapesGenerator;
-use transfusion_infer::autoencoder::{load_vae, Autoencoder, VaeImageEncoder};
-use transfusion_infer::checkpoint::{load_meta, AutoencoderRef};
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 use transfusion_model::vae::VaeConfig;
+use transfusion_runtime::autoencoder::{load_vae, Autoencoder, VaeImageEncoder};
+use transfusion_runtime::checkpoint::{load_meta, AutoencoderRef};
 use transfusion_train::metrics::Line;
 use transfusion_train::vae::{
     run_vae_training, VaeMetricsLine, VaeRunOptions, VaeTrainConfig, VAE_TRAIN_FILE,

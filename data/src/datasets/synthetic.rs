@@ -4,9 +4,9 @@
 use ::image::RgbImage;
 
 use super::{ImageData, IndexedSource, Sample};
-use crate::digits::DigitsGenerator;
 use crate::error::DataError;
-use crate::shapes::ShapesGenerator;
+use crate::synthetic::digits::DigitsGenerator;
+use crate::synthetic::shapes::ShapesGenerator;
 
 /// An index-addressable generator of image-caption pairs.
 pub trait PairGenerator: Clone + Send + Sync + 'static {

@@ -14,7 +14,7 @@ use transfusion_data::packing::{OverlongText, PackConfig};
 use transfusion_data::pipeline::{BatchStream, DataPipeline, PipelineConfig};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::sequence::SequenceConfig;
-use transfusion_data::shapes::ShapesGenerator;
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 
 fn pipeline(dir: &std::path::Path, overlong: OverlongText) -> DataPipeline {
     let words = ["a", "red", "circle", "the", "cat", "big", "blue", "square"];

@@ -4,7 +4,7 @@ use transfusion_data::datasets::synthetic::ShapesSource;
 use transfusion_data::datasets::text::{TextSource, TextSplit};
 use transfusion_data::datasets::{Sample, SampleSource};
 use transfusion_data::mixture::{Balance, Mixture, MixtureConfig, SourceCursor, StreamPosition};
-use transfusion_data::shapes::ShapesGenerator;
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 
 fn text_source(dir: &std::path::Path, n: usize) -> TextSource {
     let lines: Vec<String> = (0..n)

@@ -2,12 +2,12 @@
 //! reader that scores generated images, and the `digits:N` source.
 
 use transfusion_data::datasets::{ImageData, Sample};
-use transfusion_data::digits::{
+use transfusion_data::source::{open_source, parse_source_spec, SourceOptions};
+use transfusion_data::synthetic::digits::{
     classify_digit, digit_caption, parse_digit_caption, read_digit, render_digit, DigitPlacement,
     DigitsGenerator, DIGIT_WORDS, JITTER, MIN_READ_IOU,
 };
-use transfusion_data::shapes::ShapesGenerator;
-use transfusion_data::source::{open_source, parse_source_spec, SourceOptions};
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 
 #[test]
 fn samples_are_deterministic_cover_every_digit_and_splits_differ() {

@@ -5,8 +5,8 @@ use transfusion_data::datasets::text::{TextSource, TextSplit};
 use transfusion_data::datasets::{ImageData, Sample, SampleSource};
 use transfusion_data::encoder::{FnEncoder, ImageEncoder, PixelEncoder};
 use transfusion_data::latent_cache::{cache_latents, LatentCacheSource, INDEX_FILE};
-use transfusion_data::shapes::ShapesGenerator;
 use transfusion_data::source::{open_source, parse_source_spec, SourceOptions};
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 
 fn pair_parts(s: Option<Sample>) -> (ImageData, String) {
     match s {

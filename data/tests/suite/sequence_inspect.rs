@@ -87,7 +87,7 @@ fn real_tokenizer_builds_and_renders_a_shapes_pair() {
     use transfusion_data::encoder::PixelEncoder;
     use transfusion_data::rng::Rng64;
     use transfusion_data::sequence::{SequenceBuilder, SequenceConfig};
-    use transfusion_data::shapes::ShapesGenerator;
+    use transfusion_data::synthetic::shapes::ShapesGenerator;
     use transfusion_data::tokenizer::TextTokenizer;
 
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tokenizer.json");

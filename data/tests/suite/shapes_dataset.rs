@@ -2,7 +2,7 @@
 
 use image::RgbImage;
 use transfusion_data::image::{from_chw, to_chw};
-use transfusion_data::shapes::{
+use transfusion_data::synthetic::shapes::{
     analyze, analyze_components, caption, cleanliness, parse_caption, render, score, shape_extent,
     Color, Column, Row, Shape, ShapeAttributes, ShapesGenerator, Size, BACKGROUND,
 };

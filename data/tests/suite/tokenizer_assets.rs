@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
-use transfusion_data::shapes::{
+use transfusion_data::synthetic::shapes::{
     caption, Color, Column, Row, Shape, ShapeAttributes, ShapesGenerator, Size,
 };
 use transfusion_data::tokenizer::{train_bpe, TextTokenizer, SPECIAL_TOKENS};

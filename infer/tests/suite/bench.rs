@@ -6,9 +6,10 @@
 //! autodiff backend.
 
 use burn::backend::{Autodiff, NdArray};
-use transfusion_infer::bench::{float_ops, op_counts, BenchOptions, BenchReport};
+use transfusion_infer::bench::{op_counts, BenchOptions, BenchReport};
 use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::sampler::SamplerKind;
+use transfusion_runtime::op_count::float_ops;
 
 type AD = Autodiff<NdArray>;
 

@@ -1,8 +1,8 @@
 //! `error::report`: an error and each cause its message does not already say, once.
 
 use transfusion_data::DataError;
-use transfusion_infer::error::report;
 use transfusion_infer::InferError;
+use transfusion_runtime::report;
 
 #[test]
 fn causes_already_in_the_message_are_not_repeated() {

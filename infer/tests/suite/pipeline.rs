@@ -632,7 +632,7 @@ fn a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor() {
 
 #[test]
 fn model_json_refuses_unknown_and_missing_keys_and_reads_version_0() {
-    use transfusion_infer::checkpoint::{parse_meta, META_FORMAT};
+    use transfusion_runtime::checkpoint::{parse_meta, META_FORMAT};
     let dir = checkpoint();
     let meta_path = dir.path().join("model.json");
     let text = std::fs::read_to_string(&meta_path).unwrap();
@@ -774,7 +774,7 @@ fn the_consistency_sampler_starts_at_phi_max_renoises_near_phi_mid_and_reuses_th
 
 #[test]
 fn a_consistency_model_samples_with_its_own_defaults_unless_told_otherwise() {
-    use transfusion_infer::checkpoint::ConsistencyMeta;
+    use transfusion_runtime::checkpoint::ConsistencyMeta;
     let mut meta = crate::common::tiny_meta(&crate::common::tokenizer());
     let plain = ImageOptions::for_model(&meta, ImageOptions::default());
     assert_eq!(

@@ -1,6 +1,6 @@
 //! The compute pool the binaries run their work on.
 
-use transfusion_infer::threads::on_compute_pool;
+use transfusion_runtime::threads::on_compute_pool;
 
 /// The work runs on a thread of a pool (so the CPU kernels it starts take that thread
 /// along instead of putting it to sleep), with rayon's usual number of threads, and its

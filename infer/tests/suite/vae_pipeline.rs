@@ -2,14 +2,14 @@
 //! name their VAE, and a clear error when that VAE is missing.
 
 use crate::common::{tiny_config, tokenizer, B};
-use transfusion_data::shapes::ShapesGenerator;
-use transfusion_infer::autoencoder::{load_vae, save_vae, Autoencoder, Vae};
-use transfusion_infer::checkpoint::{save_model, AutoencoderRef, ModelMeta};
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 use transfusion_infer::pipeline::ImageOptions;
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::Pipeline;
 use transfusion_model::vae::VaeConfig;
 use transfusion_model::Prediction;
+use transfusion_runtime::autoencoder::{load_vae, save_vae, Autoencoder, Vae};
+use transfusion_runtime::checkpoint::{save_model, AutoencoderRef, ModelMeta};
 
 /// 2x down-sampling, 4 latent channels, 8 base channels: 16px images -> [4, 8, 8].
 fn tiny_vae_config() -> VaeConfig {
@@ -59,8 +59,8 @@ fn vae_pipeline_round_trips_images_through_latents() {
     let z = pipe.from_images(&images);
     assert_eq!(z.dims(), [3, 4, 8, 8]);
     // The latents are the VAE's scaled posterior mode.
-    let x =
-        transfusion_infer::autoencoder::Autoencoder::<B>::Pixel.encode_images(&images, 16, &device);
+    let x = transfusion_runtime::autoencoder::Autoencoder::<B>::Pixel
+        .encode_images(&images, 16, &device);
     // (The pipeline's own copy: Burn initialises parameters lazily, so a clone taken
     // before first use would draw its own weights.)
     let Autoencoder::Vae(vae) = &pipe.autoencoder else {
@@ -164,8 +164,8 @@ fn checkpoint_loads_its_vae_and_names_a_missing_one() {
 /// on the default budget) loads and reconstructs held-out shapes images it never saw.
 #[test]
 fn the_shipped_tiny_vae_reconstructs_held_out_shapes() {
-    use transfusion_infer::image_tensor::images_to_tensor;
     use transfusion_model::vae::loss::psnr;
+    use transfusion_runtime::image_tensor::images_to_tensor;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/vae-tiny");
     let device = Default::default();
     let vae = load_vae::<B>(&dir, &device).unwrap();

@@ -6,9 +6,9 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Distribution;
-use transfusion_model::attention::AttentionMask;
-use transfusion_model::fused::attention as training_attention;
-use transfusion_model::head_layout::{heads_first, heads_last, HeadLayout};
+use transfusion_model::ops::fused::attention as training_attention;
+use transfusion_model::ops::head_layout::{heads_first, heads_last, HeadLayout};
+use transfusion_model::ops::AttentionMask;
 use transfusion_model::rope::rope_tables;
 
 type B = Flex;

@@ -7,8 +7,8 @@ use burn::backend::ndarray::NdArray;
 use burn::backend::{Autodiff, Flex, Wgpu};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
-use transfusion_model::blockwise::{self, BlockPlan};
 use transfusion_model::mask::{allowed_reference, SpanMeta};
+use transfusion_model::ops::blockwise::{self, BlockPlan};
 
 type Reference = Autodiff<NdArray<f64>>;
 

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution};
-use transfusion_model::fused::{attention as training_attention, linear, rms_norm, swiglu};
+use transfusion_model::ops::fused::{attention as training_attention, linear, rms_norm, swiglu};
 
 use crate::fused_reference as reference;
 

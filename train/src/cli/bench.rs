@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::{Precision, TransfusionConfig};
+use transfusion_runtime::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_train::bench::{run_bench, BenchConfig};
 use transfusion_train::config::Recompute;
 use transfusion_train::data::resolve_path;
@@ -178,7 +178,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         blockwise_from: if a.dense_attention {
             usize::MAX
         } else {
-            transfusion_model::blockwise::MIN_KEYS
+            transfusion_model::ops::blockwise::MIN_KEYS
         },
         recompute: if a.recompute {
             Recompute::Layers

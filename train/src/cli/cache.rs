@@ -6,8 +6,8 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::encoder::ImageEncoder;
 use transfusion_data::source::{SourceOptions, SourceSpec};
-use transfusion_infer::autoencoder::{load_vae, VaeImageEncoder};
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
+use transfusion_runtime::autoencoder::{load_vae, VaeImageEncoder};
+use transfusion_runtime::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_train::engine::step_progress_bar;
 
 /// Flags of `cache-latents`.

@@ -2,7 +2,7 @@
 //! `orchestrator` subcommand. Needs the `collective` feature; without it they say so.
 
 use clap::Args;
-use transfusion_infer::device::DeviceChoice;
+use transfusion_runtime::device::DeviceChoice;
 use transfusion_train::config::ExperimentConfig;
 use transfusion_train::RunOptions;
 
@@ -76,7 +76,7 @@ pub fn orchestrator(a: &OrchestratorArgs) -> anyhow::Result<()> {
 #[cfg(feature = "collective")]
 pub fn run(a: &DdpArgs, cfg: ExperimentConfig, opts: RunOptions) -> anyhow::Result<()> {
     use burn::tensor::backend::AutodiffBackend;
-    use transfusion_infer::device::{dispatch_many, MultiDeviceTask};
+    use transfusion_runtime::device::{dispatch_many, MultiDeviceTask};
     use transfusion_train::ddp::{run_training_ddp, MultiNode};
     use transfusion_train::TrainHooks;
 

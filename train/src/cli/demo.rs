@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use transfusion_infer::checkpoint::load_meta;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_infer::pipeline::ImageOptions;
 use transfusion_infer::sampler::SamplerKind;
+use transfusion_runtime::checkpoint::load_meta;
+use transfusion_runtime::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_train::config::ConfigOverride;
 use transfusion_train::demo::{run_demo, run_digits_demo, DemoDataset, DemoOptions};
 

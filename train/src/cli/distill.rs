@@ -8,7 +8,7 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::device::{dispatch, BackendTask};
+use transfusion_runtime::device::{dispatch, BackendTask};
 use transfusion_train::checkpoint::{read_config, CONFIG_FILE};
 use transfusion_train::config::ExperimentConfig;
 use transfusion_train::distill::{distill_config, run_distill, DistillSettings, DISTILL_FILE};

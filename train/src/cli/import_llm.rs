@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::ModalityWeights;
+use transfusion_runtime::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_train::llm_import::{import_llm, AdapterChoice, ImportOptions};
 
 /// Flags of `import-llm`.

@@ -15,7 +15,7 @@ pub mod vae;
 pub mod vae_bench;
 
 use clap::Args;
-use transfusion_infer::device::DeviceChoice;
+use transfusion_runtime::device::DeviceChoice;
 
 /// The flags every training subcommand (`run`, `vae`, `distill`) shares.
 #[derive(Args, Debug, Clone)]

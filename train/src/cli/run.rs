@@ -7,8 +7,8 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::Precision;
+use transfusion_runtime::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_train::checkpoint::{latest_checkpoint, read_config};
 use transfusion_train::config::{ConfigOverride, ExperimentConfig, Recompute};
 use transfusion_train::memory_plan::{

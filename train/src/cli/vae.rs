@@ -6,8 +6,8 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::device::{dispatch, BackendTask};
 use transfusion_model::vae::ReconLoss;
+use transfusion_runtime::device::{dispatch, BackendTask};
 use transfusion_train::vae::{
     read_vae_train_config, run_vae_training, VaeRunOptions, VaeTrainConfig,
 };

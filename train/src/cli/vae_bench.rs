@@ -3,8 +3,8 @@
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use transfusion_infer::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_model::vae::VaeConfig;
+use transfusion_runtime::device::{dispatch, BackendTask, DeviceChoice};
 use transfusion_train::vae::{bench_vae, VaeTrainConfig};
 
 /// Flags of `vae-bench`.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use transfusion_infer::checkpoint::{load_meta, TOKENIZER_FILE};
+use transfusion_runtime::checkpoint::{load_meta, TOKENIZER_FILE};
 
 use super::ExperimentConfig;
 use crate::data::resolve_path;

@@ -56,7 +56,7 @@ fn measure_step_time<B: AutodiffBackend>(
         warmup: WARMUP_STEPS,
         peak_tflops: None,
         precision: cfg.training.precision,
-        blockwise_from: transfusion_model::blockwise::MIN_KEYS,
+        blockwise_from: transfusion_model::ops::blockwise::MIN_KEYS,
         recompute: cfg.training.recompute,
     };
     let report = run_bench::<B>(&bench, tokenizer, device, label)?;

@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::Backend;
 use serde::Serialize;
-use transfusion_data::digits::{
-    classify_digit, parse_digit_caption, render_digit, DigitSample, DigitsGenerator,
-};
 use transfusion_data::files::write_json;
 use transfusion_data::image::{image_grid, save_png};
-use transfusion_data::shapes::ShapesGenerator;
+use transfusion_data::synthetic::digits::{
+    classify_digit, parse_digit_caption, render_digit, DigitSample, DigitsGenerator,
+};
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::text::TextOptions;
 

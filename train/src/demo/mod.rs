@@ -32,8 +32,8 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 use transfusion_data::files::{write_file, write_json};
 use transfusion_data::image::{image_grid, save_png};
-use transfusion_data::shapes::{cleanliness, render, Cleanliness, ShapesGenerator};
 use transfusion_data::source::parse_source_spec;
+use transfusion_data::synthetic::shapes::{cleanliness, render, Cleanliness, ShapesGenerator};
 use transfusion_infer::pipeline::{ImageOptions, Pipeline};
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_infer::text::TextOptions;
@@ -395,7 +395,7 @@ fn held_out_eval<B: burn::prelude::Backend>(
 
 fn write_outputs(
     out: &Path,
-    samples: &[transfusion_data::shapes::ShapeSample],
+    samples: &[transfusion_data::synthetic::shapes::ShapeSample],
     generated: &[image::RgbImage],
     clean: &[Cleanliness],
     captions: &[String],
@@ -423,7 +423,7 @@ fn write_outputs(
         );
     }
     for (i, ((s, g), c)) in samples.iter().zip(generated).zip(clean).enumerate() {
-        let seen = transfusion_data::shapes::analyze(g);
+        let seen = transfusion_data::synthetic::shapes::analyze(g);
         let seen = seen
             .first()
             .map_or("nothing".to_string(), |a| a.to_string());

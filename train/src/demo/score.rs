@@ -3,7 +3,7 @@
 //! of generated images.
 
 use serde::{Deserialize, Serialize};
-use transfusion_data::shapes::{
+use transfusion_data::synthetic::shapes::{
     analyze, parse_caption, score, AttributeScore, Cleanliness, ShapeAttributes,
 };
 
@@ -54,7 +54,7 @@ pub fn score_generated_images(
     AttributeAccuracy::from_scores(&scores)
 }
 
-/// How clean the generated images are (see `transfusion_data::shapes::cleanliness`).
+/// How clean the generated images are (see `transfusion_data::synthetic::shapes::cleanliness`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CleanlinessSummary {
     /// Images measured.
@@ -65,7 +65,7 @@ pub struct CleanlinessSummary {
     pub one_component: f64,
 }
 
-/// Summarises the cleanliness of each generated image (`transfusion_data::shapes::cleanliness`).
+/// Summarises the cleanliness of each generated image (`transfusion_data::synthetic::shapes::cleanliness`).
 pub fn score_cleanliness(each: &[Cleanliness]) -> CleanlinessSummary {
     let n = each.len().max(1) as f64;
     CleanlinessSummary {
@@ -101,7 +101,7 @@ pub fn score_captions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use transfusion_data::shapes::{caption, render, ShapesGenerator};
+    use transfusion_data::synthetic::shapes::{caption, render, ShapesGenerator};
 
     #[test]
     fn ground_truth_scores_one_and_wrong_colour_scores_zero_on_colour() {
@@ -120,7 +120,7 @@ mod tests {
             .iter()
             .map(|s| {
                 let mut a = s.attributes.clone();
-                let all = transfusion_data::shapes::Color::ALL;
+                let all = transfusion_data::synthetic::shapes::Color::ALL;
                 a[0].color = all[(a[0].color.index() + 1) % all.len()];
                 render(&a, s.image.width())
             })

@@ -24,12 +24,12 @@ use serde::{Deserialize, Serialize};
 use transfusion_data::files::write_json;
 use transfusion_data::pipeline::PipelineState;
 use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_infer::checkpoint::{
+use transfusion_model::consistency::AdaptiveWeight;
+use transfusion_model::{Transfusion, TransfusionConfig};
+use transfusion_runtime::checkpoint::{
     load_model, load_weights, save_model, save_weights, ConsistencyMeta, ModelMeta, META_FILE,
     TOKENIZER_FILE, WEIGHTS_FILE,
 };
-use transfusion_model::consistency::AdaptiveWeight;
-use transfusion_model::{Transfusion, TransfusionConfig};
 
 pub use batch::{distill_batch, generation_images, DistillBatch};
 pub use loss::{distill_loss, ConsistencyStudent, DistillLossInputs};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use transfusion_data::source::SourceSpec;
-use transfusion_infer::checkpoint::{load_meta, TOKENIZER_FILE};
 use transfusion_model::Prediction;
+use transfusion_runtime::checkpoint::{load_meta, TOKENIZER_FILE};
 
 use crate::checkpoint::{read_config, CONFIG_FILE};
 use crate::config::{ExperimentConfig, ModelSection};

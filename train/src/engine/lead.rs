@@ -7,7 +7,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::ProgressBar;
 use transfusion_data::files::write_json;
-use transfusion_infer::checkpoint::save_weights;
+use transfusion_runtime::checkpoint::save_weights;
 
 use super::ema::{Ema, RAW_WEIGHTS_FILE};
 use super::task::{EngineSettings, TrainTask};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use transfusion_data::files::create_dir;
-use transfusion_infer::checkpoint::load_weights;
+use transfusion_runtime::checkpoint::load_weights;
 
 use super::ema::{Ema, RAW_WEIGHTS_FILE};
 use super::options::RunOptions;

@@ -14,9 +14,9 @@ use super::step::{accumulate_with, optimizer_step, LocalStep, SingleDevice, Step
 use super::task::{StepFigures, TrainTask};
 use crate::checkpoint::{load_optimizer, AdamWOptimizer};
 use crate::error::{Result, TrainError};
+use crate::lr_schedule::lr_at;
 use crate::metrics::{Line, MetricsLog, Record};
 use crate::optim::adamw;
-use crate::schedule::lr_at;
 
 /// Optional callbacks of the loop.
 pub struct EngineHooks<'a, S> {

@@ -30,12 +30,12 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::prelude::*;
 use transfusion_data::tokenizer::{TextTokenizer, SPECIAL_TOKENS};
-use transfusion_infer::checkpoint::{save_model, AutoencoderRef, ModelMeta, TOKENIZER_FILE};
 use transfusion_model::config::ConfigError;
 use transfusion_model::prediction::Prediction;
 use transfusion_model::{
     ImageIoConfig, ModalityWeights, Transfusion, TransfusionConfig, UNetConfig,
 };
+use transfusion_runtime::checkpoint::{save_model, AutoencoderRef, ModelMeta, TOKENIZER_FILE};
 
 pub use hf_config::{LlamaHfConfig, SUPPORTED_MODEL_TYPES};
 pub use hf_weights::{HfTensor, HfWeights, INDEX_FILE, SINGLE_FILE};

@@ -19,8 +19,8 @@ use transfusion_data::packing::PackedRow;
 use transfusion_data::pipeline::{DataPipeline, PipelineState};
 use transfusion_data::prefetch::Prefetcher;
 use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_infer::checkpoint::{load_model, save_model, ModelMeta};
 use transfusion_model::{NoiseSchedule, Transfusion, TransfusionBatch, TransfusionConfig};
+use transfusion_runtime::checkpoint::{load_model, save_model, ModelMeta};
 
 pub use eval::{evaluate, evaluate_held_out};
 pub use loss::{

@@ -6,8 +6,8 @@ use burn::prelude::*;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use transfusion_data::image::image_grid;
-use transfusion_infer::image_tensor::{images_to_tensor, tensor_to_images};
 use transfusion_model::vae::{vae_loss, AutoencoderKl};
+use transfusion_runtime::image_tensor::{images_to_tensor, tensor_to_images};
 
 use super::config::VaeTrainConfig;
 use crate::error::Result;

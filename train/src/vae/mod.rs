@@ -18,7 +18,7 @@
 //!                                 optimizer.mpk, vae_train.json, training_state.json
 //! ```
 //! A checkpoint directory (or the run directory: its newest checkpoint) is what
-//! `cache-latents --vae` and inference load ([`transfusion_infer::autoencoder::load_vae`]).
+//! `cache-latents --vae` and inference load ([`transfusion_runtime::autoencoder::load_vae`]).
 //!
 //! Randomness: the model init from the seed; each step's posterior sample from
 //! `derive_seed(seed, step)`; the data order from the seed and the epoch. So a resumed run
@@ -38,10 +38,10 @@ use image::RgbImage;
 use transfusion_data::files::{create_dir, write_json};
 use transfusion_data::image::save_png;
 use transfusion_data::rng::derive_seed;
-use transfusion_data::shapes::ShapesGenerator;
-use transfusion_infer::autoencoder::{load_vae, save_vae, VAE_CONFIG_FILE, VAE_WEIGHTS_FILE};
-use transfusion_infer::image_tensor::images_to_tensor;
+use transfusion_data::synthetic::shapes::ShapesGenerator;
 use transfusion_model::vae::{vae_loss, AutoencoderKl, VaeConfig};
+use transfusion_runtime::autoencoder::{load_vae, save_vae, VAE_CONFIG_FILE, VAE_WEIGHTS_FILE};
+use transfusion_runtime::image_tensor::images_to_tensor;
 
 pub use bench::{bench_vae, VaeBenchReport};
 pub use config::{read_vae_train_config, VaeTrainConfig, VAE_TRAIN_FILE};

@@ -8,11 +8,11 @@ use transfusion_data::batcher::TransfusionBatcher;
 use transfusion_data::packing::PackedRow;
 use transfusion_data::sequence::{pair_sequence, text_sequence, PairChoice, PairOrder};
 use transfusion_data::tokenizer::{SpecialTokens, TextTokenizer};
-use transfusion_infer::checkpoint::{load_meta, load_model};
 use transfusion_infer::pipeline::Pipeline;
 use transfusion_infer::sampler::SamplerKind;
 use transfusion_model::consistency::AdaptiveWeight;
 use transfusion_model::{NoiseSchedule, Prediction};
+use transfusion_runtime::checkpoint::{load_meta, load_model};
 use transfusion_train::checkpoint::{latest_checkpoint, read_training_state};
 use transfusion_train::distill::{
     distill_batch, distill_config, distill_loss, generation_images, run_distill,

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
-use transfusion_infer::checkpoint::WEIGHTS_FILE;
 use transfusion_infer::pipeline::Pipeline;
 use transfusion_infer::text::TextOptions;
 use transfusion_model::{ModalityWeights, Transfusion};
+use transfusion_runtime::checkpoint::WEIGHTS_FILE;
 use transfusion_train::checkpoint::latest_checkpoint;
 use transfusion_train::engine::RAW_WEIGHTS_FILE;
 use transfusion_train::llm_import::{import_llm, ImportOptions};

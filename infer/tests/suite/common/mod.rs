@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
 use transfusion_data::tokenizer::TextTokenizer;
-use transfusion_infer::checkpoint::{save_model, AutoencoderRef, ModelMeta};
 use transfusion_infer::Pipeline;
 use transfusion_model::{ImageIoConfig, Prediction, TransfusionConfig};
+use transfusion_runtime::checkpoint::{save_model, AutoencoderRef, ModelMeta};
 
 pub type B = NdArray;
 

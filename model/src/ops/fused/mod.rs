@@ -1,9 +1,9 @@
 //! Fused kernels for the `flex` CPU backend, with and without autodiff.
 //!
 //! The model is generic over Burn backends; a fused kernel is taken when the backend is
-//! `Flex` or `Autodiff<Flex>` (recognised at run time from the tensor primitive's type) and
-//! the tensors are f32. Every other backend runs the same maths as a composition of
-//! Burn's tensor operations.
+//! `Flex` or `Autodiff<Flex>` (recognised at run time by its `TypeId`) and the tensors are
+//! f32. Every other backend runs the same maths as a composition of Burn's tensor
+//! operations ([`crate::ops::reference`]).
 //!
 //! - [`swiglu`]: `silu(gate) * up` (see [`swiglu`]'s module).
 //! - [`attention`]: the training attention `softmax(q k^T / sqrt(hd) + bias) v`.
@@ -35,15 +35,15 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::Flex;
+use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::autodiff_inner::cast;
+use crate::ops::autodiff_inner::cast;
 
 /// The float primitive of `Autodiff<Flex>`.
-type AutodiffFlexTensor = crate::autodiff_inner::AutodiffTensor<Flex>;
+type AutodiffFlexTensor = crate::ops::autodiff_inner::AutodiffTensor<Flex>;
 
 /// Elements per parallel work item of the elementwise kernels.
 const CHUNK: usize = 16 * 1024;
@@ -58,19 +58,24 @@ enum Path {
 }
 
 /// The fused path of backend `B`, if it has one.
+///
+/// Decided on the backend type itself, not on its float primitive: the primitive of
+/// `Autodiff<Flex, BalancedCheckpointing>` is that of `Autodiff<Flex>`, but the kernels
+/// record their operations for [`NoCheckpointing`], so a checkpointing backend takes the
+/// plain-Burn path ([`crate::ops::reference`]) instead.
 fn path<B: Backend>() -> Option<Path> {
-    let primitive = TypeId::of::<B::FloatTensorPrimitive>();
-    if primitive == TypeId::of::<FlexTensor>() {
+    let backend = TypeId::of::<B>();
+    if backend == TypeId::of::<Flex>() {
         Some(Path::Flex)
-    } else if primitive == TypeId::of::<AutodiffFlexTensor>() {
+    } else if backend == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
         Some(Path::AutodiffFlex)
     } else {
         None
     }
 }
 
-/// Whether backend `B` takes the fused kernels (`Flex` or `Autodiff<Flex>`; for f32
-/// tensors).
+/// Whether backend `B` takes the fused kernels (`Flex` or `Autodiff<Flex>` without
+/// checkpointing; for f32 tensors).
 pub fn available<B: Backend>() -> bool {
     path::<B>().is_some()
 }

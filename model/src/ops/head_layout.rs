@@ -4,8 +4,8 @@
 //! A transposed view is free to make, but the CPU backends read it (and, under autodiff,
 //! the transposed gradient that flows back through it) element by element. So on the CPU
 //! backends the heads move by copies of whole `hd`-long rows instead:
-//! - on `flex`, by the fused kernels of [`crate::fused::heads_first`] and
-//!   [`crate::fused::heads_last`] (one pass forward, one backward; the queries and keys
+//! - on `flex`, by the fused kernels of [`crate::ops::fused::heads_first`] and
+//!   [`crate::ops::fused::heads_last`] (one pass forward, one backward; the queries and keys
 //!   are rotated on the way);
 //! - otherwise without gradients, by block copies of one head at a time ([`heads_first`],
 //!   [`heads_last`]);
@@ -20,8 +20,8 @@ use burn::backend::{Flex, NdArray};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use crate::autodiff_inner::{self, InnerVisitor};
-use crate::fused;
+use crate::ops::autodiff_inner::{self, InnerVisitor};
+use crate::ops::fused;
 use crate::rope::{apply_rope, RopeTables};
 
 /// The head layout changes of one forward pass.

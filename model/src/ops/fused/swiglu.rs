@@ -10,7 +10,6 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::DType;
 use std::mem::MaybeUninit;
 
@@ -33,7 +32,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
             tensor(swiglu_forward(&g, &u, false).0)
         }
         Some(Path::AutodiffFlex) => tensor(swiglu_autodiff(primitive(gate), primitive(up))),
-        None => silu(gate) * up,
+        None => crate::ops::reference::swiglu(gate, up),
     }
 }
 

@@ -23,7 +23,7 @@ use transfusion_data::files::{create_dir, write_file};
 use transfusion_data::tokenizer::{SpecialTokens, TextTokenizer};
 use transfusion_model::{Transfusion, TransfusionConfig};
 
-use crate::error::{InferError, Result};
+use crate::error::{Result, RuntimeError};
 
 /// File names inside a checkpoint directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -117,20 +117,20 @@ pub fn load_meta(dir: &Path) -> Result<ModelMeta> {
 pub fn load_meta_file(dir: &Path) -> Result<MetaFile> {
     let path = dir.join(META_FILE);
     if !dir.is_dir() {
-        return Err(InferError::invalid(
+        return Err(RuntimeError::invalid(
             dir,
             "the checkpoint does not exist or is not a directory",
         ));
     }
     let text = fs::read_to_string(&path).map_err(|e| {
-        InferError::invalid(dir, format!("checkpoint: cannot read {META_FILE}: {e}"))
+        RuntimeError::invalid(dir, format!("checkpoint: cannot read {META_FILE}: {e}"))
     })?;
     let file = parse_meta(&text)
-        .map_err(|e| InferError::invalid(&path, format!("not a valid model description: {e}")))?;
+        .map_err(|e| RuntimeError::invalid(&path, format!("not a valid model description: {e}")))?;
     file.meta
         .model
         .validate()
-        .map_err(|e| InferError::invalid(&path, format!("invalid model config: {e}")))?;
+        .map_err(|e| RuntimeError::invalid(&path, format!("invalid model config: {e}")))?;
     Ok(file)
 }
 
@@ -138,7 +138,7 @@ pub fn load_meta_file(dir: &Path) -> Result<MetaFile> {
 /// refused at every level (a misspelt key would otherwise be ignored and its default
 /// silently used), and from version 1 on every model-config key must be present.
 pub fn parse_meta(text: &str) -> Result<MetaFile> {
-    let bad = InferError::Meta;
+    let bad = RuntimeError::Meta;
     let mut value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
     let tokenizer_fingerprint = match value
@@ -230,14 +230,14 @@ pub fn load_model<B: Backend>(
             None => Ok(()),
         })
         .map_err(|e| {
-            InferError::invalid(
+            RuntimeError::invalid(
                 &tok_path,
                 format!("tokenizer does not match the model: {e}"),
             )
         })?;
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
-        return Err(InferError::invalid(
+        return Err(RuntimeError::invalid(
             dir,
             format!("checkpoint: missing {WEIGHTS_FILE}"),
         ));
@@ -256,7 +256,7 @@ pub fn save_weights<B: Backend, M: Module<B>>(model: &M, weights: &Path) -> Resu
     let mut store = SafetensorsStore::from_file(weights).overwrite(true);
     model
         .save_into(&mut store)
-        .map_err(|e| InferError::invalid(weights, format!("cannot write: {e}")))
+        .map_err(|e| RuntimeError::invalid(weights, format!("cannot write: {e}")))
 }
 
 /// Reads every floating-point tensor as f32, whatever type the file stores it in (f16,
@@ -316,10 +316,10 @@ pub fn load_weights<B: Backend, M: Module<B>>(
     let mut store = SafetensorsStore::from_file(weights).with_from_adapter(FloatsAsFiniteF32);
     let result = model
         .load_from(&mut store)
-        .map_err(|e| InferError::invalid(weights, e.to_string()))?;
+        .map_err(|e| RuntimeError::invalid(weights, e.to_string()))?;
     if !result.errors.is_empty() {
         let errors: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
-        return Err(InferError::invalid(
+        return Err(RuntimeError::invalid(
             weights,
             format!(
                 "cannot load {} tensor(s) into {config}: {}",
@@ -330,7 +330,7 @@ pub fn load_weights<B: Backend, M: Module<B>>(
     }
     if !result.missing.is_empty() {
         let missing: Vec<&str> = result.missing.iter().map(|(p, _)| p.as_str()).collect();
-        return Err(InferError::invalid(
+        return Err(RuntimeError::invalid(
             weights,
             format!(
                 "weights do not match {config} (missing: {})",

@@ -4,7 +4,7 @@
 //! The composition records eleven operations; its backward pass computes the exponentials
 //! again, divides by the row sums twice and broadcasts them back over the `[.., lk]`
 //! scores. Here the forward pass keeps what the blockwise attention keeps
-//! ([`crate::blockwise`]): the output and each row's log-sum-exp `L`, no `[.., s, lk]`
+//! ([`crate::ops::blockwise`]): the output and each row's log-sum-exp `L`, no `[.., s, lk]`
 //! tensor per layer. The backward pass recomputes `P = exp(S - L)` from one product and
 //! one pass over the scores, then four products and one more pass: `dV = P^T dO`,
 //! `dP = dO V^T`, `dS = P (dP - rowsum(dO O))`, `dq = dS k / sqrt(hd)`,
@@ -54,27 +54,8 @@ pub fn attention<B: Backend>(
             primitive(bias),
             scale as f32,
         )),
-        None => composed(q, k, v, bias, scale),
+        None => crate::ops::reference::attention(q, k, v, bias),
     }
-}
-
-/// The same attention as Burn operations, for every other backend.
-fn composed<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    bias: Tensor<B, 4>,
-    scale: f64,
-) -> Tensor<B, 4> {
-    let q = q.mul_scalar(scale);
-    // [b, h, s, lk]
-    let scores = q.matmul(k.swap_dims(2, 3)) + bias;
-    // [b, h, s, 1]; detached: any shift gives the same softmax
-    let shift = scores.clone().detach().max_dim(3).clamp_min(-1.0e4);
-    let weights = (scores - shift).exp();
-    let sum = weights.clone().sum_dim(3).clamp_min(1.0e-30);
-    // normalising the [.., hd] output rather than the [.., lk] weights
-    weights.matmul(v) / sum
 }
 
 /// `(O, L)`: the output `[b, h, s, hd]` and each row's log-sum-exp `[b * h * s]` of the

@@ -215,7 +215,7 @@ mod tests {
     use burn::tensor::Shape;
 
     use super::{matmul_values, split, PARALLEL_PRODUCT};
-    use crate::fused::flex_from;
+    use crate::ops::fused::flex_from;
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: u64) -> Vec<f32> {

@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::error::{InferError, Result};
+use crate::error::{Result, RuntimeError};
 
 /// The device the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,8 +156,8 @@ fn cuda_usable(index: usize) -> bool {
     probe.is_ok()
 }
 
-fn not_compiled(what: &str) -> InferError {
-    InferError::Device(format!(
+fn not_compiled(what: &str) -> RuntimeError {
+    RuntimeError::Device(format!(
         "device `{what}` is not compiled into this binary (compiled: {}); rebuild with `--features {what}`",
         compiled_backends().join(", ")
     ))
@@ -192,7 +192,7 @@ pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> Result<T::Outp
                 use burn::backend::Autodiff;
                 let adapters = wgpu_adapters();
                 if adapters.is_empty() {
-                    return Err(InferError::Device(NO_WGPU_ADAPTER.into()));
+                    return Err(RuntimeError::Device(NO_WGPU_ADAPTER.into()));
                 }
                 let label = match wgpu_hardware_adapter() {
                     Some(name) => format!("wgpu: {name}"),
@@ -221,7 +221,7 @@ pub trait MultiDeviceTask {
 /// runs). `wgpu` and `auto` are not accepted: name the devices.
 pub fn dispatch_many<T: MultiDeviceTask>(choices: &[DeviceChoice], task: T) -> Result<T::Output> {
     if choices.is_empty() {
-        return Err(InferError::Device("no device given".into()));
+        return Err(RuntimeError::Device("no device given".into()));
     }
     let label = choices
         .iter()
@@ -253,10 +253,10 @@ pub fn dispatch_many<T: MultiDeviceTask>(choices: &[DeviceChoice], task: T) -> R
         match c {
             DeviceChoice::Cuda(i) if !indices.contains(i) => indices.push(*i),
             DeviceChoice::Cuda(i) => {
-                return Err(InferError::Device(format!("cuda:{i} is listed twice")))
+                return Err(RuntimeError::Device(format!("cuda:{i} is listed twice")))
             }
             other => {
-                return Err(InferError::Device(format!(
+                return Err(RuntimeError::Device(format!(
                     "several devices must all be cuda:N (or all cpu); got `{other}` in `{label}`"
                 )))
             }

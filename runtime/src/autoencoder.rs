@@ -19,7 +19,7 @@ use image::RgbImage;
 use transfusion_data::files::{create_dir, write_file};
 
 use crate::checkpoint::{load_weights, save_weights};
-use crate::error::{InferError, Result};
+use crate::error::{Result, RuntimeError};
 use crate::image_tensor::{pixels_tensor, tensor_to_images};
 use transfusion_model::vae::{load_diffusers_vae, AutoencoderKl, VaeConfig};
 
@@ -85,13 +85,13 @@ pub fn save_vae<B: Backend>(
 pub fn read_vae_config(dir: &Path) -> Result<VaeConfig> {
     let path = dir.join(VAE_CONFIG_FILE);
     let text = fs::read_to_string(&path).map_err(|e| {
-        InferError::invalid(
+        RuntimeError::invalid(
             dir,
             format!("VAE checkpoint: cannot read {VAE_CONFIG_FILE}: {e}"),
         )
     })?;
     serde_json::from_str(&text)
-        .map_err(|e| InferError::invalid(&path, format!("not a VAE config: {e}")))
+        .map_err(|e| RuntimeError::invalid(&path, format!("not a VAE config: {e}")))
 }
 
 /// What kind of VAE directory `path` is, and where its files are.
@@ -108,13 +108,13 @@ pub enum VaeSource {
 /// names the path and what was looked for.
 pub fn resolve_vae(path: &Path) -> Result<VaeSource> {
     if !path.exists() {
-        return Err(InferError::invalid(path, "the VAE does not exist"));
+        return Err(RuntimeError::invalid(path, "the VAE does not exist"));
     }
     if path.is_file() {
         if path.extension().is_some_and(|e| e == "safetensors") {
             return Ok(VaeSource::Diffusers(path.to_path_buf()));
         }
-        return Err(InferError::invalid(
+        return Err(RuntimeError::invalid(
             path,
             "a VAE must be a directory or a diffusers .safetensors file",
         ));
@@ -125,7 +125,7 @@ pub fn resolve_vae(path: &Path) -> Result<VaeSource> {
     let ckpts = path.join("checkpoints");
     if ckpts.is_dir() {
         let mut steps: Vec<PathBuf> = fs::read_dir(&ckpts)
-            .map_err(|e| InferError::invalid(&ckpts, format!("cannot list: {e}")))?
+            .map_err(|e| RuntimeError::invalid(&ckpts, format!("cannot list: {e}")))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.file_name()
@@ -142,7 +142,7 @@ pub fn resolve_vae(path: &Path) -> Result<VaeSource> {
     if path.join("config.json").is_file() {
         return Ok(VaeSource::Diffusers(path.to_path_buf()));
     }
-    Err(InferError::invalid(
+    Err(RuntimeError::invalid(
         path,
         format!(
             "not a VAE: no {VAE_CONFIG_FILE} (a VAE checkpoint), no checkpoints/step-N with one \
@@ -158,7 +158,7 @@ pub fn load_vae<B: Backend>(path: &Path, device: &B::Device) -> Result<Vae<B>> {
             let config = read_vae_config(&dir)?;
             let weights = dir.join(VAE_WEIGHTS_FILE);
             if !weights.is_file() {
-                return Err(InferError::invalid(
+                return Err(RuntimeError::invalid(
                     &dir,
                     format!("VAE checkpoint: missing {VAE_WEIGHTS_FILE}"),
                 ));
@@ -169,7 +169,7 @@ pub fn load_vae<B: Backend>(path: &Path, device: &B::Device) -> Result<Vae<B>> {
         }
         VaeSource::Diffusers(p) => {
             let (config, model) = load_diffusers_vae::<B>(&p, device)
-                .map_err(|e| InferError::invalid(&p, format!("diffusers VAE: {e}")))?;
+                .map_err(|e| RuntimeError::invalid(&p, format!("diffusers VAE: {e}")))?;
             Ok(Vae { model, config })
         }
     }
@@ -259,7 +259,7 @@ impl<B: Backend> VaeImageEncoder<B> {
     ) -> Result<Self> {
         let f = vae.config.down_factor();
         if image_size as usize % f != 0 {
-            return Err(InferError::Options(format!(
+            return Err(RuntimeError::Options(format!(
                 "image size {image_size} is not a multiple of the VAE's down-sampling factor {f}"
             )));
         }

@@ -6,7 +6,7 @@
 //!
 //! The passes are Burn tensor operations ([`kernel`]), so every backend runs them. Under
 //! autodiff they are one operation with its own backward pass, recorded on the backend
-//! inside `Autodiff` (see [`crate::autodiff_inner`]); on an autodiff backend this crate
+//! inside `Autodiff` (see [`crate::ops::autodiff_inner`]); on an autodiff backend this crate
 //! does not know, the blocks are recorded op by op (same values, memory not linear).
 
 pub mod kernel;
@@ -14,7 +14,7 @@ pub mod plan;
 
 pub use plan::{BlockPlan, QueryBlock};
 
-use crate::autodiff_inner::AutodiffTensor;
+use crate::ops::autodiff_inner::AutodiffTensor;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -23,7 +23,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 
-use crate::autodiff_inner::{self, cast, InnerVisitor};
+use crate::ops::autodiff_inner::{self, cast, InnerVisitor};
 
 /// Passes over this many keys or more take the blockwise attention by default
 /// ([`crate::Transfusion::with_blockwise_from`]); shorter ones keep the dense mask, faster

@@ -41,18 +41,16 @@ pub mod demo;
 pub mod distill;
 pub mod engine;
 pub mod error;
+pub mod held_out;
 pub mod llm_import;
 pub mod lr_schedule;
 pub mod memory_plan;
-pub mod metrics;
 pub mod optim;
-pub mod plot;
 pub mod transfusion;
 pub mod vae;
 
 pub use config::{ConfigError, ExperimentConfig};
 pub use engine::{LocalStep, RunOptions, SingleDevice, StepSync};
 pub use error::{Result, TrainError};
-pub use transfusion::{
-    accumulate_grads, evaluate, run_training, PreviewHook, RunSummary, TrainHooks,
-};
+pub use held_out::evaluate;
+pub use transfusion::{accumulate_grads, run_training, PreviewHook, RunSummary, TrainHooks};

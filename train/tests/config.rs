@@ -159,7 +159,7 @@ fn schedule_values_at_known_steps() {
 #[test]
 fn an_evaluation_on_training_sources_is_not_called_held_out() {
     use transfusion_data::source::parse_source_spec;
-    use transfusion_train::metrics::EvalSplit;
+    use transfusion_train::engine::metrics::EvalSplit;
     let spec = |s: &str| parse_source_spec(s).unwrap();
     let shapes = vec![spec("shapes:1000")];
     let mixed = vec![spec("shapes:1000"), spec("text:corpus.txt")];
@@ -174,7 +174,7 @@ fn an_evaluation_on_training_sources_is_not_called_held_out() {
         EvalSplit::HeldOut
     );
     // Metrics files written before the field existed read as held-out.
-    let old: transfusion_train::metrics::EvalMetrics = serde_json::from_str(
+    let old: transfusion_train::held_out::EvalMetrics = serde_json::from_str(
         r#"{"step":1,"lm_nll":1.0,"perplexity":2.7,"lm_targets":3.0,"diffusion":[],"images":0,"loss":1.0}"#,
     )
     .unwrap();

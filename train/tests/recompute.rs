@@ -8,7 +8,7 @@
 mod common;
 
 use common::{quiet, tiny_cfg, train};
-use transfusion_train::metrics::MetricsLine;
+use transfusion_train::transfusion::metrics::MetricsLine;
 
 /// `training.recompute = "layers"` trains the same run: each step's losses and gradient
 /// norm, with gradient accumulation and min-SNR weights, match the run that keeps every

@@ -14,9 +14,10 @@ use transfusion_data::packing::PackedRow;
 use transfusion_data::sequence::MixedSequence;
 use transfusion_train::checkpoint::{latest_checkpoint, list_checkpoints, read_state};
 use transfusion_train::data::{build_pipeline, load_tokenizer, Split};
+use transfusion_train::engine::metrics::Line;
 use transfusion_train::engine::RAW_WEIGHTS_FILE;
-use transfusion_train::metrics::{Line, MetricsLine};
 use transfusion_train::optim::{clip_global_norm, global_grad_norm, param_ids};
+use transfusion_train::transfusion::metrics::MetricsLine;
 use transfusion_train::{accumulate_grads, run_training, TrainHooks};
 
 fn rows_and_model(

@@ -14,7 +14,7 @@ use transfusion_data::synthetic::shapes::ShapesGenerator;
 use transfusion_model::vae::VaeConfig;
 use transfusion_runtime::autoencoder::{load_vae, Autoencoder, VaeImageEncoder};
 use transfusion_runtime::checkpoint::{load_meta, AutoencoderRef};
-use transfusion_train::metrics::Line;
+use transfusion_train::engine::metrics::Line;
 use transfusion_train::vae::{
     run_vae_training, VaeMetricsLine, VaeRunOptions, VaeTrainConfig, VAE_TRAIN_FILE,
 };

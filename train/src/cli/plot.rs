@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use transfusion_train::metrics::{MetricsLine, MetricsLog};
-use transfusion_train::plot::plot_losses;
+use transfusion_train::engine::metrics::MetricsLog;
+use transfusion_train::transfusion::metrics::plot_losses;
+use transfusion_train::transfusion::metrics::MetricsLine;
 use transfusion_train::vae::{plot_vae, VaeMetricsLine, VAE_TRAIN_FILE};
 
 /// Flags of `plot`.
@@ -19,7 +20,7 @@ pub struct PlotArgs {
 
 /// Draws the plot and prints its path.
 pub fn run(a: PlotArgs) -> anyhow::Result<()> {
-    let metrics = a.run.join(transfusion_train::metrics::METRICS_FILE);
+    let metrics = a.run.join(transfusion_train::engine::metrics::METRICS_FILE);
     let out = a.out.unwrap_or_else(|| a.run.join("loss.png"));
     if a.run.join(VAE_TRAIN_FILE).is_file() {
         plot_vae(&MetricsLog::<VaeMetricsLine>::read(&metrics)?, &out)?;

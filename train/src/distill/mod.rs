@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod loss;
+pub mod plot;
 pub mod settings;
 
 use std::path::Path;
@@ -41,14 +42,16 @@ pub use settings::{
 use crate::checkpoint::{CONFIG_FILE, STATE_FILE};
 use crate::config::ExperimentConfig;
 use crate::data::load_tokenizer;
+use crate::distill::plot::plot_distill;
+use crate::engine::feed::Feed;
+use crate::engine::metrics::Line;
 use crate::engine::{
     run_task, EngineHooks, EngineSettings, RunOptions, RunOutcome, StepFigures, TaskLoss,
     TrainTask, Work,
 };
 use crate::error::{Result, TrainError};
-use crate::metrics::{EvalMetrics, Line};
-use crate::plot::plot_distill;
-use crate::transfusion::{engine_settings, evaluate_held_out, Feed};
+use crate::held_out::evaluate_held_out;
+use crate::held_out::EvalMetrics;
 
 /// The distillation's own settings, written to `distill.json` in the run directory and
 /// every checkpoint.
@@ -185,7 +188,7 @@ impl<B: AutodiffBackend> TrainTask<B> for DistillTask<B> {
         // No keep-best: the held-out losses do not measure few-step sampling.
         EngineSettings {
             keep_best: false,
-            ..engine_settings(&self.cfg)
+            ..EngineSettings::from_config(&self.cfg)
         }
     }
 

@@ -10,8 +10,8 @@ use transfusion_runtime::checkpoint::{load_meta, TOKENIZER_FILE};
 
 use crate::checkpoint::{read_config, CONFIG_FILE};
 use crate::config::{ExperimentConfig, ModelSection};
+use crate::engine::metrics::{Figures, StepLine};
 use crate::error::{Result, TrainError};
-use crate::metrics::{Figures, StepLine};
 
 /// Default of [`DistillSettings::consistency_weight`].
 pub const DEFAULT_CONSISTENCY_WEIGHT: f64 = 0.02;

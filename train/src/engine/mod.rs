@@ -15,9 +15,12 @@
 
 pub mod budget;
 pub mod ema;
+pub mod feed;
 pub mod init;
 mod lead;
+pub mod metrics;
 pub mod options;
+pub mod plot;
 pub mod prepare;
 pub mod run;
 pub mod step;

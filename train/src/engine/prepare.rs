@@ -14,8 +14,8 @@ use super::task::TrainTask;
 use crate::checkpoint::{
     latest_checkpoint_with, read_training_state, remove_leftovers, TrainingState,
 };
+use crate::engine::metrics::METRICS_FILE;
 use crate::error::{Result, TrainError};
-use crate::metrics::METRICS_FILE;
 
 /// What every replica starts from: the checkpoint directory, and the model and training
 /// state (fresh, or from the newest complete checkpoint).

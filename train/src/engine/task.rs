@@ -9,9 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::step::{MicroStep, Objective};
-use crate::config::{OptimizerSection, ScheduleSection};
+use crate::config::{ExperimentConfig, OptimizerSection, ScheduleSection};
+use crate::engine::metrics::{Line, Record, StepLine};
 use crate::error::Result;
-use crate::metrics::{Line, Record, StepLine};
 
 /// The loop's settings, taken from the task's own config.
 #[derive(Clone, Debug)]
@@ -45,6 +45,29 @@ pub struct EngineSettings {
     /// Cap of the EMA decay (see [`super::ema`]); 0: no EMA, the checkpoints hold the
     /// trained weights.
     pub ema_decay: f64,
+}
+
+impl EngineSettings {
+    /// The engine's settings of an experiment config (steps, accumulation, clipping,
+    /// optimizer, schedule, cadences, checkpoint policy, non-finite limit, seed, EMA).
+    pub fn from_config(c: &ExperimentConfig) -> Self {
+        Self {
+            steps: c.training.steps,
+            grad_accum: c.training.grad_accum,
+            grad_clip: c.training.grad_clip,
+            optimizer: c.optimizer.clone(),
+            schedule: c.schedule.clone(),
+            log_every: c.training.log_every,
+            eval_every: c.eval.every,
+            eval_at_end: c.eval.at_end,
+            checkpoint_every: c.checkpoint.every,
+            keep_last: c.checkpoint.keep_last,
+            keep_best: c.checkpoint.keep_best,
+            max_consecutive_nonfinite: c.training.max_consecutive_nonfinite,
+            seed: c.seed,
+            ema_decay: c.training.ema_decay,
+        }
+    }
 }
 
 /// One micro-batch's loss as two named parts (e.g. LM and diffusion loss, or

@@ -5,24 +5,20 @@
 //! `checkpoints/step-N/` (see [`crate::checkpoint`]). Each micro-batch is a packed batch of
 //! mixed-modal rows; its loss is `L_LM + lambda * L_DDPM` with the two parts logged.
 
-mod eval;
 mod loss;
+pub mod metrics;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use transfusion_data::batcher::TransfusionBatcher;
 use transfusion_data::files::write_json;
-use transfusion_data::packing::PackedRow;
-use transfusion_data::pipeline::{DataPipeline, PipelineState};
-use transfusion_data::prefetch::Prefetcher;
+use transfusion_data::pipeline::PipelineState;
 use transfusion_data::tokenizer::TextTokenizer;
 use transfusion_model::{NoiseSchedule, Transfusion, TransfusionBatch, TransfusionConfig};
 use transfusion_runtime::checkpoint::{load_model, save_model, ModelMeta};
 
-pub use eval::{evaluate, evaluate_held_out};
 pub use loss::{
     accumulate_grads, batch_units, recomputed_micro_step, transfusion_loss,
     weighted_transfusion_loss,
@@ -30,14 +26,18 @@ pub use loss::{
 
 use crate::checkpoint::{CONFIG_FILE, REQUIRED_FILES};
 use crate::config::{ExperimentConfig, Recompute};
-use crate::data::{autoencoder_for, build_pipeline, load_tokenizer, Split};
+use crate::data::{autoencoder_for, load_tokenizer};
+use crate::engine::feed::Feed;
+use crate::engine::metrics::Line;
 use crate::engine::{
     run_task, seeded_module, EngineHooks, EngineSettings, MicroStep, Objective, RunOptions,
     RunOutcome, StepFigures, TaskLoss, TrainTask, Work,
 };
 use crate::error::{Result, TrainError};
-use crate::metrics::{EvalMetrics, Line, StepMetrics, TransfusionLosses};
-use crate::plot::plot_losses;
+use crate::held_out::evaluate_held_out;
+use crate::held_out::EvalMetrics;
+use crate::transfusion::metrics::plot_losses;
+use crate::transfusion::metrics::{StepMetrics, TransfusionLosses};
 
 /// What a Transfusion run did.
 pub type RunSummary = RunOutcome<StepMetrics, EvalMetrics>;
@@ -108,73 +108,6 @@ pub fn seeded_init<B: Backend>(
     seed: u64,
 ) -> Transfusion<B> {
     seeded_module(device, seed, || m.init::<B>(device))
-}
-
-/// The training batches: read directly, or by a background thread.
-pub(crate) enum Feed {
-    Direct(DataPipeline),
-    Prefetch(Prefetcher),
-}
-
-impl Feed {
-    /// The training stream of `cfg` (prefetched when `data.prefetch > 0`), at `resume`
-    /// when continuing a run.
-    pub(crate) fn start(
-        cfg: &ExperimentConfig,
-        m: &TransfusionConfig,
-        tokenizer: &Arc<TextTokenizer>,
-        resume: Option<&PipelineState>,
-    ) -> Result<Self> {
-        let mut pipeline =
-            build_pipeline(cfg, m, tokenizer, Split::Train, cfg.training.batch_size)?;
-        if let Some(state) = resume {
-            pipeline.restore(state)?;
-        }
-        Ok(if cfg.data.prefetch > 0 {
-            Feed::Prefetch(Prefetcher::spawn(pipeline, cfg.data.prefetch)?)
-        } else {
-            Feed::Direct(pipeline)
-        })
-    }
-    pub(crate) fn next_rows(&mut self) -> Result<Vec<PackedRow>> {
-        Ok(match self {
-            Feed::Direct(p) => p.next_rows()?,
-            Feed::Prefetch(p) => p.next_rows()?,
-        })
-    }
-    pub(crate) fn batcher(&self) -> &TransfusionBatcher {
-        match self {
-            Feed::Direct(p) => p.batcher(),
-            Feed::Prefetch(p) => p.batcher(),
-        }
-    }
-    pub(crate) fn state(&self) -> PipelineState {
-        match self {
-            Feed::Direct(p) => p.state(),
-            Feed::Prefetch(p) => p.state(),
-        }
-    }
-}
-
-/// The engine's settings of an experiment config (steps, accumulation, clipping,
-/// optimizer, schedule, cadences, checkpoint policy, non-finite limit, seed, EMA).
-pub fn engine_settings(c: &ExperimentConfig) -> EngineSettings {
-    EngineSettings {
-        steps: c.training.steps,
-        grad_accum: c.training.grad_accum,
-        grad_clip: c.training.grad_clip,
-        optimizer: c.optimizer.clone(),
-        schedule: c.schedule.clone(),
-        log_every: c.training.log_every,
-        eval_every: c.eval.every,
-        eval_at_end: c.eval.at_end,
-        checkpoint_every: c.checkpoint.every,
-        keep_last: c.checkpoint.keep_last,
-        keep_best: c.checkpoint.keep_best,
-        max_consecutive_nonfinite: c.training.max_consecutive_nonfinite,
-        seed: c.seed,
-        ema_decay: c.training.ema_decay,
-    }
 }
 
 /// Transfusion pretraining on the experiment config's data.
@@ -259,7 +192,7 @@ impl<B: AutodiffBackend> TrainTask<B> for TransfusionTask<'_, B> {
     type Eval = EvalMetrics;
 
     fn settings(&self) -> EngineSettings {
-        engine_settings(&self.cfg)
+        EngineSettings::from_config(&self.cfg)
     }
 
     fn checkpoint_files(&self) -> &'static [&'static str] {

@@ -10,9 +10,9 @@ use transfusion_model::vae::{vae_loss, AutoencoderKl};
 use transfusion_runtime::image_tensor::{images_to_tensor, tensor_to_images};
 
 use super::config::VaeTrainConfig;
+use crate::engine::metrics::{EvalLine, EvalSplit, Figures, Line, StepLine};
+use crate::engine::plot::{plot_series, smooth, Series};
 use crate::error::Result;
-use crate::metrics::{EvalLine, EvalSplit, Figures, Line, StepLine};
-use crate::plot::{plot_series, smooth, Series};
 
 /// The losses of a VAE step.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -51,12 +51,12 @@ pub use eval::{
 pub use stream::{ImageStream, StreamPos};
 
 use crate::checkpoint::{TrainingState, STATE_FILE};
+use crate::engine::metrics::Line;
 use crate::engine::{
     run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, RunOutcome, StepFigures,
     TaskLoss, TrainTask, Work,
 };
 use crate::error::{Result, TrainError};
-use crate::metrics::Line;
 
 /// Files of a complete VAE training checkpoint.
 pub const VAE_CHECKPOINT_FILES: &[&str] = &[

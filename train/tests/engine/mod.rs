@@ -11,11 +11,11 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 use transfusion_train::checkpoint::{list_checkpoints_with, read_training_state, BEST_DIR};
 use transfusion_train::config::{OptimizerSection, ScheduleSection};
+use transfusion_train::engine::metrics::{EvalLine, EvalSplit, Figures, Line, StepLine};
 use transfusion_train::engine::{
     ema_decay_at, run_task, seeded_module, EngineHooks, EngineSettings, RunOptions, StepFigures,
     TaskLoss, TrainTask, Work, RAW_WEIGHTS_FILE,
 };
-use transfusion_train::metrics::{EvalLine, EvalSplit, Figures, Line, StepLine};
 use transfusion_train::TrainError;
 
 use super::common::B;

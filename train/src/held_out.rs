@@ -1,4 +1,5 @@
-//! Held-out evaluation of a Transfusion model: [`evaluate`].
+//! The held-out evaluation of a Transfusion model, shared by pretraining and distillation:
+//! [`evaluate`], its figures ([`TransfusionEval`]) and their points on the loss plot.
 
 use burn::prelude::*;
 use std::sync::Arc;
@@ -9,8 +10,9 @@ use transfusion_model::{Transfusion, TransfusionConfig};
 
 use crate::config::ExperimentConfig;
 use crate::data::{build_pipeline, Split};
+use crate::engine::metrics::{EvalLine, EvalSplit, Figures};
 use crate::error::Result;
-use crate::metrics::{EvalLine, EvalMetrics, EvalSplit, TransfusionEval};
+use serde::{Deserialize, Serialize};
 
 /// [`evaluate`] on the held-out split `cfg` describes (its eval batches and timesteps),
 /// for the model of config `m` after `step` steps.
@@ -98,4 +100,52 @@ pub fn evaluate<B: Backend>(
             loss: lm_part + lambda * mean_diff,
         },
     })
+}
+
+/// The figures of one Transfusion evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransfusionEval {
+    /// Mean LM negative log-likelihood per text target (nats).
+    pub lm_nll: f64,
+    /// `exp(lm_nll)`.
+    pub perplexity: f64,
+    /// Text targets counted.
+    pub lm_targets: f64,
+    /// `(t, mean diffusion loss at t)` for each fixed timestep.
+    pub diffusion: Vec<(u32, f64)>,
+    /// Images per timestep.
+    pub images: usize,
+    /// `lm_nll + lambda * mean over t of the diffusion loss`: the "best" criterion.
+    pub loss: f64,
+}
+
+impl Figures for TransfusionEval {
+    fn summary(&self) -> String {
+        let (perplexity, diffusion) = (self.perplexity, self.diffusion_summary());
+        format!("perplexity {perplexity:.3}, diffusion {diffusion}")
+    }
+}
+
+/// One Transfusion evaluation (see [`EvalLine::split`] for what it ran on).
+pub type EvalMetrics = EvalLine<TransfusionEval>;
+
+impl TransfusionEval {
+    /// The evaluated diffusion losses as `t=100: 0.0123, t=500: ...`.
+    pub fn diffusion_summary(&self) -> String {
+        self.diffusion
+            .iter()
+            .map(|(t, v)| format!("t={t}: {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// An evaluation's points: its LM NLL, and the mean of its per-timestep image losses.
+pub fn eval_points(e: &EvalMetrics, lm: &mut Vec<(u64, f64)>, image: &mut Vec<(u64, f64)>) {
+    let diffusion = &e.figures.diffusion;
+    lm.push((e.step, e.figures.lm_nll));
+    if !diffusion.is_empty() {
+        let mean = diffusion.iter().map(|(_, v)| v).sum::<f64>() / diffusion.len() as f64;
+        image.push((e.step, mean));
+    }
 }

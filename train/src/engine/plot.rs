@@ -1,4 +1,5 @@
-//! The loss-curve PNG (`loss.png` in the run directory), refreshed at each evaluation.
+//! The loss-curve PNG (`loss.png` in the run directory), refreshed at each evaluation:
+//! [`plot_series`] draws any task's curves (each task says which in its own `plot`).
 //!
 //! Drawn with plotters' bitmap backend and a built-in 3x5 pixel font (no font file ships
 //! with the project, and none is needed at run time): the y axis is logarithmic with a
@@ -13,9 +14,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::distill::DistillStepMetrics;
 use crate::error::{Result, TrainError};
-use crate::metrics::{EvalMetrics, Line, MetricsLine};
 
 const W: i32 = 900;
 const H: i32 = 520;
@@ -24,11 +23,16 @@ const R: i32 = 20;
 const T: i32 = 30;
 const B: i32 = 30;
 
-const GREY: RGBColor = RGBColor(130, 130, 130);
-const BLUE: RGBColor = RGBColor(60, 110, 230);
-const RED_: RGBColor = RGBColor(225, 70, 60);
-const DBLUE: RGBColor = RGBColor(10, 30, 140);
-const DRED: RGBColor = RGBColor(140, 10, 10);
+/// A training total loss.
+pub const GREY: RGBColor = RGBColor(130, 130, 130);
+/// A training LM loss.
+pub const BLUE: RGBColor = RGBColor(60, 110, 230);
+/// A training image loss.
+pub const RED_: RGBColor = RGBColor(225, 70, 60);
+/// An evaluation's LM figure.
+pub const DBLUE: RGBColor = RGBColor(10, 30, 140);
+/// An evaluation's image figure.
+pub const DRED: RGBColor = RGBColor(140, 10, 10);
 
 /// 3x5 glyphs for digits, upper-case letters and a little punctuation (rows top to
 /// bottom, bit 2 = left column); lower-case letters are drawn upper-case.
@@ -186,64 +190,8 @@ pub fn smooth(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
     ema(points)
 }
 
-/// An evaluation's points: its LM NLL, and the mean of its per-timestep image losses.
-fn eval_points(e: &EvalMetrics, lm: &mut Vec<(u64, f64)>, image: &mut Vec<(u64, f64)>) {
-    let diffusion = &e.figures.diffusion;
-    lm.push((e.step, e.figures.lm_nll));
-    if !diffusion.is_empty() {
-        let mean = diffusion.iter().map(|(_, v)| v).sum::<f64>() / diffusion.len() as f64;
-        image.push((e.step, mean));
-    }
-}
-
-/// Draws the curves of `lines` into `path` (PNG).
-pub fn plot_losses(lines: &[MetricsLine], path: &Path) -> Result<()> {
-    let (mut total, mut lm, mut diff, mut elm, mut ediff) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    for l in lines {
-        match l {
-            MetricsLine::Train(m) if !m.skipped_this => {
-                total.push((m.step, m.losses.total));
-                lm.push((m.step, m.losses.lm));
-                diff.push((m.step, m.losses.diffusion));
-            }
-            MetricsLine::Eval(e) => eval_points(e, &mut elm, &mut ediff),
-            _ => {}
-        }
-    }
-    let series: Vec<Series> = vec![
-        Series::line("train total", ema(&total), GREY),
-        Series::line("train LM", ema(&lm), BLUE),
-        Series::line("train diffusion", ema(&diff), RED_),
-        Series::dots("held-out LM NLL", elm, DBLUE),
-        Series::dots("held-out diffusion", ediff, DRED),
-    ];
-    plot_series(&series, path)
-}
-
-/// Draws a distillation's curves into `path` (PNG): the training LM loss and the held-out
-/// LM NLL and image-velocity MSE. (The adaptive-weighted consistency loss goes negative
-/// and has no place on a log scale; it is in `metrics.jsonl`.)
-pub fn plot_distill(lines: &[Line<DistillStepMetrics, EvalMetrics>], path: &Path) -> Result<()> {
-    let (mut lm, mut elm, mut ediff) = (vec![], vec![], vec![]);
-    for l in lines {
-        match l {
-            Line::Train(m) if !m.skipped_this => lm.push((m.step, m.losses.lm)),
-            Line::Eval(e) => eval_points(e, &mut elm, &mut ediff),
-            _ => {}
-        }
-    }
-    let series: Vec<Series> = vec![
-        Series::line("train LM", ema(&lm), BLUE),
-        Series::dots("held-out LM NLL", elm, DBLUE),
-        Series::dots("held-out velocity MSE", ediff, DRED),
-    ];
-    plot_series(&series, path)
-}
-
 /// Draws `series` on one log-scale chart into `path` (PNG), with a legend (colour and
-/// label per series, in order) at the top right. The layout of [`plot_losses`], for any
-/// run's curves.
+/// label per series, in order) at the top right, for any run's curves.
 pub fn plot_series(series: &[Series], path: &Path) -> Result<()> {
     let all: Vec<(u64, f64)> = series
         .iter()

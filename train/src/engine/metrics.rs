@@ -12,7 +12,7 @@ use transfusion_data::files::write_file;
 use transfusion_data::source::SourceSpec;
 
 /// A line of a JSONL metrics file: any serializable record that knows its step (the
-/// Transfusion run's [`MetricsLine`], the VAE run's lines).
+/// Transfusion run's `MetricsLine`, the VAE run's lines).
 pub trait LogLine: Serialize + DeserializeOwned {
     /// The step the line belongs to (a resumed run drops lines after its checkpoint).
     fn step(&self) -> u64;
@@ -165,26 +165,6 @@ impl<M: Figures> Record for EvalLine<M> {
     }
 }
 
-/// The losses of a Transfusion step.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TransfusionLosses {
-    /// `L_LM + lambda * L_DDPM`, mean over the step's micro-batches.
-    pub total: f64,
-    /// LM cross-entropy.
-    pub lm: f64,
-    /// Diffusion noise MSE.
-    pub diffusion: f64,
-}
-
-impl Figures for TransfusionLosses {
-    fn summary(&self) -> String {
-        format!("lm {:.3} diff {:.4}", self.lm, self.diffusion)
-    }
-}
-
-/// One logged Transfusion training step.
-pub type StepMetrics = StepLine<TransfusionLosses>;
-
 /// What an evaluation ran on, so that no figure on training data is called held-out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -218,52 +198,11 @@ impl EvalSplit {
     }
 }
 
-/// The figures of one Transfusion evaluation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TransfusionEval {
-    /// Mean LM negative log-likelihood per text target (nats).
-    pub lm_nll: f64,
-    /// `exp(lm_nll)`.
-    pub perplexity: f64,
-    /// Text targets counted.
-    pub lm_targets: f64,
-    /// `(t, mean diffusion loss at t)` for each fixed timestep.
-    pub diffusion: Vec<(u32, f64)>,
-    /// Images per timestep.
-    pub images: usize,
-    /// `lm_nll + lambda * mean over t of the diffusion loss`: the "best" criterion.
-    pub loss: f64,
-}
-
-impl Figures for TransfusionEval {
-    fn summary(&self) -> String {
-        let (perplexity, diffusion) = (self.perplexity, self.diffusion_summary());
-        format!("perplexity {perplexity:.3}, diffusion {diffusion}")
-    }
-}
-
-/// One Transfusion evaluation (see [`EvalLine::split`] for what it ran on).
-pub type EvalMetrics = EvalLine<TransfusionEval>;
-
-impl TransfusionEval {
-    /// The evaluated diffusion losses as `t=100: 0.0123, t=500: ...`.
-    pub fn diffusion_summary(&self) -> String {
-        self.diffusion
-            .iter()
-            .map(|(t, v)| format!("t={t}: {v:.4}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-/// A line of a Transfusion run's metrics file.
-pub type MetricsLine = Line<StepMetrics, EvalMetrics>;
-
 /// The metrics file's name in a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Appends lines to `metrics.jsonl` and keeps them for the plot.
-pub struct MetricsLog<L = MetricsLine> {
+pub struct MetricsLog<L> {
     path: PathBuf,
     file: File,
     /// Every line so far.

@@ -442,3 +442,145 @@ fn a_run_that_cannot_fit_is_refused_with_the_settings_that_would() {
     );
     assert!(!out.exists(), "nothing written: {text}");
 }
+
+/// One process per run directory: while another process holds `OUT`'s lock (here this
+/// test process), `run` into it is refused with exit 1, naming the holder's pid, and
+/// writes nothing; released, the same command trains. A run killed with SIGKILL leaves
+/// no stale lock: `--resume` then continues.
+#[test]
+fn a_second_process_in_one_run_directory_is_refused_and_no_lock_outlives_its_run() {
+    use transfusion_train::engine::run_lock::RunLock;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = |steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "shapes:64",
+            "--steps",
+            steps,
+            "--device",
+            "cpu",
+            "--out",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let held = RunLock::acquire(&out).unwrap();
+    let args = run("2", &[]);
+    let (status, text) = train_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &repo);
+    assert_eq!(status.code(), Some(1), "{text}");
+    let pid = std::process::id();
+    assert!(
+        text.contains(&format!("in use by another run (pid {pid})")),
+        "{text}"
+    );
+    assert!(!out.join("metrics.jsonl").exists() && !out.join("checkpoints").exists());
+    drop(held);
+    let (status, text) = train_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &repo);
+    assert!(status.success(), "{text}");
+    assert!(out.join("checkpoints/step-2").is_dir(), "{text}");
+
+    // A run killed while it trains: its lock dies with it.
+    let long = run("100000", &["--resume"]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_transfusion-train"))
+        .args(&long)
+        .current_dir(&repo)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock_file = out.join(transfusion_train::engine::run_lock::LOCK_FILE);
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&lock_file)
+        .unwrap_or_default()
+        .trim()
+        != child.id().to_string()
+    {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "the run never took its lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let again = RunLock::acquire(&out).expect("no stale lock after SIGKILL");
+    drop(again);
+    let (status, text) = train_binary(
+        &run("3", &["--resume"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &repo,
+    );
+    assert!(status.success(), "{text}");
+    assert!(out.join("checkpoints/step-3").is_dir(), "{text}");
+}
+
+/// `tokenizer` refuses an existing output file before training (exit 1, the file
+/// unchanged) and replaces it with `--overwrite`.
+#[test]
+fn the_tokenizer_command_never_overwrites_without_being_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        "a red circle\na blue square in the top left\n".repeat(20),
+    )
+    .unwrap();
+    let out = dir.path().join("tokenizer.json");
+    std::fs::write(&out, "a checkpoint's tokenizer").unwrap();
+    let mut args = vec!["tokenizer", "--input", corpus.to_str().unwrap()];
+    args.extend_from_slice(&["--vocab-size", "300", "--out", out.to_str().unwrap()]);
+    let (status, text) = train_binary(&args, dir.path());
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("already exists") && text.contains("--overwrite"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "a checkpoint's tokenizer"
+    );
+    args.push("--overwrite");
+    let (status, text) = train_binary(&args, dir.path());
+    assert!(status.success(), "{text}");
+    assert!(transfusion_data::tokenizer::TextTokenizer::from_file(&out).is_ok());
+}
+
+/// Options that cannot work fail before any work, as usage errors (exit 2) naming the
+/// flag: `demo --eval-samples 0` (which used to train the whole budget, then fail on an
+/// empty grid), `bench --steps 0` (which reported a step time) and `distill --cfg inf`
+/// (which trained on non-finite targets); `plot` of a run with
+/// no recorded line fails (exit 1) and draws no blank image.
+#[test]
+fn options_that_cannot_work_fail_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["demo", "--eval-samples", "0", "--out", "demo-out"],
+        vec!["bench", "--steps", "0", "--preset", "tiny"],
+        vec!["distill", "--cfg", "inf", "--teacher", "t", "--out", "d"],
+    ] {
+        let started = std::time::Instant::now();
+        let (status, text) = train_binary(&args, dir.path());
+        assert_eq!(status.code(), Some(2), "{args:?}: {text}");
+        assert!(
+            text.contains(args[1]) && text.contains("at least"),
+            "{text}"
+        );
+        assert!(started.elapsed().as_secs() < 10, "{args:?} did work first");
+    }
+    assert!(!dir.path().join("demo-out").exists());
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "").unwrap();
+    let (status, text) = train_binary(&["plot", run.to_str().unwrap()], dir.path());
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("nothing to plot"), "{text}");
+    assert!(!run.join("loss.png").exists());
+}

@@ -2,7 +2,6 @@
 
 use burn::backend::ndarray::NdArray;
 use burn::backend::{Autodiff, Flex};
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -11,33 +10,7 @@ use transfusion_model::{
     ImageIoConfig, Transfusion, TransfusionBatch, TransfusionConfig, UNetConfig,
 };
 
-use crate::common::{build_batch, long_batch, mixed_batch, test_config, tweak, Seg};
-
-/// Every weight's gradient (`None`: no gradient), in visiting order.
-struct Collect<'a> {
-    grads: &'a GradientsParams,
-    out: Vec<Option<Vec<f64>>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let g = self.grads.get::<B::InnerBackend, D>(param.id);
-        self.out
-            .push(g.map(|g| g.into_data().convert::<f64>().to_vec::<f64>().unwrap()));
-    }
-}
-
-fn collect<B: AutodiffBackend>(
-    model: &Transfusion<B>,
-    grads: &GradientsParams,
-) -> Vec<Option<Vec<f64>>> {
-    let mut c = Collect {
-        grads,
-        out: Vec::new(),
-    };
-    model.visit(&mut c);
-    c.out
-}
+use crate::common::{build_batch, collect, long_batch, mixed_batch, test_config, tweak, Seg};
 
 /// A batch without any image.
 fn text_batch<B: Backend>(cfg: &TransfusionConfig, dev: &B::Device) -> TransfusionBatch<B> {

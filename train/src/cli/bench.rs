@@ -36,8 +36,8 @@ pub struct BenchArgs {
     /// (`training.recompute = "layers"`) instead of keeping them.
     #[arg(long)]
     pub recompute: bool,
-    /// Timed steps.
-    #[arg(long, default_value_t = 10)]
+    /// Timed steps (at least 1).
+    #[arg(long, default_value_t = 10, value_parser = super::parse_positive)]
     pub steps: usize,
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 3)]
@@ -171,7 +171,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         model,
         batch_size: a.batch,
         seq_len: a.seq_len,
-        steps: a.steps.max(1),
+        steps: a.steps,
         warmup: a.warmup,
         peak_tflops: a.peak_tflops,
         precision: a.precision,

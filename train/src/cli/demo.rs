@@ -30,8 +30,8 @@ pub struct DemoArgs {
     /// training].
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Held-out prompts and images to score.
-    #[arg(long, default_value_t = 64)]
+    /// Held-out prompts and images to score (at least 1).
+    #[arg(long, default_value_t = 64, value_parser = super::parse_positive)]
     pub eval_samples: usize,
     /// Sampling steps of the text-to-image evaluation [default: the sampler's: 50 for ddim,
     /// 250 for ddpm, 2 for consistency].

@@ -35,8 +35,8 @@ pub struct DistillArgs {
     /// Stop after this many minutes (with a checkpoint and an evaluation).
     #[arg(long, value_parser = super::parse_minutes)]
     pub minutes: Option<f64>,
-    /// Classifier-free guidance scale baked into the student.
-    #[arg(long, default_value_t = 3.0)]
+    /// Classifier-free guidance scale baked into the student (finite, at least 0).
+    #[arg(long, default_value_t = 3.0, value_parser = parse_guidance)]
     pub cfg: f64,
     /// Weight of the consistency loss against the LM loss.
     #[arg(long, default_value_t = transfusion_train::distill::DEFAULT_CONSISTENCY_WEIGHT)]
@@ -135,4 +135,15 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
             opts,
         },
     )?
+}
+
+/// A guidance scale: a finite number of at least 0 (an infinite scale makes every
+/// teacher target non-finite).
+fn parse_guidance(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(g) if g.is_finite() && g >= 0.0 => Ok(g),
+        _ => Err(format!(
+            "must be a finite number of at least 0, got `{text}`"
+        )),
+    }
 }

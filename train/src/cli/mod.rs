@@ -51,6 +51,16 @@ pub fn parse_minutes(text: &str) -> Result<f64, String> {
     Ok(m)
 }
 
+/// A count that must be at least 1 (checked when the flags are read, before any work).
+pub fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "must be a whole number of at least 1, got `{text}`"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_minutes;

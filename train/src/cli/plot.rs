@@ -22,10 +22,24 @@ pub struct PlotArgs {
 pub fn run(a: PlotArgs) -> anyhow::Result<()> {
     let metrics = a.run.join(transfusion_train::engine::metrics::METRICS_FILE);
     let out = a.out.unwrap_or_else(|| a.run.join("loss.png"));
+    let nothing = || {
+        anyhow::anyhow!(
+            "{}: no training step or evaluation recorded yet, nothing to plot",
+            metrics.display()
+        )
+    };
     if a.run.join(VAE_TRAIN_FILE).is_file() {
-        plot_vae(&MetricsLog::<VaeMetricsLine>::read(&metrics)?, &out)?;
+        let lines = MetricsLog::<VaeMetricsLine>::read(&metrics)?;
+        if lines.is_empty() {
+            return Err(nothing());
+        }
+        plot_vae(&lines, &out)?;
     } else {
-        plot_losses(&MetricsLog::<MetricsLine>::read(&metrics)?, &out)?;
+        let lines = MetricsLog::<MetricsLine>::read(&metrics)?;
+        if lines.is_empty() {
+            return Err(nothing());
+        }
+        plot_losses(&lines, &out)?;
     }
     println!("{}", out.display());
     Ok(())

@@ -80,6 +80,15 @@ pub fn distill_config(
     steps: u64,
 ) -> Result<ExperimentConfig> {
     let meta = load_meta(teacher)?;
+    if let Some(c) = &meta.consistency {
+        return Err(TrainError::Run(format!(
+            "{}: the teacher is already consistency-distilled (from {}, guidance {} baked \
+             in); distil its own teacher instead",
+            teacher.display(),
+            c.teacher.display(),
+            c.distilled_guidance
+        )));
+    }
     if meta.model.prediction.unwrap_or_default() != Prediction::V {
         return Err(TrainError::Run(format!(
             "{}: the teacher predicts eps; consistency distillation needs a v-prediction \

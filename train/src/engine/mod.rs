@@ -23,6 +23,7 @@ pub mod options;
 pub mod plot;
 pub mod prepare;
 pub mod run;
+pub mod run_lock;
 pub mod step;
 pub mod task;
 

@@ -10,6 +10,7 @@ use transfusion_runtime::checkpoint::load_weights;
 
 use super::ema::{Ema, RAW_WEIGHTS_FILE};
 use super::options::RunOptions;
+use super::run_lock::RunLock;
 use super::task::TrainTask;
 use crate::checkpoint::{
     latest_checkpoint_with, read_training_state, remove_leftovers, TrainingState,
@@ -20,6 +21,9 @@ use crate::error::{Result, TrainError};
 /// What every replica starts from: the checkpoint directory, and the model and training
 /// state (fresh, or from the newest complete checkpoint).
 pub struct Prepared<B: AutodiffBackend, T: TrainTask<B>> {
+    /// The run directory's lock, held until the loop ends (rank 0 only; `None` on the
+    /// other replicas).
+    pub lock: Option<RunLock>,
     /// `OUT/checkpoints`.
     pub root: PathBuf,
     /// The checkpoint resumed from.
@@ -38,6 +42,7 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Prepared<B, T> {
     /// ids, so replicas' gradients line up in the all-reduce.
     pub fn replica_on(&self, device: &B::Device) -> Self {
         Self {
+            lock: None,
             root: self.root.clone(),
             resume_from: self.resume_from.clone(),
             model: self.model.clone().fork(device),
@@ -48,8 +53,9 @@ impl<B: AutodiffBackend, T: TrainTask<B>> Prepared<B, T> {
     }
 }
 
-/// Sets up the run directory (leftovers of interrupted checkpoint writes removed, the
-/// task's run files written) and builds or loads the model on `device`.
+/// Sets up the run directory (locked for this process, leftovers of interrupted
+/// checkpoint writes removed, the task's run files written) and builds or loads the model
+/// on `device`.
 pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
     task: &mut T,
     opts: &RunOptions,
@@ -57,6 +63,7 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
 ) -> Result<Prepared<B, T>> {
     let out = &opts.out;
     let root = out.join("checkpoints");
+    let lock = RunLock::acquire(out)?;
     guard_earlier_run(out, &root, opts)?;
     create_dir(&root)?;
     let leftovers = remove_leftovers(&root);
@@ -103,6 +110,7 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
         ),
     };
     Ok(Prepared {
+        lock: Some(lock),
         root,
         resume_from,
         model,

@@ -111,6 +111,7 @@ pub fn train_loop<B: AutodiffBackend, T: TrainTask<B>, S: StepSync<B> + ?Sized>(
     sync: &mut S,
 ) -> Result<RunOutcome<T::Step, T::Eval>> {
     let Prepared {
+        lock: _lock,
         root,
         resume_from,
         mut model,

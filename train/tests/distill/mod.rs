@@ -266,6 +266,9 @@ fn distillation_resumes_exactly_and_writes_a_consistency_checkpoint() {
     let c = meta.consistency.expect("a consistency model");
     assert_eq!((c.distilled_guidance, c.sampling_steps), (3.0, 2));
     assert_eq!(load_meta(&teacher_dir).unwrap().consistency, None);
+    // A distilled student is no teacher: its guidance would be baked in twice.
+    let err = distill_config(&a, vec![], 2).unwrap_err().to_string();
+    assert!(err.contains("already consistency-distilled"), "{err}");
     // Inference picks the consistency sampler, unguided, by default.
     let pipe = Pipeline::<I>::load(&a, &device).unwrap();
     let opts = pipe.default_image_options();

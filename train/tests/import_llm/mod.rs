@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
+use burn::backend::{Flex, NdArray};
 use burn::prelude::*;
 use serde::Deserialize;
 use transfusion_infer::pipeline::Pipeline;
@@ -42,12 +42,12 @@ fn cases(name: &str) -> Vec<Case> {
 }
 
 /// The logits `[s][v]` of one unpacked document, recomputed in full.
-fn logits(model: &Transfusion<I>, ids: &[u32]) -> Vec<Vec<f32>> {
+fn logits<B: Backend>(model: &Transfusion<B>, ids: &[u32]) -> Vec<Vec<f32>> {
     let device = Default::default();
     let s = ids.len();
     let ints: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let tokens = Tensor::<I, 1, Int>::from_ints(ints.as_slice(), &device).reshape([1, s]);
-    let positions = Tensor::<I, 1, Int>::arange(0..s as i64, &device).reshape([1, s]);
+    let tokens = Tensor::<B, 1, Int>::from_ints(ints.as_slice(), &device).reshape([1, s]);
+    let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device).reshape([1, s]);
     let meta = SpanMeta::full_rows(
         Tensor::zeros([1, s], &device),
         Tensor::ones([1, s], &device),
@@ -70,9 +70,20 @@ fn argmax(v: &[f32]) -> u32 {
 
 #[test]
 fn imported_llama_models_give_the_reference_logits_and_greedy_text() {
+    reference_logits_and_greedy_text::<I>();
+}
+
+/// The same on `flex`, whose fused kernels (linear, RMSNorm, SwiGLU, attention, head
+/// moves) run the whole decoder.
+#[test]
+fn imported_llama_models_give_the_reference_logits_and_greedy_text_on_flex() {
+    reference_logits_and_greedy_text::<Flex>();
+}
+
+fn reference_logits_and_greedy_text<B: Backend>() {
     let device = Default::default();
     for name in FIXTURES {
-        let imported = load_llama::<I>(&fixture(name), &ImportOptions::default(), &device)
+        let imported = load_llama::<B>(&fixture(name), &ImportOptions::default(), &device)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let hf_vocab = imported.source.vocab_size;
         assert_eq!(imported.new_tokens.len(), 5, "{name}");
@@ -138,6 +149,15 @@ fn an_imported_checkpoint_decodes_the_reference_text_through_the_pipeline() {
         )
         .unwrap();
     assert_eq!(got, case.greedy);
+    // The same checkpoint on `flex` (KV-cached decoding through the fused kernels).
+    let got = Pipeline::<Flex>::load(&out, &Default::default())
+        .unwrap()
+        .text_tokens(
+            "a red circle in the top left",
+            &TextOptions::greedy(case.greedy.len()),
+        )
+        .unwrap();
+    assert_eq!(got, case.greedy, "on flex");
     // A second import into the same directory is refused; the first is intact.
     let err = import_llm::<I>(
         &fixture("gqa_tied"),

@@ -1,8 +1,11 @@
 //! Hand-built batches for the model tests (the data crate builds real ones).
 #![allow(dead_code)]
 
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
-use transfusion_model::{TransfusionBatch, TransfusionConfig};
+use burn::tensor::backend::AutodiffBackend;
+use transfusion_model::{Transfusion, TransfusionBatch, TransfusionConfig};
 
 /// A piece of a document.
 #[derive(Clone, Debug)]
@@ -170,4 +173,31 @@ pub fn long_batch<B: Backend>(cfg: &TransfusionConfig, dev: &B::Device) -> Trans
     let text = |n: usize, at: i64| Text((0..n as i64).map(|i| 4 + (i * 7 + at) % 27).collect());
     let doc = |at: i64| vec![text(300, at), Image(300 + at), text(200, at + 1)];
     build_batch::<B>(&[vec![doc(0), doc(5)]], 1100, cfg, dev)
+}
+
+/// Every weight's gradient (`None`: no gradient), in visiting order.
+pub struct Collect<'a> {
+    grads: &'a GradientsParams,
+    out: Vec<Option<Vec<f64>>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let g = self.grads.get::<B::InnerBackend, D>(param.id);
+        self.out
+            .push(g.map(|g| g.into_data().convert::<f64>().to_vec::<f64>().unwrap()));
+    }
+}
+
+/// Every weight's gradient in `grads` (`None`: no gradient), in the model's visiting order.
+pub fn collect<B: AutodiffBackend>(
+    model: &Transfusion<B>,
+    grads: &GradientsParams,
+) -> Vec<Option<Vec<f64>>> {
+    let mut c = Collect {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut c);
+    c.out
 }

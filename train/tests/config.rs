@@ -483,7 +483,7 @@ fn a_second_process_in_one_run_directory_is_refused_and_no_lock_outlives_its_run
     drop(held);
     let (status, text) = train_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &repo);
     assert!(status.success(), "{text}");
-    assert!(out.join("checkpoints/step-2").is_dir(), "{text}");
+    assert!(out.join("checkpoints/step-00000002").is_dir(), "{text}");
 
     // A run killed while it trains: its lock dies with it.
     let long = run("100000", &["--resume"]);
@@ -519,7 +519,7 @@ fn a_second_process_in_one_run_directory_is_refused_and_no_lock_outlives_its_run
         &repo,
     );
     assert!(status.success(), "{text}");
-    assert!(out.join("checkpoints/step-3").is_dir(), "{text}");
+    assert!(out.join("checkpoints/step-00000003").is_dir(), "{text}");
 }
 
 /// `tokenizer` refuses an existing output file before training (exit 1, the file

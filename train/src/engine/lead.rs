@@ -10,7 +10,6 @@ use transfusion_data::files::write_json;
 use transfusion_runtime::checkpoint::save_weights;
 
 use super::ema::{Ema, RAW_WEIGHTS_FILE};
-use super::run::RunOutcome;
 use super::task::{EngineSettings, TrainTask};
 use crate::checkpoint::{
     prune_with, save_optimizer, step_dir_name, write_dir_atomically, AdamWOptimizer, TrainingState,
@@ -36,18 +35,6 @@ pub(super) struct Lead<B: AutodiffBackend, T: TrainTask<B>> {
 }
 
 impl<B: AutodiffBackend, T: TrainTask<B>> Lead<B, T> {
-    /// What the run did, as rank 0 saw it (`started_at` is the caller's to set).
-    pub fn outcome(self, state: &TrainingState<T::DataState>) -> RunOutcome<T::Step, T::Eval> {
-        RunOutcome {
-            steps: state.step,
-            skipped_steps: state.skipped_steps,
-            last_eval: self.last_eval,
-            last_checkpoint: self.last_ckpt,
-            started_at: 0,
-            metrics: self.log.lines,
-        }
-    }
-
     /// Folds the weights after optimizer update `step` (0-based) into the average; the
     /// first update of a run starts it.
     pub fn update_ema(&mut self, settings: &EngineSettings, model: &T::Model, step: u64) {

@@ -63,6 +63,12 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
 ) -> Result<Prepared<B, T>> {
     let out = &opts.out;
     let root = out.join("checkpoints");
+    if out.exists() && !out.is_dir() {
+        return Err(TrainError::Run(format!(
+            "--out {} is a file, not a run directory",
+            out.display()
+        )));
+    }
     let lock = RunLock::acquire(out)?;
     guard_earlier_run(out, &root, opts)?;
     create_dir(&root)?;
@@ -123,12 +129,6 @@ pub fn prepare<B: AutodiffBackend, T: TrainTask<B>>(
 /// checkpoint), unless `resume` continues it or `overwrite` clears it first: otherwise the
 /// new run would truncate the old metrics, replace `best/` and prune the old checkpoints.
 fn guard_earlier_run(out: &Path, root: &Path, opts: &RunOptions) -> Result<()> {
-    if out.exists() && !out.is_dir() {
-        return Err(TrainError::Run(format!(
-            "--out {} is a file, not a run directory",
-            out.display()
-        )));
-    }
     let metrics = out.join(METRICS_FILE);
     let has_checkpoints = std::fs::read_dir(root)
         .map(|mut d| d.next().is_some())

@@ -371,5 +371,12 @@ fn finish<B: AutodiffBackend, T: TrainTask<B>>(
     if !lead.log.lines.is_empty() {
         task.plot(&lead.log.lines, &lead.out.join("loss.png"))?;
     }
-    Ok(lead.outcome(state))
+    Ok(RunOutcome {
+        steps: state.step,
+        skipped_steps: state.skipped_steps,
+        last_eval: lead.last_eval,
+        last_checkpoint: lead.last_ckpt,
+        started_at: 0,
+        metrics: lead.log.lines,
+    })
 }

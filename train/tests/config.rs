@@ -326,7 +326,10 @@ fn bench_counts_forward_ops_per_layer() {
 }
 
 /// `transfusion-train` with `args`, its exit status and output (stdout then stderr).
-fn train_binary(args: &[&str], dir: &std::path::Path) -> (std::process::ExitStatus, String) {
+fn train_binary(
+    args: &[impl AsRef<std::ffi::OsStr>],
+    dir: &std::path::Path,
+) -> (std::process::ExitStatus, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_transfusion-train"))
         .args(args)
         .current_dir(dir)
@@ -472,7 +475,7 @@ fn a_second_process_in_one_run_directory_is_refused_and_no_lock_outlives_its_run
     };
     let held = RunLock::acquire(&out).unwrap();
     let args = run("2", &[]);
-    let (status, text) = train_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &repo);
+    let (status, text) = train_binary(&args, &repo);
     assert_eq!(status.code(), Some(1), "{text}");
     let pid = std::process::id();
     assert!(
@@ -481,7 +484,7 @@ fn a_second_process_in_one_run_directory_is_refused_and_no_lock_outlives_its_run
     );
     assert!(!out.join("metrics.jsonl").exists() && !out.join("checkpoints").exists());
     drop(held);
-    let (status, text) = train_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &repo);
+    let (status, text) = train_binary(&args, &repo);
     assert!(status.success(), "{text}");
     assert!(out.join("checkpoints/step-00000002").is_dir(), "{text}");
 
@@ -511,13 +514,7 @@ fn a_second_process_in_one_run_directory_is_refused_and_no_lock_outlives_its_run
     child.wait().unwrap();
     let again = RunLock::acquire(&out).expect("no stale lock after SIGKILL");
     drop(again);
-    let (status, text) = train_binary(
-        &run("3", &["--resume"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        &repo,
-    );
+    let (status, text) = train_binary(&run("3", &["--resume"]), &repo);
     assert!(status.success(), "{text}");
     assert!(out.join("checkpoints/step-00000003").is_dir(), "{text}");
 }

@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use transfusion_data::files::create_dir;
 
@@ -22,8 +22,6 @@ pub const LOCK_FILE: &str = "run.lock";
 pub struct RunLock {
     /// The open lock file (holding it holds the lock).
     _file: File,
-    /// `OUT/run.lock`.
-    path: PathBuf,
 }
 
 impl RunLock {
@@ -57,11 +55,6 @@ impl RunLock {
         file.set_len(0)
             .and_then(|()| writeln!(file, "{}", std::process::id()))
             .map_err(|e| TrainError::io("write", &path, e))?;
-        Ok(Self { _file: file, path })
-    }
-
-    /// `OUT/run.lock`.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { _file: file })
     }
 }
